@@ -1,0 +1,176 @@
+"""The contract every architecture file fulfils.
+
+An architecture is one short subclass of `MoEArch` holding its facts as data: the HF
+config and model classes, HF tensor-name templates, the GGUF architecture (names come from
+gguf-py's tables), and the few hooks that differ between families. Calibration, allocation,
+rewriting and export are written once against this contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import gguf
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from moe2gguf.errors import UserError
+
+EXPERT_PARTS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    routed_experts: int
+    shared_experts: int
+    active_per_token: int
+
+
+class MoEArch:
+    """One Mixture-of-Experts family. Subclasses set the ClassVars and override hooks."""
+
+    hf_architectures: ClassVar[tuple[str, ...]]
+    model_type: ClassVar[str]
+    gguf_arch: ClassVar[gguf.MODEL_ARCH]
+    config_class: ClassVar[type[PretrainedConfig]]
+    model_class: ClassVar[type[PreTrainedModel]]
+
+    # HF tensor-name templates of the routed experts: {bid} layer, {xid} expert, {part} a key
+    # of `expert_parts`. gate/up hold channels as rows, down as columns.
+    expert_template: ClassVar[str] = "model.layers.{bid}.mlp.experts.{xid}.{part}.weight"
+    expert_parts: ClassVar[dict[str, str]] = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    router_template: ClassVar[str] = "model.layers.{bid}.mlp.gate.weight"
+    shared_template: ClassVar[str | None] = None
+    layers_attr: ClassVar[str] = "model.layers"
+
+    _required = ("hf_architectures", "model_type", "gguf_arch", "config_class", "model_class")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [a for a in cls._required if not hasattr(cls, a)]
+        if missing:
+            raise TypeError(f"{cls.__name__} lacks {', '.join(missing)}")
+
+    def __init__(self, config: dict):
+        self.raw = dict(config)
+        known = {k: v for k, v in config.items() if not k.startswith("moe2gguf_")}
+        self.hf_config = self.config_class.from_dict(known)
+        self.check_supported()
+
+    # --- hyper-parameters (override where the HF config names differ) -----------------
+    @property
+    def n_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_config.hidden_size
+
+    @property
+    def n_experts(self) -> int:
+        return self.hf_config.num_experts
+
+    @property
+    def n_used(self) -> int:
+        return self.hf_config.num_experts_per_tok
+
+    @property
+    def expert_width(self) -> int:
+        return self.hf_config.moe_intermediate_size
+
+    def is_moe_layer(self, bid: int) -> bool:
+        return True
+
+    def shared_width(self, bid: int) -> int:
+        return 0
+
+    def check_supported(self) -> None:
+        """Refuse config flags that change the model in ways this file does not handle."""
+
+    # --- experts as stored ------------------------------------------------------------
+    @property
+    def moe_layers(self) -> list[int]:
+        return [b for b in range(self.n_layers) if self.is_moe_layer(b)]
+
+    def expert_widths(self) -> list[list[int]]:
+        """Per layer, the width of every stored routed expert ([] for a dense layer)."""
+        from moe2gguf.checkpoint import EXPERT_WIDTHS_KEY
+
+        stored = self.raw.get(EXPERT_WIDTHS_KEY)
+        if stored is not None:
+            return [list(w) for w in stored]
+        return [[self.expert_width] * self.n_experts if self.is_moe_layer(b) else [] for b in range(self.n_layers)]
+
+    def expert_name(self, bid: int, xid: int, part: str) -> str:
+        return self.expert_template.format(bid=bid, xid=xid, part=self.expert_parts[part])
+
+    def router_name(self, bid: int) -> str:
+        return self.router_template.format(bid=bid)
+
+    def expert_tensor_names(self) -> set[str]:
+        return {
+            self.expert_name(b, x, p)
+            for b, widths in enumerate(self.expert_widths())
+            for x in range(len(widths))
+            for p in EXPERT_PARTS
+        }
+
+    def shared_tensor_names(self, all_names: list[str]) -> set[str]:
+        if self.shared_template is None:
+            return set()
+        prefixes = tuple(self.shared_template.format(bid=b) for b in self.moe_layers)
+        return {n for n in all_names if n.startswith(prefixes)}
+
+    def param_counts(self, shapes: dict[str, tuple[int, ...]]) -> ParamCounts:
+        """Counts from tensor shapes (safetensors headers); active = non-routed + top-k mean experts."""
+
+        def numel(name: str) -> int:
+            n = 1
+            for d in shapes[name]:
+                n *= d
+            return n
+
+        total = sum(numel(n) for n in shapes)
+        routed = 0
+        active_routed = 0.0
+        for bid, widths in enumerate(self.expert_widths()):
+            if not widths:
+                continue
+            layer = sum(numel(self.expert_name(bid, x, p)) for x in range(len(widths)) for p in EXPERT_PARTS)
+            routed += layer
+            active_routed += min(self.n_used, len(widths)) * layer / len(widths)
+        shared = sum(numel(n) for n in self.shared_tensor_names(list(shapes)))
+        return ParamCounts(total, routed, shared, int(round(total - routed + active_routed)))
+
+    # --- PyTorch model ----------------------------------------------------------------
+    def moe_block(self, model: nn.Module, bid: int) -> nn.Module:
+        return model.get_submodule(self.layers_attr)[bid].mlp
+
+    def install_experts(self, model: nn.Module, widths: list[list[int]]) -> None:
+        """Replace each MoE block's experts by an `ExpertList` of the given widths (and its
+        router by one with as many rows), so that parameter names equal checkpoint names."""
+        raise NotImplementedError
+
+    def fresh_buffers(self, model: nn.Module) -> None:
+        """Re-create non-persistent buffers (rotary tables) that a meta-device build lacks."""
+        rotary = model.model.rotary_emb
+        model.model.rotary_emb = type(rotary)(config=self.hf_config)
+
+    # --- GGUF -------------------------------------------------------------------------
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
+        raise NotImplementedError(f"GGUF export is not implemented for {self.model_type}")
+
+
+def require_router_shape(arch: MoEArch, bid: int, shape: tuple[int, ...], n_experts: int) -> None:
+    if shape != (n_experts, arch.hidden_size):
+        raise UserError(
+            f"{arch.router_name(bid)} has shape {tuple(shape)}, config says ({n_experts}, {arch.hidden_size}); "
+            "the checkpoint's tensors disagree with its config.json"
+        )
+
+
+def new_linear(n_in: int, n_out: int, device: torch.device | str = "meta") -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=False, device=device)

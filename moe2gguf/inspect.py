@@ -1,0 +1,93 @@
+"""`moe2gguf inspect`: what a checkpoint is, from config.json and safetensors headers only."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import click
+
+from moe2gguf.arch import arch_for_config
+from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.errors import UserError
+
+
+def inspect_model(model: str) -> dict:
+    ckpt = Checkpoint(model)
+    arch = arch_for_config(ckpt.config)
+    widths = arch.expert_widths()
+    shapes = {n: ckpt.shape(n) for n in ckpt.tensor_names}
+    for name in sorted(arch.expert_tensor_names()):
+        if name not in shapes:
+            raise UserError(f"{ckpt.path} lacks tensor {name}; the checkpoint's tensors disagree with its config.json")
+    counts = arch.param_counts(shapes)
+    moe_layers = arch.moe_layers
+    return {
+        "model": str(ckpt.path),
+        "architecture": arch.hf_architectures[0],
+        "model_type": arch.model_type,
+        "gguf_arch": arch.gguf_arch.name.lower(),
+        "layers": arch.n_layers,
+        "moe_layers": len(moe_layers),
+        "dense_layers": [b for b in range(arch.n_layers) if b not in moe_layers],
+        "hidden_size": arch.hidden_size,
+        "experts_routed": arch.n_experts,
+        "experts_used": arch.n_used,
+        "experts_shared": 1 if any(arch.shared_width(b) for b in moe_layers) else 0,
+        "experts_per_layer": [len(w) for w in widths],
+        "expert_width": arch.expert_width,
+        "expert_widths": widths,
+        "pruned": ckpt.expert_widths is not None,
+        "params_total": counts.total,
+        "params_routed_experts": counts.routed_experts,
+        "params_shared_experts": counts.shared_experts,
+        "params_active_per_token": counts.active_per_token,
+        "bytes_bf16": 2 * counts.total,
+        "file_bytes": ckpt.weight_bytes,
+    }
+
+
+def _widths_summary(widths: list[list[int]]) -> str:
+    flat = Counter(w for layer in widths for w in layer)
+    if len(flat) == 1:
+        return f"{next(iter(flat))} (all experts)"
+    return f"{min(flat)}..{max(flat)} (per expert; {sum(flat.values())} experts)"
+
+
+def _fmt(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path(file_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def inspect_cmd(model: str, as_json: bool) -> None:
+    """Show a MoE checkpoint: architecture, layers, experts (routed/shared/used), expert
+    widths, parameter counts (total, experts, active per token) and bytes at bf16.
+
+    Reads config.json and the safetensors headers only, so it answers at once even on a
+    checkpoint of tens of GB. Works on pruned checkpoints (per-expert widths) too.
+    """
+    info = inspect_model(model)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    widths = info["expert_widths"]
+    rows = [
+        ("architecture", f"{info['architecture']} (GGUF {info['gguf_arch']})"),
+        ("layers", f"{info['layers']} ({info['moe_layers']} MoE, dense: {info['dense_layers'] or 'none'})"),
+        ("hidden size", info["hidden_size"]),
+        ("experts", f"{info['experts_routed']} routed, {info['experts_used']} used per token, {info['experts_shared']} shared"),
+        ("experts kept per layer", info["experts_per_layer"] if info["pruned"] else "all"),
+        ("expert width", _widths_summary(widths)),
+        ("params total", _fmt(info["params_total"])),
+        ("params routed experts", _fmt(info["params_routed_experts"])),
+        ("params active / token", _fmt(info["params_active_per_token"])),
+        ("bytes at bf16", f"{info['bytes_bf16'] / 2**20:.1f} MiB"),
+        ("weights on disk", f"{info['file_bytes'] / 2**20:.1f} MiB"),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:<24}{v}")

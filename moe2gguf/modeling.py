@@ -1,0 +1,98 @@
+"""PyTorch side: routed experts as a list of per-expert MLPs with their own widths.
+
+transformers fuses each layer's experts into 3D tensors, which cannot hold experts of
+different widths. `ExpertList` stores them one by one, with parameter names equal to the
+checkpoint's (`...mlp.experts.{xid}.gate_proj.weight`), so a pruned checkpoint loads with a
+plain `load_state_dict`, and calibration observes every expert through one tap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from moe2gguf.arch import MoEArch, arch_for_config
+from moe2gguf.checkpoint import Checkpoint
+
+# observer(xid, x, h, w): tokens x reaching expert xid, its intermediate activations h
+# (act(gate x) * up x, the input of down_proj) and their router weights w.
+ExpertObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class ExpertMLP(nn.Module):
+    def __init__(self, hidden: int, width: int, act: str, device: torch.device | str = "meta"):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False, device=device)
+        self.up_proj = nn.Linear(hidden, width, bias=False, device=device)
+        self.down_proj = nn.Linear(width, hidden, bias=False, device=device)
+        self.act_fn = ACT2FN[act]
+
+    def intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+
+class ExpertList(nn.ModuleList):
+    """Routed experts of one layer; called as transformers' fused experts module is."""
+
+    def __init__(self, hidden: int, widths: list[int], act: str, device: torch.device | str = "meta"):
+        super().__init__(ExpertMLP(hidden, w, act, device) for w in widths)
+        self.observer: ExpertObserver | None = None
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        for xid in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == xid)
+            expert = self[xid]
+            x = hidden[token]
+            w = top_k_weights[token, slot].unsqueeze(-1)
+            h = expert.intermediate(x)
+            if self.observer is not None:
+                self.observer(xid, x, h, w)
+            if h.shape[-1] == 0:  # an expert pruned to nothing contributes nothing
+                continue
+            out.index_add_(0, token, (expert.down_proj(h) * w).to(out.dtype))
+        return out
+
+
+def build_model(arch: MoEArch, widths: list[list[int]] | None = None) -> nn.Module:
+    """The HF model on the meta device with `ExpertList` experts; no memory for weights."""
+    with torch.device("meta"):
+        model = arch.model_class(arch.hf_config)
+    arch.install_experts(model, widths if widths is not None else arch.expert_widths())
+    arch.fresh_buffers(model)
+    return model.eval()
+
+
+def load_weights(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+    """Materialise `module`'s parameters from the checkpoint tensors named `prefix + key`."""
+    state = {k: ckpt.tensor(prefix + k).to(dtype) for k in module.state_dict()}
+    for k, v in state.items():
+        want = tuple(module.get_parameter(k).shape) if k in dict(module.named_parameters()) else None
+        if want is not None and tuple(v.shape) != want:
+            from moe2gguf.errors import UserError
+
+            raise UserError(
+                f"{ckpt.path}: tensor {prefix + k} has shape {tuple(v.shape)}, config implies {want}; "
+                "the checkpoint's tensors disagree with its config.json"
+            )
+    module.load_state_dict(state, assign=True, strict=True)
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, MoEArch, Checkpoint]:
+    """A whole checkpoint (pruned or not) as a PyTorch model ready for inference."""
+    ckpt = Checkpoint(path)
+    arch = arch_for_config(ckpt.config)
+    model = build_model(arch)
+    tied = getattr(arch.hf_config, "tie_word_embeddings", False) and "lm_head.weight" not in ckpt
+    body = {k: v for k, v in model.named_children()}
+    for name, child in body.items():
+        if name == "lm_head" and tied:
+            continue
+        load_weights(child, f"{name}.", ckpt, dtype)
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    arch.fresh_buffers(model)
+    return model, arch, ckpt

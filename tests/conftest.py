@@ -1,0 +1,61 @@
+"""Shared fixtures: the bundled reference model and tiny random MoE checkpoints built with
+transformers' real config classes (no download anywhere)."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+REFERENCE = REPO / "moe2gguf" / "data" / "reference-moe"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> pathlib.Path:
+    return REFERENCE
+
+
+def save_tiny(model: torch.nn.Module, out: pathlib.Path) -> pathlib.Path:
+    """Save a tiny model with the reference tokenizer, so export and check have a vocab."""
+    model.save_pretrained(out)
+    for f in TOKENIZER_FILES:
+        if (REFERENCE / f).exists():
+            shutil.copy(REFERENCE / f, out / f)
+    return out
+
+
+def tiny_qwen3moe_config(**overrides):
+    from transformers import Qwen3MoeConfig
+
+    kw = dict(
+        vocab_size=4096,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kw.update(overrides)
+    return Qwen3MoeConfig(**kw)
+
+
+@pytest.fixture
+def tiny_qwen3moe(tmp_path: pathlib.Path) -> pathlib.Path:
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(tiny_qwen3moe_config())
+    return save_tiny(model, tmp_path / "tiny-qwen3moe")
