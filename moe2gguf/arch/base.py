@@ -45,6 +45,10 @@ class MoEArch:
     router_template: ClassVar[str] = "model.layers.{bid}.mlp.gate.weight"
     shared_template: ClassVar[str | None] = None
     layers_attr: ClassVar[str] = "model.layers"
+    # config.json keys of the routed-expert count and width (a pruned checkpoint with one
+    # count and width everywhere rewrites them so stock transformers loads it)
+    n_experts_key: ClassVar[str] = "num_experts"
+    expert_width_key: ClassVar[str] = "moe_intermediate_size"
 
     _required = ("hf_architectures", "model_type", "gguf_arch", "config_class", "model_class")
 
@@ -160,8 +164,55 @@ class MoEArch:
         model.model.rotary_emb = type(rotary)(config=self.hf_config)
 
     # --- GGUF -------------------------------------------------------------------------
+    # Expert parts -> gguf-py's 3D expert tensors (one per layer, experts stacked).
+    gguf_expert_tensors: ClassVar[dict[str, gguf.MODEL_TENSOR]] = {
+        "gate": gguf.MODEL_TENSOR.FFN_GATE_EXP,
+        "up": gguf.MODEL_TENSOR.FFN_UP_EXP,
+        "down": gguf.MODEL_TENSOR.FFN_DOWN_EXP,
+    }
+
     def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
+        """Hyper-parameters the llama.cpp loader reads. `widths` are the widths as exported
+        (after any padding): the expert keys come from them, never from the HF config."""
         raise NotImplementedError(f"GGUF export is not implemented for {self.model_type}")
+
+    def set_gguf_common_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
+        """Keys shared by every decoder-only MoE in llama.cpp (as TextModel writes them)."""
+        c = self.hf_config
+        writer.add_block_count(self.n_layers)
+        writer.add_context_length(c.max_position_embeddings)
+        writer.add_embedding_length(self.hidden_size)
+        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_head_count(c.num_attention_heads)
+        writer.add_head_count_kv(c.num_key_value_heads)
+        head_dim = getattr(c, "head_dim", None) or self.hidden_size // c.num_attention_heads
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+        rope = getattr(c, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
+        if theta is not None:
+            writer.add_rope_freq_base(float(theta))
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise UserError(f"rope_type {rope['rope_type']!r} is not handled by the {self.model_type} export yet; use a checkpoint with default RoPE")
+        counts = {len(w) for w in widths if w}
+        writer.add_expert_count(counts.pop())
+        writer.add_expert_used_count(self.n_used)
+
+    def gguf_tensor_map(self) -> gguf.TensorNameMap:
+        return gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
+
+    def gguf_name(self, hf_name: str, tmap: gguf.TensorNameMap) -> str | None:
+        """GGUF name of a non-expert HF tensor (None: not part of the GGUF, e.g. rotary tables)."""
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            return None
+        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"tensor {hf_name} has no GGUF name for {self.gguf_arch.name.lower()}; the checkpoint does not match its architecture")
+        return name
+
+    def gguf_expert_name(self, bid: int, part: str) -> str:
+        return gguf.TENSOR_NAMES[self.gguf_expert_tensors[part]].format(bid=bid) + ".weight"
 
 
 def require_router_shape(arch: MoEArch, bid: int, shape: tuple[int, ...], n_experts: int) -> None:

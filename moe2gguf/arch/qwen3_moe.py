@@ -39,3 +39,12 @@ class Qwen3Moe(MoEArch):
             if len(w) != block.gate.num_experts:
                 block.gate.num_experts = len(w)
                 block.gate.weight = nn.Parameter(block.gate.weight.new_empty(len(w), self.hidden_size))
+
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
+        self.set_gguf_common_parameters(writer, widths)
+        # qwen3moe creates every layer's expert tensors with layer 0's n_ff_exp, so one
+        # scalar (the exporter has already padded ragged widths to it).
+        flat = {w for layer in widths for w in layer}
+        if len(flat) != 1:
+            raise ValueError(f"qwen3moe GGUF needs one expert width, got {sorted(flat)}")
+        writer.add_expert_feed_forward_length(flat.pop())

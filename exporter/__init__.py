@@ -1,0 +1,1 @@
+"""GGUF export, quantization through llama.cpp, and `check` (PPL/KLD/memory/speed)."""

@@ -1,0 +1,238 @@
+"""`moe2gguf check`: perplexity, KL-divergence and top-1 agreement against a base, memory
+and speed, for a GGUF (llama-cpp-python) or a checkpoint folder (PyTorch).
+
+Both backends follow moe2gguf.protocol (the llama-perplexity protocol), and run in a child
+process so peak RSS is the model's. A base's log-probabilities are computed once and cached
+(key: base path + mtime + text hash + ctx + chunks + KV type).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+import tempfile
+
+import click
+import numpy as np
+
+from moe2gguf.errors import UserError, atomic_file
+
+KV_TYPES = ("f16", "f32", "q8_0")
+
+
+def backend_of(path: str | pathlib.Path) -> str:
+    p = pathlib.Path(path)
+    if p.is_dir():
+        return "torch"
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "llama.cpp"
+        raise UserError(f"{p} is neither a GGUF file nor a checkpoint folder; pass a .gguf or a Hugging Face model folder")
+    raise UserError(f"{p} does not exist; pass a .gguf file or a Hugging Face model folder")
+
+
+def tokenize(path: str, backend: str, text: str) -> list[int]:
+    """The model's own tokenizer: llama.cpp's for a GGUF, the HF one for a checkpoint."""
+    if backend == "llama.cpp":
+        import llama_cpp
+
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr():
+            llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+        # BOS only if the model asks for it, as llama-perplexity does
+        return llm.tokenize(text.encode("utf-8"), add_bos=llm._model.add_bos_token(), special=False)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.model_max_length = 1 << 62  # the whole text is tokenized once, then windowed
+    return list(tok(text, add_special_tokens=True)["input_ids"])
+
+
+def _mtime(p: pathlib.Path) -> float:
+    if p.is_dir():
+        return max((f.stat().st_mtime for f in p.iterdir() if f.is_file()), default=p.stat().st_mtime)
+    return p.stat().st_mtime
+
+
+def cache_dir() -> pathlib.Path:
+    d = pathlib.Path(os.environ.get("MOE2GGUF_CACHE", pathlib.Path.home() / ".cache" / "moe2gguf"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def base_logprobs(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """(windows, logprobs) of the base, from the cache or computed once."""
+    from moe2gguf.exporter.runner import run_in_child
+    from moe2gguf.protocol import windows
+
+    p = pathlib.Path(base).resolve()
+    backend = backend_of(p)
+    key = hashlib.sha256(
+        json.dumps([str(p), _mtime(p), hashlib.sha256(text.encode()).hexdigest(), ctx, chunks, kv_type]).encode()
+    ).hexdigest()[:24]
+    f = cache_dir() / f"base-{key}.npz"
+    if f.is_file():
+        z = np.load(f)
+        return z["windows"], z["logprobs"]
+    wins = windows(tokenize(str(p), backend, text), ctx, chunks)
+    with tempfile.TemporaryDirectory(prefix="moe2gguf-base-") as d:
+        lp, _ = run_in_child(backend, str(p), wins, d, kv_type, threads)
+        lp = np.array(lp)
+    with atomic_file(f) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, windows=wins, logprobs=lp)
+    return wins, lp
+
+
+def params_experts(path: pathlib.Path, backend: str) -> int:
+    """Routed-expert parameters actually kept (zero-padding not counted)."""
+    if backend == "torch":
+        from moe2gguf.arch import arch_for_config
+        from moe2gguf.checkpoint import Checkpoint
+
+        ck = Checkpoint(path)
+        arch = arch_for_config(ck.config)
+        return arch.param_counts({n: ck.shape(n) for n in ck.tensor_names}).routed_experts
+    import gguf
+
+    from moe2gguf.exporter.writer import KV_EXPERT_WIDTHS
+
+    r = gguf.GGUFReader(path)
+    fld = r.get_field(KV_EXPERT_WIDTHS)
+    hidden = None
+    total = 0
+    exps = {gguf.TENSOR_NAMES[t].split(".")[-1] for t in (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP)}
+    for t in r.tensors:
+        if t.name.split(".")[-2] in exps:
+            total += int(np.prod([int(x) for x in t.shape]))
+            hidden = int(t.shape[0]) if t.name.split(".")[-2] != exps_down_name() else int(t.shape[1])
+    if fld is not None and hidden is not None:
+        return 3 * hidden * int(sum(int(v) for v in fld.contents()))
+    return total
+
+
+def exps_down_name() -> str:
+    import gguf
+
+    return gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_DOWN_EXP].split(".")[-1]
+
+
+def check(
+    model: str,
+    text: str,
+    base: str | None = None,
+    ctx: int = 256,
+    chunks: int | None = None,
+    kv_type: str = "f16",
+    threads: int = 0,
+) -> dict:
+    """The report dict (DESIGN.md keys) for MODEL on TEXT, against BASE if given."""
+    import torch
+
+    from moe2gguf.exporter.runner import run_in_child
+    from moe2gguf.protocol import read_text, score_logprobs, targets_of, windows
+
+    path = pathlib.Path(model).resolve()
+    backend = backend_of(path)
+    body = read_text(text)
+    base_wins = base_lp = None
+    if base is not None:
+        base_wins, base_lp = base_logprobs(base, body, ctx, chunks, kv_type, threads)
+    wins = windows(tokenize(str(path), backend, body), ctx, chunks)
+    if base_wins is not None and not np.array_equal(base_wins, wins):
+        raise UserError(f"{model} and --base {base} tokenize the text differently; KL-divergence needs the same tokenizer")
+    with tempfile.TemporaryDirectory(prefix="moe2gguf-check-") as d:
+        lp, measured = run_in_child(backend, str(path), wins, d, kv_type, threads)
+        lp_t = torch.from_numpy(np.array(lp))
+        base_t = torch.from_numpy(np.asarray(base_lp)) if base_lp is not None else None
+        if base_t is not None and base_t.shape != lp_t.shape:
+            raise UserError(f"{model} has vocabulary {lp_t.shape[1]}, --base {base} has {base_t.shape[1]}; compare models of one family")
+        s = score_logprobs(lp_t, targets_of(wins), base_t)
+        del lp
+    report = {
+        "backend": backend,
+        "model": str(path),
+        "text": str(pathlib.Path(text).resolve()),
+        "ctx": ctx,
+        "chunks": int(len(wins)),
+        "tokens_scored": int(len(s.nll)),
+        "ppl": s.ppl,
+        "ppl_se": s.ppl_se,
+    }
+    if s.kld is not None:
+        n = len(s.kld)
+        report["base"] = str(pathlib.Path(base).resolve())
+        report["kld"] = float(s.kld.mean())
+        report["kld_se"] = float(s.kld.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+        report["top1"] = float(s.top1.mean())
+    report["file_bytes"] = _file_bytes(path, backend)
+    report["params_experts"] = params_experts(path, backend)
+    report.update(measured)
+    report["kv_type"] = kv_type if backend == "llama.cpp" else "f32"
+    return report
+
+
+def _file_bytes(path: pathlib.Path, backend: str) -> int:
+    if backend == "llama.cpp":
+        return path.stat().st_size
+    from moe2gguf.checkpoint import Checkpoint
+
+    return Checkpoint(path).weight_bytes
+
+
+def _human(n: float) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def table(r: dict) -> str:
+    rows = [
+        ("backend", r["backend"]),
+        ("model", r["model"]),
+        ("tokens scored", f"{r['tokens_scored']} ({r['chunks']} x {r['ctx'] // 2} of ctx {r['ctx']})"),
+        ("perplexity", f"{r['ppl']:.4f} ± {r['ppl_se']:.4f}"),
+    ]
+    if "kld" in r:
+        rows += [("KL-divergence", f"{r['kld']:.6f} ± {r['kld_se']:.6f}"), ("top-1 agreement", f"{100 * r['top1']:.2f} %")]
+    rows += [
+        ("file", _human(r["file_bytes"])),
+        ("routed-expert params kept", f"{r['params_experts']:,}"),
+        ("model buffer", _human(r["model_buffer_bytes"])),
+        ("KV cache", _human(r["kv_cache_bytes"])),
+        ("peak RSS", _human(r["peak_rss_bytes"])),
+        ("prompt", f"{r['prompt_tokens_per_s']:.1f} tok/s"),
+        ("decode", f"{r['decode_tokens_per_s']:.1f} tok/s"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+@click.command("check")
+@click.argument("model", metavar="MODEL_OR_GGUF", type=click.Path())
+@click.option("--text", required=True, type=click.Path(), help="UTF-8 text to score (e.g. the bundled eval.txt).")
+@click.option("--base", type=click.Path(), help="Reference (GGUF or checkpoint) for KL-divergence and top-1; its log-probs are cached.")
+@click.option("--ctx", default=256, show_default=True, help="Window length in tokens; the second half of each window is scored.")
+@click.option("--chunks", type=int, help="Score only the first N windows (default: all).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
+@click.option("--kv-type", type=click.Choice(KV_TYPES), default="f16", show_default=True, help="llama.cpp KV-cache type (f32 for exact parity with PyTorch).")
+@click.option("--threads", type=int, default=0, help="CPU threads (default: all cores).")
+def check_cmd(model: str, text: str, base: str | None, ctx: int, chunks: int | None, json_out: str | None, kv_type: str, threads: int) -> None:
+    """Measure a GGUF or checkpoint: PPL, KLD/top-1 vs --base, memory, tokens/s.
+
+    \b
+    A .gguf runs in llama-cpp-python, a checkpoint folder in PyTorch, with the same
+    perplexity protocol as llama-perplexity (non-overlapping windows of --ctx tokens,
+    second half scored), so numbers from both backends compare directly.
+    """
+    r = check(model, text, base, ctx, chunks, kv_type, threads)
+    if json_out:
+        with atomic_file(json_out) as tmp:
+            tmp.write_text(json.dumps(r, indent=2) + "\n")
+    click.echo(table(r))

@@ -1,0 +1,91 @@
+"""`moe2gguf export`: checkpoint (pruned or not) -> GGUF that stock llama.cpp loads."""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+
+import click
+import gguf
+
+from moe2gguf.errors import UserError, atomic_file, output_parent
+from moe2gguf.exporter.quantize import DEFAULT_QUANT, QUANT_TYPES, ftype_of, quantize
+from moe2gguf.exporter.writer import ExportPlan, plan_export, write_gguf
+
+
+def export(
+    model: str,
+    output: str,
+    quant: str = DEFAULT_QUANT,
+    imatrix: str | None = None,
+    overrides: list[tuple[str, str]] | None = None,
+    verbose: bool = False,
+    progress: bool = True,
+) -> ExportPlan:
+    """Write MODEL as a GGUF at `output`, quantized to `quant` by llama.cpp."""
+    out = pathlib.Path(output)
+    if out.is_dir():
+        raise UserError(f"-o {out} is a folder; give a file name such as {out}/model.gguf")
+    output_parent(out)
+    ftype = ftype_of(quant)
+    plan = plan_export(model)
+    imat = None
+    if imatrix is not None:
+        from moe2gguf.exporter.imatrix import imatrix_for_plan
+
+        imat = imatrix_for_plan(imatrix, plan)
+    if plan.padded:
+        click.echo(
+            f"note: experts have different widths; llama.cpp's {plan.arch.gguf_arch.name.lower()} stores one width, so they are "
+            f"zero-padded to {plan.width}: exact, but padding saves nothing "
+            f"({plan.stored_expert_params:,} expert parameters stored for {plan.kept_expert_params:,} kept)",
+            err=True,
+        )
+    with atomic_file(out) as tmp:
+        if quant.upper() == "F32":
+            write_gguf(plan, tmp, ftype, progress=progress)
+        else:
+            # gguf-py writes exact F32 next to the output; llama.cpp quantizes from it
+            with tempfile.TemporaryDirectory(prefix=".moe2gguf-f32-", dir=out.resolve().parent) as d:
+                f32 = pathlib.Path(d) / "model-f32.gguf"
+                write_gguf(plan, f32, gguf.LlamaFileType.ALL_F32, progress=progress)
+                if progress:
+                    click.echo(f"quantizing to {quant.upper()} with llama.cpp{' and the importance matrix' if imat else ''} ...", err=True)
+                quantize(f32, tmp, quant.upper(), imatrix=imat, overrides=overrides, verbose=verbose)
+    return plan
+
+
+@click.command("export")
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="GGUF file to write (atomically).")
+@click.option(
+    "--quant",
+    default=DEFAULT_QUANT,
+    show_default=True,
+    metavar="TYPE",
+    help=f"llama.cpp file type: {', '.join(sorted(QUANT_TYPES))}.",
+)
+@click.option(
+    "--imatrix",
+    type=click.Path(exists=False),
+    help="Calibration folder (CALIB/imatrix.gguf) or an imatrix .gguf of the unpruned model; remapped to pruned experts/channels.",
+)
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE", help="Per-tensor type override, e.g. 'ffn_down_exps=Q6_K' (repeatable).")
+@click.option("--verbose", is_flag=True, help="Show llama.cpp's quantizer log.")
+def export_cmd(model: str, output: str, quant: str, imatrix: str | None, tensor_types: tuple[str, ...], verbose: bool) -> None:
+    """Export a (pruned) Hugging Face MoE checkpoint to GGUF for llama.cpp.
+
+    \b
+    The model is written as exact F32 with gguf-py, then quantized by llama.cpp's own
+    quantizer (llama_model_quantize) to TYPE, fed with the importance matrix of --imatrix.
+    Ragged experts are zero-padded to the widest (exact; saves nothing).
+    """
+    overrides = []
+    for tt in tensor_types:
+        if "=" not in tt:
+            raise UserError(f"--tensor-type {tt!r} must look like REGEX=TYPE, e.g. ffn_down_exps=Q6_K")
+        pat, typ = tt.rsplit("=", 1)
+        overrides.append((pat, typ))
+    export(model, output, quant, imatrix, overrides or None, verbose=verbose)
+    size = pathlib.Path(output).stat().st_size
+    click.echo(f"wrote {output} ({quant.upper()}, {size / 2**20:.1f} MiB)")

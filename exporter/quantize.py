@@ -1,0 +1,90 @@
+"""Quantization by llama.cpp's own quantizer (llama_model_quantize via llama-cpp-python).
+
+No quantizer of our own: the F32 GGUF that gguf-py wrote is handed to llama.cpp with the
+target ftype, the importance matrix (llama_model_imatrix_data, already divided by counts as
+llama-quantize does) and per-tensor type overrides (llama_model_tensor_override).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+
+import llama_cpp
+import numpy as np
+
+from moe2gguf.errors import UserError
+
+# llama.cpp's list, by the names llama-quantize accepts (F32, F16, Q4_K_M, IQ4_NL, ...).
+QUANT_TYPES: dict[str, int] = {
+    name.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix("LLAMA_FTYPE_ALL_"): getattr(llama_cpp, name)
+    for name in dir(llama_cpp)
+    if name.startswith("LLAMA_FTYPE_") and name != "LLAMA_FTYPE_GUESSED"
+}
+DEFAULT_QUANT = "Q4_K_M"
+
+
+def ftype_of(name: str) -> int:
+    key = name.upper()
+    if key not in QUANT_TYPES:
+        raise UserError(f"unknown --quant {name!r}; choose one of {', '.join(sorted(QUANT_TYPES))}")
+    return QUANT_TYPES[key]
+
+
+def ggml_type_of(name: str) -> int:
+    """GGML tensor type by name (Q4_K, Q8_0, F16...) for per-tensor overrides."""
+    import gguf
+
+    try:
+        return int(gguf.GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise UserError(f"unknown tensor type {name!r}; choose one of {', '.join(t.name for t in gguf.GGMLQuantizationType)}") from None
+
+
+def quantize(
+    src: pathlib.Path,
+    dst: pathlib.Path,
+    quant: str,
+    imatrix: dict[str, np.ndarray] | None = None,
+    overrides: list[tuple[str, str]] | None = None,
+    nthread: int | None = None,
+    verbose: bool = False,
+) -> None:
+    """llama_model_quantize(src -> dst). `imatrix`: GGUF tensor name -> mean squared
+    activations, flat float32 of n_mat * n_in. `overrides`: (regex, ggml type name)."""
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype_of(quant)
+    params.nthread = nthread or os.cpu_count() or 1
+    keep: list[object] = []  # ctypes buffers must outlive the call
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            arr = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+            if not np.isfinite(arr).all():
+                raise UserError(f"importance matrix entry {name} has non-finite values; recompute it with `moe2gguf calibrate`")
+            bname = name.encode()
+            keep += [arr, bname]
+            entries[i].name = bname
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(imatrix)].name = None  # terminator
+        keep.append(entries)
+        params.imatrix = entries
+    if overrides:
+        tts = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, tname) in enumerate(overrides):
+            b = pattern.encode()
+            keep.append(b)
+            tts[i].pattern = b
+            tts[i].type = ggml_type_of(tname)
+        tts[len(overrides)].pattern = None
+        keep.append(tts)
+        params.tt_overrides = tts
+    llama_cpp.llama_backend_init()
+    with suppress_stdout_stderr(disable=verbose):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise UserError(f"llama.cpp's quantizer failed on {src} -> {quant} (code {rc}); run with --verbose to see its log")

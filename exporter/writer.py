@@ -1,0 +1,188 @@
+"""Checkpoint -> F32/F16 GGUF with gguf-py, streamed one tensor at a time.
+
+The header (KV + tensor infos) is written first from shapes alone; then each tensor is
+loaded (memory-mapped safetensors), converted and appended, so peak memory is about one
+layer's stacked experts. Ragged experts are zero-padded to the widest expert: exact
+(act(0) * 0 = 0 and zero down-columns add nothing) but it stores the padding.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
+from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.errors import UserError
+from moe2gguf.exporter.tokenizer import add_tokenizer
+
+# Our own KV: the true per-expert widths when the GGUF stores padding, so `check` can
+# report kept parameters honestly (llama.cpp ignores unknown keys).
+KV_EXPERT_WIDTHS = "moe2gguf.expert_widths"
+
+WRITE_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16}
+
+
+@dataclass
+class Planned:
+    name: str
+    shape: tuple[int, ...]  # numpy (PyTorch) order
+    load: Callable[[], torch.Tensor]
+    dtype: gguf.GGMLQuantizationType
+
+
+@dataclass
+class ExportPlan:
+    arch: MoEArch
+    ckpt: Checkpoint
+    widths: list[list[int]]  # as stored in the checkpoint
+    width: int  # the one width every expert tensor has in the GGUF
+    tensors: list[Planned] = field(default_factory=list)
+
+    @property
+    def padded(self) -> bool:
+        return any(w != self.width for layer in self.widths for w in layer)
+
+    @property
+    def kept_expert_params(self) -> int:
+        return 3 * self.arch.hidden_size * sum(sum(layer) for layer in self.widths)
+
+    @property
+    def stored_expert_params(self) -> int:
+        return 3 * self.arch.hidden_size * self.width * sum(len(layer) for layer in self.widths)
+
+
+def _layer_of(hf_name: str) -> int:
+    m = re.search(r"\.layers\.(\d+)\.", hf_name)
+    return int(m.group(1)) if m else -1
+
+
+def check_against_config(ckpt: Checkpoint, arch: MoEArch) -> None:
+    """Every tensor the config implies exists with the implied shape (meta model, no memory)."""
+    from moe2gguf.modeling import build_model
+
+    model = build_model(arch)
+    tied = getattr(arch.hf_config, "tie_word_embeddings", False)
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight" and tied and name not in ckpt:
+            continue
+        if name not in ckpt:
+            raise UserError(f"{ckpt.path} lacks tensor {name}; the checkpoint's tensors disagree with its config.json")
+        if tuple(ckpt.shape(name)) != tuple(p.shape):
+            raise UserError(
+                f"{ckpt.path}: tensor {name} has shape {tuple(ckpt.shape(name))}, config implies {tuple(p.shape)}; "
+                "the checkpoint's tensors disagree with its config.json"
+            )
+
+
+def plan_export(model_dir: str | pathlib.Path, write_type: str = "F32") -> ExportPlan:
+    ckpt = Checkpoint(model_dir)
+    arch = arch_for_config(ckpt.config)
+    widths = arch.expert_widths()
+    if len(widths) != arch.n_layers:
+        raise UserError(f"config {ckpt.path}/config.json lists expert widths for {len(widths)} layers, the model has {arch.n_layers}; the checkpoint is inconsistent")
+    counts = sorted({len(w) for w in widths if w})
+    if len(counts) > 1:
+        raise UserError(
+            f"layers keep different expert counts ({', '.join(map(str, counts))}); stock llama.cpp needs one expert count "
+            "for the whole model: re-run `moe2gguf prune --layout llama.cpp`"
+        )
+    check_against_config(ckpt, arch)
+    width = max(w for layer in widths for w in layer)
+    if width == 0:
+        raise UserError(f"{ckpt.path}: every expert has width 0; nothing to export")
+    qtype = WRITE_TYPES[write_type]
+    plan = ExportPlan(arch, ckpt, widths, width)
+    tmap = arch.gguf_tensor_map()
+    experts = arch.expert_tensor_names()
+
+    def dtype_for(gname: str, ndim: int) -> gguf.GGMLQuantizationType:
+        # norms, 1D tensors and the router stay F32, as convert_hf_to_gguf keeps them
+        if ndim <= 1 or gname.endswith("_norm.weight") or ".ffn_gate_inp." in gname:
+            return gguf.GGMLQuantizationType.F32
+        return qtype
+
+    plain: list[tuple[int, int, Planned]] = []
+    for i, hf in enumerate(ckpt.tensor_names):
+        if hf in experts:
+            continue
+        gname = arch.gguf_name(hf, tmap)
+        if gname is None:
+            continue
+        shape = tuple(ckpt.shape(hf))
+        plain.append((_layer_of(hf), i, Planned(gname, shape, (lambda n=hf: ckpt.tensor(n)), dtype_for(gname, len(shape)))))
+    layered: dict[int, list[Planned]] = {}
+    for bid, _, p in sorted(plain, key=lambda t: (t[0], t[1])):
+        layered.setdefault(bid, []).append(p)
+    for bid, layer in enumerate(widths):
+        for part in EXPERT_PARTS if layer else ():
+            shape = (len(layer), arch.hidden_size, width) if part == "down" else (len(layer), width, arch.hidden_size)
+            gname = arch.gguf_expert_name(bid, part)
+            layered.setdefault(bid, []).append(Planned(gname, shape, _expert_loader(ckpt, arch, bid, part, layer, width), qtype))
+    tail = layered.pop(-1, [])
+    head = [p for p in tail if p.name.startswith("token_embd")]
+    tail = [p for p in tail if not p.name.startswith("token_embd")]
+    plan.tensors = head + [p for bid in sorted(layered) for p in layered[bid]] + tail
+    return plan
+
+
+def _expert_loader(ckpt: Checkpoint, arch: MoEArch, bid: int, part: str, layer: list[int], width: int) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        hidden = arch.hidden_size
+        shape = (len(layer), hidden, width) if part == "down" else (len(layer), width, hidden)
+        out = torch.zeros(shape, dtype=torch.float32)
+        for xid, w in enumerate(layer):
+            name = arch.expert_name(bid, xid, part)
+            t = ckpt.tensor(name).float()
+            want = (hidden, w) if part == "down" else (w, hidden)
+            if tuple(t.shape) != want:
+                raise UserError(f"{ckpt.path}: tensor {name} has shape {tuple(t.shape)}, config implies {want}; the checkpoint's tensors disagree with its config.json")
+            if part == "down":
+                out[xid, :, :w] = t
+            else:
+                out[xid, :w, :] = t
+        return out
+
+    return load
+
+
+def _to_numpy(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    t = t.float()
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return t.to(torch.float16).numpy()
+    return t.numpy().astype(np.float32, copy=False)
+
+
+def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: bool = True) -> None:
+    """Write the plan's GGUF to `path` (a temporary name: callers make it atomic)."""
+    arch = plan.arch
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(plan.ckpt.path.name)
+    writer.add_file_type(file_type)
+    padded_widths = [[plan.width] * len(layer) for layer in plan.widths]
+    arch.set_gguf_parameters(writer, padded_widths)
+    if plan.padded or plan.ckpt.expert_widths is not None:
+        writer.add_array(KV_EXPERT_WIDTHS, [w for layer in plan.widths for w in layer])
+    add_tokenizer(writer, plan.ckpt.path, arch.hf_config.vocab_size)
+    for p in plan.tensors:
+        itemsize = 2 if p.dtype == gguf.GGMLQuantizationType.F16 else 4
+        n = int(np.prod(p.shape))
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float16 if itemsize == 2 else np.float32), n * itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for p in tqdm(plan.tensors, desc="writing GGUF", unit="tensor", disable=not progress):
+        data = p.load()
+        if tuple(data.shape) != p.shape:
+            raise UserError(f"tensor {p.name} changed shape while loading ({tuple(data.shape)} != {p.shape}); the checkpoint is being modified")
+        writer.write_tensor_data(_to_numpy(data, p.dtype))
+        del data
+    writer.close()
