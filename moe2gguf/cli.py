@@ -9,8 +9,12 @@ import click
 from moe2gguf import __version__
 from moe2gguf.errors import UserError
 from moe2gguf.inspect import inspect_cmd
+from moe2gguf.prune.calibrate import calibrate_cmd
+from moe2gguf.prune.prune import prune_cmd
+from moe2gguf.exporter.check import check_cmd
+from moe2gguf.exporter.export import export_cmd
 
-VERBS = [inspect_cmd]
+VERBS = [inspect_cmd, calibrate_cmd, prune_cmd, export_cmd, check_cmd]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

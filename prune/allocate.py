@@ -1,0 +1,154 @@
+"""Which channels of which experts to keep: layouts and budget allocation (pure functions).
+
+A `Layout` says, as data, at which granularity a deployment target lets widths differ.
+Allocation is written once against it:
+
+* every "group" of experts that must share one width (one expert for `ragged`, all experts
+  of a layer for a per-layer width, all experts of the model for one global width) has a value
+  curve V_g(w) = sum over its experts of the top-w channel scores of that expert. Each
+  expert's channels are sorted by score, so V_g is concave in w;
+* widths grow in steps of `layout.align` channels; the steps of all groups are taken in order of
+  gain per parameter until the parameter budget is spent. For concave curves this greedy order
+  is optimal up to the last step (exactly optimal when all steps cost the same, as channels of
+  one architecture do), and it never exceeds the budget.
+
+A later deployable layout (`llama.cpp`: one width for the model aligned to 256, one expert
+count) is one more `LAYOUTS` entry plus the count constraint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Scope = Literal["expert", "layer", "model"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    width: Scope  # the experts that share one width: each expert, each layer, or the whole model
+    align: int = 1  # widths are multiples of this many channels
+    drop_experts: bool = True  # an expert may reach width 0 and be removed (router row with it)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "ragged": Layout("ragged", width="expert"),
+    # the baselines' layout: one width for every expert of the model
+    "uniform": Layout("uniform", width="model", drop_experts=False),
+}
+
+
+@dataclass
+class Allocation:
+    """Per layer, per ORIGINAL expert: kept channel ids (sorted ascending; empty = removed)."""
+
+    channels: list[list[torch.Tensor]]
+
+    @property
+    def widths(self) -> list[list[int]]:
+        return [[int(c.numel()) for c in layer] for layer in self.channels]
+
+    def kept_params(self, channel_cost: list[int]) -> int:
+        return sum(sum(w) * c for w, c in zip(self.widths, channel_cost, strict=True))
+
+
+def _groups(layout: Layout, shape: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """(layer, expert) members of every group sharing a width."""
+    if layout.width == "expert":
+        return [[(l, e)] for l, (ne, _) in enumerate(shape) for e in range(ne)]
+    if layout.width == "layer":
+        return [[(l, e) for e in range(ne)] for l, (ne, _) in enumerate(shape)]
+    return [[(l, e) for l, (ne, _) in enumerate(shape) for e in range(ne)]]
+
+
+def allocate(
+    scores: list[torch.Tensor],
+    channel_cost: list[int],
+    budget: float,
+    layout: Layout,
+    min_width: list[torch.Tensor] | None = None,
+) -> Allocation:
+    """Keep the channels that cover the most score within `budget` parameters.
+
+    scores: per layer [n_experts, width] (non-negative, comparable across layers);
+    channel_cost: per layer, parameters one channel costs (gate row + up row + down column);
+    min_width: per layer [n_experts] widths forced before the budget is spent (e.g. so top-k
+    routing keeps enough experts); they count against the budget.
+    """
+    shape = [tuple(s.shape) for s in scores]
+    widths_full = {s[1] for s in shape}
+    if layout.width != "expert" and len(widths_full) > 1:
+        raise ValueError("a shared width needs equally wide experts in the input")
+    order = [torch.argsort(s.double(), dim=1, descending=True, stable=True) for s in scores]
+    sorted_s = [s.double().gather(1, o) for s, o in zip(scores, order, strict=True)]
+    a = layout.align
+
+    gains: list[torch.Tensor] = []
+    costs: list[torch.Tensor] = []
+    forced: list[torch.Tensor] = []
+    group_of: list[torch.Tensor] = []
+    groups = _groups(layout, shape)
+    for g, members in enumerate(groups):
+        width = shape[members[0][0]][1]
+        n_steps = width // a
+        curve = torch.zeros(n_steps, dtype=torch.float64)
+        cost = 0.0
+        need = 0
+        for l, e in members:
+            curve += sorted_s[l][e, : n_steps * a].reshape(n_steps, a).sum(1)
+            cost += a * channel_cost[l]
+            if min_width is not None:
+                need = max(need, -(-int(min_width[l][e]) // a))
+        gains.append(curve)
+        costs.append(torch.full((n_steps,), cost, dtype=torch.float64))
+        forced.append(torch.arange(n_steps) < need)
+        group_of.append(torch.full((n_steps,), g, dtype=torch.int64))
+    gain, cost, force, grp = (torch.cat(t) for t in (gains, costs, forced, group_of))
+    # forced steps first, then by gain per parameter; stable, so within a group (non-increasing
+    # gains laid out in step order) steps are always taken as a prefix
+    key = torch.where(force, torch.full_like(gain, float("inf")), gain / cost)
+    idx = torch.argsort(key, descending=True, stable=True)
+    take = torch.cumsum(cost[idx], 0) <= budget + 1e-6
+    if force.any() and not take[: int(force.sum())].all():
+        raise ValueError("the forced minimum widths alone exceed the budget")
+    n_steps_kept = torch.bincount(grp[idx[take]], minlength=len(groups))
+
+    channels: list[list[torch.Tensor]] = [[torch.empty(0, dtype=torch.int64)] * ne for ne, _ in shape]
+    for g, members in enumerate(groups):
+        w = int(n_steps_kept[g]) * a
+        for l, e in members:
+            channels[l][e] = torch.sort(order[l][e, :w]).values
+    return Allocation(channels)
+
+
+def top_expert_floor(expert_scores: list[torch.Tensor], k: int, width: int = 1) -> list[torch.Tensor]:
+    """min_width for `allocate`: the k best experts of every layer keep at least `width`
+    channels, so top-k routing still finds k experts (as REAP checks top_k stays reachable)."""
+    out = []
+    for s in expert_scores:
+        m = torch.zeros(s.numel(), dtype=torch.int64)
+        m[torch.topk(s.double(), min(k, s.numel())).indices] = width
+        out.append(m)
+    return out
+
+
+def allocate_expert_drop(expert_scores: list[torch.Tensor], widths: list[list[int]], ratio: float, min_experts: int) -> Allocation:
+    """REAP-style: per layer remove the round(ratio * n) experts of lowest score (router-weighted
+    frequency), keeping at least `min_experts`; kept experts stay whole."""
+    channels = []
+    for s, w in zip(expert_scores, widths, strict=True):
+        n = s.numel()
+        keep = max(min_experts, n - round(ratio * n))
+        kept = set(torch.topk(s.double(), keep).indices.tolist())
+        channels.append([torch.arange(w[e]) if e in kept else torch.empty(0, dtype=torch.int64) for e in range(n)])
+    return Allocation(channels)
+
+
+def coverage(scores: list[torch.Tensor], alloc: Allocation) -> float:
+    """Fraction of the total score that the kept channels hold."""
+    total = sum(float(s.double().sum()) for s in scores)
+    kept = sum(float(s[e, c].double().sum()) for s, layer in zip(scores, alloc.channels, strict=True) for e, c in enumerate(layer))
+    return kept / total if total > 0 else 1.0

@@ -1,0 +1,302 @@
+"""`moe2gguf calibrate`: run calibration text through the model one decoder layer at a time.
+
+Loop (GPTQ `llama_sequential` / Wanda `prune_wanda`): catch the inputs of layer 0 once, then
+per layer materialise its weights, hook, run every calibration window, unhook (in `finally`),
+free the layer, and let its outputs be the next layer's inputs. Peak memory is one layer
+plus the hidden states of the calibration tokens, never the whole model.
+
+CALIB/ holds
+  calib.json          what was measured (model shape, tokens, ctx, texts, peak layer memory)
+  scores.safetensors  per MoE layer: routing freq/mass, channel moments, W_down column norms,
+                      magnitude scores, router-weighted Gram matrices, residual scale
+  imatrix.gguf        llama.cpp's GGUF imatrix (general.type=imatrix, <name>.in_sum2/.counts)
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable
+
+import click
+import gguf
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from moe2gguf.arch import MoEArch, arch_for_config
+from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.errors import UserError, atomic_dir
+from moe2gguf.exporter.imatrix import write_imatrix
+from moe2gguf.modeling import build_model, load_weights
+from moe2gguf.protocol import read_text
+from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, weight_norms
+
+CALIB_JSON = "calib.json"
+SCORES = "scores.safetensors"
+IMATRIX = "imatrix.gguf"
+
+# gguf-py's stacked-expert tensors, the same for every MoE family llama.cpp knows
+EXPERT_GGUF = {"gate": gguf.MODEL_TENSOR.FFN_GATE_EXP, "up": gguf.MODEL_TENSOR.FFN_UP_EXP, "down": gguf.MODEL_TENSOR.FFN_DOWN_EXP}
+# Gram matrices (for the least-squares refit, kept in float32 for all layers until saved) are
+# skipped when they would take more than this many bytes in all
+GRAM_LIMIT = 4 << 30
+
+
+class StopForward(Exception):
+    """Raised by the catcher once it has the inputs of the first decoder layer."""
+
+
+class _Catcher(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+        self.kwargs: dict = {}
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):  # noqa: ANN002,ANN003 - the layer's call
+        if args:
+            raise TypeError("decoder layers are expected to receive everything but hidden_states as keywords")
+        self.hidden, self.kwargs = hidden, kwargs
+        raise StopForward
+
+
+def tokenize(model_dir: str | pathlib.Path, texts: list[str]) -> list[np.ndarray]:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{model_dir} has no usable tokenizer ({e.__class__.__name__}); copy the tokenizer files next to config.json") from None
+    tok.model_max_length = 1 << 62  # whole texts are tokenized once, then cut into windows
+    return [np.asarray(tok(read_text(t))["input_ids"], dtype=np.int64) for t in texts]
+
+
+def spread_windows(ids: list[np.ndarray], names: list[str], tokens: int, ctx: int) -> np.ndarray:
+    """[n, ctx] windows, n = tokens // ctx, shared evenly between the texts and spread evenly
+    over each text, so a mixed calibration set is represented whole."""
+    if ctx < 2:
+        raise UserError(f"--ctx {ctx} must be at least 2")
+    n = tokens // ctx
+    if n < 1:
+        raise UserError(f"--tokens {tokens} is less than one window of --ctx {ctx}; raise --tokens")
+    out = []
+    for i, (t, name) in enumerate(zip(ids, names, strict=True)):
+        want = n // len(ids) + (1 if i < n % len(ids) else 0)
+        have = len(t) // ctx
+        if have < want:
+            raise UserError(
+                f"{name} has {len(t)} tokens, too few for its share of {want} windows of {ctx} tokens; "
+                "pass a longer text or lower --tokens"
+            )
+        if want:
+            starts = (np.arange(want) * (have / want)).astype(np.int64) * ctx
+            out.append(np.stack([t[s : s + ctx] for s in starts]))
+    return np.concatenate(out)
+
+
+def _materialised_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type != "meta")
+
+
+def _linear_inputs(layer: nn.Module, prefix: str, experts: nn.Module | None) -> dict[str, nn.Module]:
+    """HF name -> module of every 2D weight of the layer outside the routed experts
+    (attention projections, router, shared experts); their inputs make the imatrix."""
+    skip = {id(m) for m in experts.modules()} if experts is not None else set()
+    out = {}
+    for name, m in layer.named_modules():
+        w = getattr(m, "weight", None)
+        if id(m) in skip or not isinstance(w, torch.Tensor) or w.ndim != 2 or isinstance(m, nn.Embedding):
+            continue
+        out[f"{prefix}{name}"] = m
+    return out
+
+
+class Calibration:
+    """The statistics of one pass; `run` fills them, `save` writes CALIB/."""
+
+    def __init__(self, ckpt: Checkpoint, arch: MoEArch, windows: np.ndarray, batch: int = 8, gram: bool = True):
+        widths = arch.expert_widths()
+        if any(w and len(set(w)) > 1 for w in widths) or ckpt.expert_widths is not None:
+            raise UserError(f"{ckpt.path} is already pruned; calibrate the unpruned model and prune it once")
+        self.ckpt, self.arch, self.windows, self.batch = ckpt, arch, windows, batch
+        W = arch.expert_width
+        self.gram = gram and len(arch.moe_layers) * arch.n_experts * W * W * 4 <= GRAM_LIMIT
+        self.experts: dict[int, ExpertStats] = {}
+        self.scale: dict[int, ScaleStats] = {}
+        self.inputs: dict[str, InputStats] = {}  # HF module name -> stats
+        self.weights: dict[str, torch.Tensor] = {}  # per layer: down_norm, magnitude
+        self.peak_bytes = 0  # most parameter bytes ever materialised at once
+        self.layer_bytes = 0  # largest decoder layer
+
+    def _observe_inputs(self, modules: dict[str, nn.Module]) -> list:
+        handles = []
+        for name, m in modules.items():
+            stats = self.inputs.setdefault(name, InputStats(m.weight.shape[1]))
+            handles.append(m.register_forward_pre_hook(lambda _m, args, s=stats: s.add_batch(args[0])))
+        return handles
+
+    @torch.no_grad()
+    def run(self, on_layer: Callable[[int, nn.Module], None] | None = None) -> None:
+        arch, ckpt = self.arch, self.ckpt
+        model = build_model(arch)
+        base_path, _, layers_name = arch.layers_attr.rpartition(".")
+        base = model.get_submodule(base_path)
+        layers = model.get_submodule(arch.layers_attr)
+        embed = model.get_input_embeddings()
+        embed_name = next(n for n, m in model.named_modules() if m is embed)
+        load_weights(embed, f"{embed_name}.", ckpt, torch.float32)
+
+        # catch the inputs of layer 0 (hidden states and whatever the model passes layers:
+        # rotary tables, masks), one batch of windows at a time
+        catcher, first = _Catcher(), layers[0]
+        layers[0] = catcher
+        hidden, kwargs = [], []
+        try:
+            for b in range(0, len(self.windows), self.batch):
+                ids = torch.from_numpy(self.windows[b : b + self.batch])
+                try:
+                    base(input_ids=ids, use_cache=False)
+                except StopForward:
+                    pass
+                hidden.append(catcher.hidden)
+                kwargs.append(catcher.kwargs)
+        finally:
+            layers[0] = first
+        self.peak_bytes = _materialised_bytes(model)
+        embed.to("meta")
+
+        for bid in tqdm(range(arch.n_layers), desc="calibrate", unit="layer"):
+            layer = layers[bid]
+            prefix = f"{arch.layers_attr}.{bid}."
+            load_weights(layer, prefix, ckpt, torch.float32)
+            nbytes = _materialised_bytes(model)
+            self.layer_bytes = max(self.layer_bytes, nbytes)
+            self.peak_bytes = max(self.peak_bytes, nbytes)
+            experts = arch.moe_block(model, bid).experts if arch.is_moe_layer(bid) else None
+            handles = self._observe_inputs(_linear_inputs(layer, prefix, experts))
+            scale = self.scale[bid] = ScaleStats()
+            if experts is not None:
+                stats = self.experts[bid] = ExpertStats(len(experts), [e.down_proj.in_features for e in experts], arch.hidden_size, self.gram)
+                experts.observer = stats.add_batch
+            try:
+                for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+                    out = layer(h, **kw)
+                    out = out[0] if isinstance(out, tuple) else out
+                    scale.add_batch(out)
+                    hidden[i] = out
+            finally:
+                for hd in handles:
+                    hd.remove()
+                if experts is not None:
+                    experts.observer = None
+            if experts is not None:
+                if stats.gram is not None:  # done accumulating: halve what it holds until saved
+                    stats.gram = [g.float() for g in stats.gram]
+                self.weights[f"layers.{bid}.down_norm"] = torch.stack([e.down_proj.weight.double().norm(dim=0) for e in experts])
+                self.weights[f"layers.{bid}.magnitude"] = torch.stack(
+                    [weight_norms(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in experts]
+                )
+            if on_layer is not None:
+                on_layer(bid, model)
+            layer.to("meta")  # free it: the next layer reuses the memory
+
+        # final norm, then the input of the output projection
+        norm = model.get_submodule(f"{base_path}.norm")
+        load_weights(norm, f"{base_path}.norm.", ckpt, torch.float32)
+        lm_head = model.get_output_embeddings()
+        out_stats = self.inputs.setdefault("lm_head", InputStats(lm_head.weight.shape[1]))
+        for h in hidden:
+            out_stats.add_batch(norm(h))
+        self.tied = "lm_head.weight" not in ckpt
+
+    # --- writing --------------------------------------------------------------------
+    def score_tensors(self) -> dict[str, torch.Tensor]:
+        t: dict[str, torch.Tensor] = {}
+        for bid, s in self.experts.items():
+            p = f"layers.{bid}."
+            t[p + "freq"] = s.freq
+            t[p + "mass"] = s.mass
+            t[p + "abs_act"] = torch.stack(s.abs_act)
+            t[p + "sq_act"] = torch.stack(s.sq_act)
+            if s.gram is not None:
+                t[p + "gram"] = torch.stack(s.gram).float()
+        for bid, s in self.scale.items():
+            t[f"layers.{bid}.resid_mean_sq"] = torch.tensor([s.mean_sq], dtype=torch.float64)
+        t.update(self.weights)
+        return {k: v.contiguous() for k, v in t.items()}
+
+    def imatrix_entries(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """GGUF tensor name -> (in_sum2 [n_mat, n_in], counts [n_mat, 1]), unpruned model's names."""
+        arch = self.arch
+        names = gguf.get_tensor_name_map(arch.gguf_arch, arch.n_layers)
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for hf, s in self.inputs.items():
+            if hf == "lm_head" and self.tied:
+                # a tied output projection multiplies by token_embd, so that is the weight
+                # llama.cpp quantizes with these statistics
+                g = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD]
+            else:
+                g = names.get_name(hf)
+            if g is None:
+                raise RuntimeError(f"gguf-py has no name for {hf} in {arch.gguf_arch.name}")
+            out[f"{g}.weight"] = (s.sum2.numpy()[None], np.array([[s.count]], dtype=np.float64))
+        for bid, s in self.experts.items():
+            counts = s.freq.numpy()[:, None]
+            for part, x in (("gate", s.in_sum2), ("up", s.in_sum2), ("down", torch.stack(s.mid_sum2))):
+                g = gguf.TENSOR_NAMES[EXPERT_GGUF[part]].format(bid=bid)
+                out[f"{g}.weight"] = (x.numpy(), counts)
+        return out
+
+    def save(self, out: pathlib.Path, texts: list[str]) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.score_tensors(), out / SCORES)
+        write_imatrix(out / IMATRIX, self.imatrix_entries(), texts, len(self.windows), self.windows.shape[1])
+        arch = self.arch
+        info = {
+            "architectures": list(arch.hf_architectures[:1]),
+            "model": str(self.ckpt.path),
+            "n_layers": arch.n_layers,
+            "moe_layers": arch.moe_layers,
+            "hidden_size": arch.hidden_size,
+            "n_experts": arch.n_experts,
+            "n_used": arch.n_used,
+            "expert_width": arch.expert_width,
+            "tokens": int(self.windows.size),
+            "ctx": int(self.windows.shape[1]),
+            "windows": int(len(self.windows)),
+            "texts": texts,
+            "score": "router-weighted channel moments; see moe2gguf.prune.scores",
+            "gram": bool(self.gram),
+            "peak_param_bytes": self.peak_bytes,
+            "max_layer_param_bytes": self.layer_bytes,
+        }
+        (out / CALIB_JSON).write_text(json.dumps(info, indent=1))
+
+
+def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens: int = 32768, ctx: int = 512, batch: int = 8) -> Calibration:
+    ckpt = Checkpoint(model)
+    arch = arch_for_config(ckpt.config)
+    texts = [str(t) for t in text]
+    if not texts:
+        raise UserError("no calibration text; pass --text FILE (several allowed)")
+    wins = spread_windows(tokenize(model, texts), texts, tokens, ctx)
+    cal = Calibration(ckpt, arch, wins, batch=batch)
+    with atomic_dir(output) as tmp:
+        cal.run()
+        cal.save(tmp, texts)
+    return cal
+
+
+@click.command("calibrate")
+@click.argument("model", type=click.Path(file_okay=False, path_type=str))
+@click.option("--text", "text", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=str), help="Calibration text (repeatable; windows are shared evenly).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output folder CALIB/.")
+@click.option("--tokens", default=32768, show_default=True, help="Calibration tokens in all.")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per window.")
+def calibrate_cmd(model: str, text: tuple[str, ...], output: str, tokens: int, ctx: int) -> None:
+    """Run calibration text through MODEL layer by layer and write CALIB/: per-channel
+    attribution scores of every expert, routing statistics and a llama.cpp imatrix."""
+    cal = calibrate(model, text, output, tokens, ctx)
+    click.echo(f"wrote {output}: {cal.windows.size} tokens in {len(cal.windows)} windows of {cal.windows.shape[1]}")

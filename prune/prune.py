@@ -1,0 +1,180 @@
+"""`moe2gguf prune`: allocate the kept channels/experts from CALIB/ and rewrite the checkpoint.
+
+Methods (same calibration, same parameter budget):
+  coverage     per-expert widths chosen jointly over all experts of all layers to cover the
+               most attribution (layout `ragged`); experts may reach width 0 and be removed
+  uniform      one width for every expert, each expert's channels chosen by attribution
+  magnitude    one width for every expert, channels chosen by weight norms
+  expert-drop  whole experts removed per layer by router-weighted frequency (REAP-style)
+
+Cross-layer comparability: a layer's scores are divided by the mean square of the residual
+stream it writes to (see `scores.normalise_layers`), i.e. they measure relative perturbation.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import click
+import torch
+from safetensors import safe_open
+
+from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
+from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.errors import UserError, atomic_dir
+from moe2gguf.prune import allocate as A
+from moe2gguf.prune.calibrate import CALIB_JSON, SCORES
+from moe2gguf.prune.rewrite import routed_params, write_pruned
+from moe2gguf.prune.scores import SCORE_KINDS, channel_scores, normalise_layers
+
+METHODS = ("coverage", "uniform", "magnitude", "expert-drop")
+REPORT = "prune_report.json"
+
+
+class Calib:
+    """CALIB/ read back and checked against the model it is applied to."""
+
+    def __init__(self, path: str | pathlib.Path, arch: MoEArch, ckpt: Checkpoint):
+        self.path = pathlib.Path(path)
+        info_f = self.path / CALIB_JSON
+        if not info_f.is_file() or not (self.path / SCORES).is_file():
+            raise UserError(f"{self.path} is not a calibration folder (no {CALIB_JSON}/{SCORES}); run `moe2gguf calibrate MODEL -o {self.path}` first")
+        self.info = json.loads(info_f.read_text())
+        want = {
+            "architectures": list(arch.hf_architectures[:1]),
+            "n_layers": arch.n_layers,
+            "hidden_size": arch.hidden_size,
+            "n_experts": arch.n_experts,
+            "expert_width": arch.expert_width,
+        }
+        for k, v in want.items():
+            if self.info.get(k) != v:
+                raise UserError(
+                    f"{self.path} was calibrated on another model ({k} {self.info.get(k)} vs {v} in {ckpt.path}); "
+                    f"run `moe2gguf calibrate {ckpt.path}` and pass that folder"
+                )
+        with safe_open(self.path / SCORES, framework="pt") as f:
+            self.t = {k: f.get_tensor(k) for k in f.keys()}
+        shape = (arch.n_experts, arch.expert_width)
+        for bid in arch.moe_layers:
+            got = self.t.get(f"layers.{bid}.sq_act")
+            if got is None or tuple(got.shape) != shape:
+                raise UserError(
+                    f"{self.path}: scores of layer {bid} have shape {None if got is None else tuple(got.shape)}, "
+                    f"{ckpt.path} needs {shape}; recalibrate on this model"
+                )
+        self.layers = arch.moe_layers
+
+    def attribution(self, kind: str = "energy", normalise: bool = True) -> list[torch.Tensor]:
+        raw = [channel_scores(kind, self.t[f"layers.{b}.abs_act"], self.t[f"layers.{b}.sq_act"], self.t[f"layers.{b}.down_norm"]) for b in self.layers]
+        if not normalise:
+            return raw
+        return normalise_layers(raw, [float(self.t[f"layers.{b}.resid_mean_sq"]) for b in self.layers], kind)
+
+    def get(self, what: str) -> list[torch.Tensor]:
+        return [self.t[f"layers.{b}.{what}"] for b in self.layers]
+
+    @property
+    def grams(self) -> dict[int, torch.Tensor] | None:
+        if not all(f"layers.{b}.gram" in self.t for b in self.layers):
+            return None
+        return {b: self.t[f"layers.{b}.gram"] for b in self.layers}
+
+
+def channel_cost(ckpt: Checkpoint, arch: MoEArch) -> list[int]:
+    """Parameters per channel in every MoE layer (gate row + up row + down column)."""
+    out = []
+    for b in arch.moe_layers:
+        n = sum(ckpt.numel(arch.expert_name(b, 0, p)) for p in EXPERT_PARTS)
+        out.append(n // arch.expert_width)
+    return out
+
+
+def plan(
+    calib: Calib, ckpt: Checkpoint, arch: MoEArch, ratio: float, method: str, layout: str = "ragged", score: str = "energy", normalise: bool = True
+) -> tuple[A.Allocation, float]:
+    """The allocation of a method (per MoE layer) and the coverage of the attribution it keeps."""
+    attr = calib.attribution(score, normalise)
+    cost = channel_cost(ckpt, arch)
+    budget = (1.0 - ratio) * sum(c * arch.n_experts * arch.expert_width for c in cost)
+    if method == "coverage":
+        floor = A.top_expert_floor([s.sum(1) for s in attr], arch.n_used)
+        alloc = A.allocate(attr, cost, budget, A.LAYOUTS[layout], floor)
+    elif method == "uniform":
+        alloc = A.allocate(attr, cost, budget, A.LAYOUTS["uniform"])
+    elif method == "magnitude":
+        alloc = A.allocate(calib.get("magnitude"), cost, budget, A.LAYOUTS["uniform"])
+    elif method == "expert-drop":
+        widths = [[arch.expert_width] * arch.n_experts for _ in calib.layers]
+        alloc = A.allocate_expert_drop(calib.get("mass"), widths, ratio, arch.n_used)
+    else:
+        raise UserError(f"unknown --method {method}; one of {', '.join(METHODS)}")
+    return alloc, A.coverage(attr, alloc)
+
+
+def prune(
+    model: str,
+    calib: str,
+    ratio: float,
+    output: str,
+    method: str = "coverage",
+    layout: str = "ragged",
+    score: str = "energy",
+    normalise: bool = True,
+    refit: bool = True,
+) -> dict:
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"--ratio {ratio} is outside (0, 1); it is the fraction of routed-expert parameters removed, e.g. 0.25")
+    if layout not in A.LAYOUTS or layout == "uniform":
+        raise UserError(f"--layout {layout} is not available yet; use --layout ragged")
+    ckpt = Checkpoint(model)
+    arch = arch_for_config(ckpt.config)
+    if ckpt.expert_widths is not None:
+        raise UserError(f"{ckpt.path} is already pruned; prune the unpruned model with a larger --ratio instead")
+    cal = Calib(calib, arch, ckpt)
+    layer_alloc, cov = plan(cal, ckpt, arch, ratio, method, layout, score, normalise)
+    # the allocation is per MoE layer; the rewrite wants every layer ([] for dense ones)
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(arch.n_layers)]
+    for b, ch in zip(cal.layers, layer_alloc.channels, strict=True):
+        per_layer[b] = ch
+    alloc = A.Allocation(per_layer)
+    grams = cal.grams if refit else None
+    before = routed_params(arch, {n: ckpt.shape(n) for n in ckpt.tensor_names})
+    with atomic_dir(output) as tmp:
+        shapes = write_pruned(ckpt, arch, alloc, tmp, grams)
+        new_arch = arch_for_config(json.loads((tmp / "config.json").read_text()))
+        after = routed_params(new_arch, shapes)
+        report = {
+            "method": method,
+            "layout": layout if method == "coverage" else ("uniform" if method in ("uniform", "magnitude") else "expert-drop"),
+            "ratio_requested": ratio,
+            "ratio_achieved": 1.0 - after / before,
+            "widths": alloc.widths,
+            "experts_kept": [sum(1 for w in layer if w) for layer in alloc.widths],
+            "coverage": cov,
+            "score": score,
+            "normalise": "residual mean square" if normalise else "none",
+            "refit_down": grams is not None,
+            "calib": str(cal.path),
+            "params_routed_before": before,
+            "params_routed_after": after,
+        }
+        (tmp / REPORT).write_text(json.dumps(report, indent=1))
+    return report
+
+
+@click.command("prune")
+@click.argument("model", type=click.Path(file_okay=False, path_type=str))
+@click.option("--calib", required=True, type=click.Path(file_okay=False, path_type=str), help="Folder written by `moe2gguf calibrate`.")
+@click.option("--ratio", required=True, type=float, help="Fraction of routed-expert parameters to remove, 0 < R < 1.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output checkpoint folder.")
+@click.option("--method", type=click.Choice(METHODS), default="coverage", show_default=True)
+@click.option("--layout", type=click.Choice(["ragged"]), default="ragged", show_default=True, help="Widths/counts the target allows.")
+@click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute contribution.")
+@click.option("--refit/--no-refit", default=True, show_default=True, help="Least-squares refit of kept down_proj columns on calibration activations.")
+def prune_cmd(model: str, calib: str, ratio: float, output: str, method: str, layout: str, score: str, refit: bool) -> None:
+    """Prune MODEL's routed experts by --ratio using CALIB/ and write a checkpoint in HF layout
+    (per-expert widths in config.json) with prune_report.json."""
+    r = prune(model, calib, ratio, output, method, layout, score, refit=refit)
+    click.echo(f"wrote {output}: {r['method']} ratio {r['ratio_achieved']:.4f}, coverage {r['coverage']:.4f}, experts kept {r['experts_kept']}")

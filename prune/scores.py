@@ -1,0 +1,116 @@
+"""Calibration statistics (observers) and the pure math that turns them into scores.
+
+Observers follow the Wanda/GPTQ `add_batch` pattern and keep float64 running sums, so the
+result does not depend on how the calibration tokens are batched.
+
+Attribution of channel j of expert e (what `coverage` keeps as much of as it can):
+
+    energy[e, j] = sum_x (p_e(x) * h_j(x))^2 * ||W_down[:, j]||^2
+
+i.e. the squared norm of the channel's contribution to the layer's routed output, weighted by
+the router weight p_e(x) of each token x that reaches the expert. We use the second moment
+rather than the paper's first moment E|p h_j| ||d_j||: removing a set S of channels changes
+the MoE output by sum_{j in S} p h_j d_j, whose expected squared norm is (for weakly
+correlated channels) the sum of the removed energies, so energies are additive in exactly
+the way a coverage/knapsack allocation assumes. The first-moment score (`abs`) is kept too,
+and `tools/bench_prune.py` compares them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+F64 = torch.float64
+
+
+class ExpertStats:
+    """Per-expert routing statistics and per-channel activation moments of one MoE layer."""
+
+    def __init__(self, n_experts: int, widths: list[int], hidden: int, gram: bool = True):
+        self.freq = torch.zeros(n_experts, dtype=F64)  # tokens routed to the expert
+        self.mass = torch.zeros(n_experts, dtype=F64)  # sum of their router weights (REAP)
+        self.abs_act = [torch.zeros(w, dtype=F64) for w in widths]  # sum p |h_j|
+        self.sq_act = [torch.zeros(w, dtype=F64) for w in widths]  # sum (p h_j)^2
+        # sum p^2 h h^T: lets the rewrite refit the kept down_proj columns by least squares
+        self.gram = [torch.zeros(w, w, dtype=F64) for w in widths] if gram else None
+        self.in_sum2 = torch.zeros(n_experts, hidden, dtype=F64)  # imatrix of gate/up
+        self.mid_sum2 = [torch.zeros(w, dtype=F64) for w in widths]  # imatrix of down (unweighted)
+
+    def add_batch(self, xid: int, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+        """The `ExpertList.observer` tap: tokens x [n, hidden], activations h [n, width], weights w [n, 1]."""
+        x, h, w = x.to(F64), h.to(F64), w.to(F64).reshape(-1, 1)
+        self.freq[xid] += x.shape[0]
+        self.mass[xid] += w.sum()
+        ph = w * h
+        self.abs_act[xid] += ph.abs().sum(0)
+        self.sq_act[xid] += (ph * ph).sum(0)
+        if self.gram is not None:
+            self.gram[xid] += ph.T @ ph
+        self.in_sum2[xid] += (x * x).sum(0)
+        self.mid_sum2[xid] += (h * h).sum(0)
+
+
+class InputStats:
+    """Sum of squared inputs per column and token count of one linear weight (the imatrix)."""
+
+    def __init__(self, n_in: int):
+        self.sum2 = torch.zeros(n_in, dtype=F64)
+        self.count = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(F64)
+        self.sum2 += (x * x).sum(0)
+        self.count += x.shape[0]
+
+
+class ScaleStats:
+    """Mean squared norm of a layer's residual-stream output (for cross-layer normalisation)."""
+
+    def __init__(self) -> None:
+        self.sum_sq = 0.0
+        self.count = 0
+
+    def add_batch(self, y: torch.Tensor) -> None:
+        y = y.reshape(-1, y.shape[-1]).to(F64)
+        self.sum_sq += float((y * y).sum())
+        self.count += y.shape[0]
+
+    @property
+    def mean_sq(self) -> float:
+        return self.sum_sq / max(self.count, 1)
+
+
+# --- pure math -------------------------------------------------------------------------
+
+SCORE_KINDS = ("energy", "abs")
+
+
+def channel_scores(kind: str, abs_act: torch.Tensor, sq_act: torch.Tensor, down_norm: torch.Tensor) -> torch.Tensor:
+    """Attribution [n_experts, width] from activation moments and ||W_down[:, j]|| [n_experts, width]."""
+    if kind == "energy":
+        return sq_act * down_norm.square()
+    if kind == "abs":
+        return abs_act * down_norm
+    raise ValueError(f"unknown score kind {kind!r}; one of {SCORE_KINDS}")
+
+
+def normalise_layers(scores: list[torch.Tensor], resid_mean_sq: list[float], kind: str) -> list[torch.Tensor]:
+    """Make scores of different layers comparable.
+
+    Every layer's output feeds the next layers through an RMSNorm, so what a later layer sees
+    of an error e added to the residual stream is e / rms(residual). Dividing a layer's
+    scores by the residual stream's mean square (energy) or its rms (abs) turns them into
+    relative perturbations, which is what one unit of score means in every layer alike.
+    """
+    out = []
+    for s, ms in zip(scores, resid_mean_sq, strict=True):
+        scale = ms if kind == "energy" else ms**0.5
+        out.append(s / max(scale, 1e-30))
+    return out
+
+
+def weight_norms(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Magnitude score of every channel of one expert: ||gate_j|| * ||up_j|| * ||down_:,j||
+    (the product, because the channel's output scales with each of the three)."""
+    g, u, d = gate.to(F64), up.to(F64), down.to(F64)
+    return g.norm(dim=1) * u.norm(dim=1) * d.norm(dim=0)
