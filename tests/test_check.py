@@ -1,0 +1,83 @@
+"""`check`: both backends follow one protocol (PPL agrees within 0.1% between PyTorch and
+llama.cpp on an F32 export), every DESIGN.md key is measured, the base is cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from moe2gguf.cli import cli
+from moe2gguf.exporter.check import check
+from moe2gguf.exporter.export import export
+
+KEYS = [
+    "backend", "model", "text", "ctx", "chunks", "tokens_scored", "ppl", "ppl_se", "kld", "kld_se", "top1",
+    "file_bytes", "params_experts", "model_buffer_bytes", "kv_cache_bytes", "peak_rss_bytes",
+    "prompt_tokens_per_s", "decode_tokens_per_s",
+]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("MOE2GGUF_CACHE", str(d))
+    return d
+
+
+def test_ppl_agrees_between_torch_and_llama_cpp_tiny(tiny_qwen3moe, reference_model, tmp_path, cache):
+    out = tmp_path / "tiny.gguf"
+    export(str(tiny_qwen3moe), str(out), "F32", progress=False)
+    text = str(reference_model / "eval.txt")
+    jf = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, ["check", str(out), "--text", text, "--ctx", "64", "--chunks", "3", "--base", str(tiny_qwen3moe), "--json", str(jf)])
+    assert res.exit_code == 0, res.output
+    assert "perplexity" in res.output and "KL-divergence" in res.output
+    g = json.loads(jf.read_text())
+    assert all(k in g for k in KEYS), [k for k in KEYS if k not in g]
+    assert g["backend"] == "llama.cpp" and g["tokens_scored"] == 3 * 32
+    assert all(g[k] > 0 for k in ("file_bytes", "params_experts", "model_buffer_bytes", "kv_cache_bytes", "peak_rss_bytes", "prompt_tokens_per_s", "decode_tokens_per_s"))
+    t = check(str(tiny_qwen3moe), text, ctx=64, chunks=3)
+    assert t["backend"] == "torch"
+    assert abs(g["ppl"] / t["ppl"] - 1) < 1e-3, (g["ppl"], t["ppl"])
+    assert g["kld"] < 1e-3 and g["top1"] > 0.97
+    assert g["params_experts"] == t["params_experts"]
+    assert len(list(cache.glob("base-*.npz"))) == 1
+
+
+def test_base_log_probs_are_cached(tiny_qwen3moe, reference_model, tmp_path, cache, monkeypatch):
+    out = tmp_path / "tiny.gguf"
+    export(str(tiny_qwen3moe), str(out), "F32", progress=False)
+    text = str(reference_model / "eval.txt")
+    first = check(str(out), text, base=str(out), ctx=64, chunks=2)
+    import moe2gguf.exporter.check as chk
+
+    calls = []
+    real = chk.tokenize
+    monkeypatch.setattr(chk, "tokenize", lambda *a: calls.append(a) or real(*a))
+    second = check(str(out), text, base=str(out), ctx=64, chunks=2)
+    assert len(calls) == 1  # only the model itself; the base came from the cache
+    assert second["kld"] == first["kld"] and abs(first["kld"]) < 1e-9 and first["top1"] == 1.0
+
+
+def test_ppl_agrees_between_backends_bundled(reference_model, tmp_path, cache):
+    out = tmp_path / "ref.gguf"
+    export(str(reference_model), str(out), "F32", progress=False)
+    text = str(reference_model / "eval.txt")
+    g = check(str(out), text, chunks=2)
+    t = check(str(reference_model), text, chunks=2)
+    assert abs(g["ppl"] / t["ppl"] - 1) < 1e-3, (g["ppl"], t["ppl"])
+
+
+@pytest.mark.parametrize("case", ["missing-model", "short-text"])
+def test_check_bad_input_exits_2(tiny_qwen3moe, reference_model, tmp_path, cache, case):
+    jf = tmp_path / "r.json"
+    if case == "missing-model":
+        args = ["check", str(tmp_path / "nope.gguf"), "--text", str(reference_model / "eval.txt")]
+    else:
+        (tmp_path / "short.txt").write_text("too short")
+        args = ["check", str(tiny_qwen3moe), "--text", str(tmp_path / "short.txt")]
+    res = CliRunner().invoke(cli, args + ["--json", str(jf)])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+    assert not jf.exists()
