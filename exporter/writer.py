@@ -105,9 +105,11 @@ def plan_export(model_dir: str | pathlib.Path, write_type: str = "F32") -> Expor
 
     def dtype_for(gname: str, ndim: int) -> gguf.GGMLQuantizationType:
         # norms, 1D tensors and the router stay F32, as convert_hf_to_gguf keeps them
-        if ndim <= 1 or gname.endswith("_norm.weight") or ".ffn_gate_inp." in gname:
+        if ndim <= 1 or gname.endswith("_norm.weight") or ".ffn_gate_inp." in gname or arch.keeps_f32(gname):
             return gguf.GGMLQuantizationType.F32
         return qtype
+
+    padded = [[width] * len(layer) for layer in widths]
 
     plain: list[tuple[int, int, Planned]] = []
     for i, hf in enumerate(ckpt.tensor_names):
@@ -116,8 +118,13 @@ def plan_export(model_dir: str | pathlib.Path, write_type: str = "F32") -> Expor
         gname = arch.gguf_name(hf, tmap)
         if gname is None:
             continue
-        shape = tuple(ckpt.shape(hf))
-        plain.append((_layer_of(hf), i, Planned(gname, shape, (lambda n=hf: ckpt.tensor(n)), dtype_for(gname, len(shape)))))
+        # the arch may rename, split or transform the tensor: run its hook on a meta tensor
+        # for the shapes now, and on the real tensor at write time
+        meta = torch.empty(ckpt.shape(hf), device="meta")
+        for k, (name, t) in enumerate(arch.modify_tensor(hf, gname, meta, padded)):
+            shape = tuple(t.shape)
+            load = _modified_loader(ckpt, arch, hf, gname, padded, k)
+            plain.append((_layer_of(hf), i, Planned(name, shape, load, dtype_for(name, len(shape)))))
     layered: dict[int, list[Planned]] = {}
     for bid, _, p in sorted(plain, key=lambda t: (t[0], t[1])):
         layered.setdefault(bid, []).append(p)
@@ -131,6 +138,13 @@ def plan_export(model_dir: str | pathlib.Path, write_type: str = "F32") -> Expor
     tail = [p for p in tail if not p.name.startswith("token_embd")]
     plan.tensors = head + [p for bid in sorted(layered) for p in layered[bid]] + tail
     return plan
+
+
+def _modified_loader(ckpt: Checkpoint, arch: MoEArch, hf: str, gname: str, padded: list[list[int]], k: int) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        return arch.modify_tensor(hf, gname, ckpt.tensor(hf), padded)[k][1]
+
+    return load
 
 
 def _expert_loader(ckpt: Checkpoint, arch: MoEArch, bid: int, part: str, layer: list[int], width: int) -> Callable[[], torch.Tensor]:

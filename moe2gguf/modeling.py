@@ -22,13 +22,24 @@ from moe2gguf.checkpoint import Checkpoint
 ExpertObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+DEFAULT_PARTS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
 class ExpertMLP(nn.Module):
-    def __init__(self, hidden: int, width: int, act: str, device: torch.device | str = "meta"):
+    def __init__(self, hidden: int, width: int, act: str, device: torch.device | str = "meta", parts: dict[str, str] | None = None):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, width, bias=False, device=device)
         self.up_proj = nn.Linear(hidden, width, bias=False, device=device)
         self.down_proj = nn.Linear(width, hidden, bias=False, device=device)
         self.act_fn = ACT2FN[act]
+        if parts is not None and parts != DEFAULT_PARTS:
+            # register the linears under the checkpoint's part names (Mixtral: w1/w3/w2) so
+            # parameter names stay checkpoint names; gate_proj/up_proj/down_proj remain
+            # unregistered aliases of the same modules for the generic code
+            for part, name in parts.items():
+                lin = self._modules.pop(DEFAULT_PARTS[part])
+                setattr(self, name, lin)
+                self.__dict__[DEFAULT_PARTS[part]] = lin
 
     def intermediate(self, x: torch.Tensor) -> torch.Tensor:
         return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
@@ -37,8 +48,8 @@ class ExpertMLP(nn.Module):
 class ExpertList(nn.ModuleList):
     """Routed experts of one layer; called as transformers' fused experts module is."""
 
-    def __init__(self, hidden: int, widths: list[int], act: str, device: torch.device | str = "meta"):
-        super().__init__(ExpertMLP(hidden, w, act, device) for w in widths)
+    def __init__(self, hidden: int, widths: list[int], act: str, device: torch.device | str = "meta", parts: dict[str, str] | None = None):
+        super().__init__(ExpertMLP(hidden, w, act, device, parts) for w in widths)
         self.observer: ExpertObserver | None = None
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

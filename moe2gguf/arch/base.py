@@ -8,6 +8,7 @@ rewriting and export are written once against this contract.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -155,8 +156,18 @@ class MoEArch:
 
     def install_experts(self, model: nn.Module, widths: list[list[int]]) -> None:
         """Replace each MoE block's experts by an `ExpertList` of the given widths (and its
-        router by one with as many rows), so that parameter names equal checkpoint names."""
-        raise NotImplementedError
+        router by one with as many rows), so that parameter names equal checkpoint names.
+        Default: transformers' usual block (`.experts`, `.gate` with `weight` and `num_experts`)."""
+        from moe2gguf.modeling import ExpertList
+
+        for bid, w in enumerate(widths):
+            if not w:
+                continue
+            block = self.moe_block(model, bid)
+            block.experts = ExpertList(self.hidden_size, w, self.hf_config.hidden_act, parts=self.expert_parts)
+            if len(w) != block.gate.num_experts:
+                block.gate.num_experts = len(w)
+                block.gate.weight = nn.Parameter(block.gate.weight.new_empty(len(w), self.hidden_size))
 
     def fresh_buffers(self, model: nn.Module) -> None:
         """Re-create non-persistent buffers (rotary tables) that a meta-device build lacks."""
@@ -170,6 +181,24 @@ class MoEArch:
         "up": gguf.MODEL_TENSOR.FFN_UP_EXP,
         "down": gguf.MODEL_TENSOR.FFN_DOWN_EXP,
     }
+    # GGUF tensors written F32 whatever the export type, besides norms, 1-D tensors and the
+    # router (convert_hf_to_gguf keeps these F32 too, e.g. qwen2moe's ffn_gate_inp_shexp).
+    gguf_f32_tensors: ClassVar[tuple[gguf.MODEL_TENSOR, ...]] = ()
+
+    def keeps_f32(self, gguf_name: str) -> bool:
+        base = re.sub(r"^blk\.\d+\.", "blk.{bid}.", gguf_name).rsplit(".", 1)[0]
+        return base in {gguf.TENSOR_NAMES[t] for t in self.gguf_f32_tensors}
+
+    def feed_forward_length(self, widths: list[list[int]]) -> int:
+        """`feed_forward_length` for the loader: the dense FFN width by default; archs whose
+        llama.cpp loader reads the expert width from it (llama, olmoe) return the exported width."""
+        return self.hf_config.intermediate_size
+
+    def modify_tensor(self, hf_name: str, gguf_name: str, tensor: torch.Tensor, widths: list[list[int]]) -> list[tuple[str, torch.Tensor]]:
+        """The GGUF tensors one non-expert HF tensor becomes (default: itself under `gguf_name`).
+        Called on a meta tensor first (the header needs shapes), then on the real one, so use
+        shape-only torch ops. `widths` are the exported (padded) routed-expert widths."""
+        return [(gguf_name, tensor)]
 
     def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
         """Hyper-parameters the llama.cpp loader reads. `widths` are the widths as exported
@@ -182,7 +211,7 @@ class MoEArch:
         writer.add_block_count(self.n_layers)
         writer.add_context_length(c.max_position_embeddings)
         writer.add_embedding_length(self.hidden_size)
-        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_feed_forward_length(self.feed_forward_length(widths))
         writer.add_head_count(c.num_attention_heads)
         writer.add_head_count_kv(c.num_key_value_heads)
         head_dim = getattr(c, "head_dim", None) or self.hidden_size // c.num_attention_heads
