@@ -1,0 +1,119 @@
+"""calibrate: layer-by-layer statistics, the CALIB/ contract, memory per layer, bad input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import REFERENCE, save_tiny, tiny_qwen3moe_config
+from moe2gguf.arch import arch_for_config
+from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.cli import cli
+from moe2gguf.modeling import load_model
+from moe2gguf.prune.calibrate import Calibration, calibrate, spread_windows
+
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The head of the reference calibration text: enough tokens, fast to tokenize."""
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text((REFERENCE / "calib.txt").read_text()[:20000])
+    return str(p)
+
+
+def _windows(n: int, ctx: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, 4000, size=(n, ctx))
+
+
+def test_layer_by_layer_pass_equals_the_whole_model(tiny_qwen3moe: pathlib.Path) -> None:
+    """The output-projection imatrix is the sum of squares of the final normed hidden state:
+    if the per-layer loop (catcher, kwargs, rotary, masks) is right it matches a full forward."""
+    ckpt = Checkpoint(tiny_qwen3moe)
+    wins = _windows(3, 32)
+    cal = Calibration(ckpt, arch_for_config(ckpt.config), wins, batch=2)
+    cal.run()
+    model, _, _ = load_model(str(tiny_qwen3moe))
+    with torch.no_grad():
+        h = model.model(torch.from_numpy(wins)).last_hidden_state.double()
+    got = cal.inputs["lm_head"].sum2
+    assert torch.allclose(got, (h * h).sum((0, 1)), rtol=1e-4)
+    # every routed token was observed once per used expert
+    for s in cal.experts.values():
+        assert float(s.freq.sum()) == wins.size * 2
+        assert float(s.mass.sum()) == pytest.approx(wins.size, rel=1e-5)  # normalised top-k weights
+
+
+def test_calib_dir_contract(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path, text: str) -> None:
+    out = tmp_path / "calib"
+    calibrate(str(tiny_qwen3moe), [text], str(out), tokens=256, ctx=64)
+    info = json.loads((out / "calib.json").read_text())
+    for k in ("architectures", "n_layers", "hidden_size", "n_experts", "expert_width", "tokens", "ctx", "texts"):
+        assert k in info
+    assert info["tokens"] == 256 and info["ctx"] == 64
+    r = gguf.GGUFReader(out / "imatrix.gguf")
+    assert bytes(r.fields["general.type"].parts[-1]).decode() == "imatrix"
+    assert int(r.fields["imatrix.chunk_count"].parts[-1][0]) == 4
+    t = {x.name: x for x in r.tensors}
+    exps = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_DOWN_EXP].format(bid=1) + ".weight"
+    assert t[exps + ".in_sum2"].data.shape == (8, 32)  # [n_experts, width]
+    assert t[exps + ".counts"].data.shape == (8, 1)
+    assert t["blk.0.attn_q.weight.in_sum2"].data.shape == (1, 64)
+    assert t["blk.0.ffn_gate_inp.weight.counts"].data.reshape(-1)[0] == 256
+    assert "output.weight.in_sum2" in t
+
+
+def test_windows_are_spread_over_all_texts() -> None:
+    a, b = np.arange(1000), np.arange(1000, 1500)
+    w = spread_windows([a, b], ["a", "b"], tokens=400, ctx=100)
+    assert w.shape == (4, 100)
+    assert (w[:2] < 1000).all() and (w[2:] >= 1000).all()
+    assert w[1, 0] >= 500  # spread over the text, not its first windows
+
+
+def test_memory_stays_per_layer(tmp_path: pathlib.Path) -> None:
+    """A 12-layer model: at every layer only that layer's weights are materialised, and the
+    process's anonymous memory does not grow by the layers already done."""
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_qwen3moe_config(num_hidden_layers=12, hidden_size=128, moe_intermediate_size=256, head_dim=32)
+    path = save_tiny(Qwen3MoeForCausalLM(cfg), tmp_path / "deep")
+    ckpt = Checkpoint(path)
+    cal = Calibration(ckpt, arch_for_config(ckpt.config), _windows(2, 64), gram=False)
+    seen_bytes, rss = [], []
+
+    def on_layer(bid: int, model: torch.nn.Module) -> None:
+        seen_bytes.append(sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type != "meta"))
+        rss.append(_rss_anon())
+
+    cal.run(on_layer)
+    layer_bytes = cal.layer_bytes
+    whole = sum(ckpt.numel(n) * 4 for n in ckpt.tensor_names)
+    assert max(seen_bytes) <= layer_bytes < whole / 8
+    assert cal.peak_bytes <= max(layer_bytes, 4096 * 128 * 4)  # one layer, or the embedding alone
+    # RSS after the last layer vs after the second: a whole-model load would add 10 layers
+    assert rss[-1] - rss[1] < 3 * layer_bytes, (rss, layer_bytes)
+
+
+def _rss_anon() -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_text_too_short_is_exit_2_and_writes_nothing(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    out = tmp_path / "calib"
+    r = CliRunner().invoke(cli, ["calibrate", str(tiny_qwen3moe), "--text", str(short), "-o", str(out), "--tokens", "4096", "--ctx", "64"])
+    assert r.exit_code == 2
+    assert "too few" in r.output and "Traceback" not in r.output
+    assert not out.exists() and not list(tmp_path.glob(".calib*"))

@@ -1,0 +1,141 @@
+"""prune: exact rewrite, zero-attribution removal, report/budget, reload + inspect, bad input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from conftest import REFERENCE, save_tiny, tiny_qwen3moe_config
+from moe2gguf.arch import arch_for_config
+from moe2gguf.checkpoint import Checkpoint, read_prune_map
+from moe2gguf.cli import cli
+from moe2gguf.inspect import inspect_model
+from moe2gguf.modeling import load_model
+from moe2gguf.prune.allocate import Allocation
+from moe2gguf.prune.calibrate import calibrate
+from moe2gguf.prune.prune import prune
+from moe2gguf.prune.rewrite import refit_down, write_pruned
+
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The head of the reference calibration text: enough tokens, fast to tokenize."""
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text((REFERENCE / "calib.txt").read_text()[:20000])
+    return str(p)
+IDS = torch.randint(3, 4000, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(path: pathlib.Path) -> torch.Tensor:
+    model, _, _ = load_model(str(path))
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture
+def calib(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path, text: str) -> pathlib.Path:
+    out = tmp_path / "calib"
+    calibrate(str(tiny_qwen3moe), [text], str(out), tokens=512, ctx=64)
+    return out
+
+
+def test_rewrite_with_all_channels_kept_is_exact(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    ckpt = Checkpoint(tiny_qwen3moe)
+    arch = arch_for_config(ckpt.config)
+    # every channel kept, but in a shuffled allocation order: the rewrite must restore order
+    alloc = Allocation([[torch.randperm(32).sort().values for _ in range(8)] for _ in range(2)])
+    out = tmp_path / "out"
+    out.mkdir()
+    write_pruned(ckpt, arch, alloc, out)
+    assert torch.equal(_logits(out), _logits(tiny_qwen3moe))
+
+
+def test_removing_zero_attribution_channels_changes_nothing(tmp_path: pathlib.Path, text: str) -> None:
+    """Channels whose down_proj column is zero contribute nothing, so their attribution is 0;
+    coverage pruning by exactly their share must remove them and leave the logits unchanged."""
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    src = save_tiny(Qwen3MoeForCausalLM(tiny_qwen3moe_config()), tmp_path / "m")
+    t = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    dead = {}
+    for name in t:
+        if name.endswith("down_proj.weight"):
+            dead[name] = torch.randperm(32, generator=g)[:8]  # 8 of 32 channels in every expert
+            t[name][:, dead[name]] = 0
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    cal = tmp_path / "calib"
+    calibrate(str(src), [text], str(cal), tokens=512, ctx=64)
+    out = tmp_path / "out"
+    rep = prune(str(src), str(cal), 0.25, str(out), "coverage", refit=False)
+    assert rep["coverage"] == pytest.approx(1.0)
+    pmap = read_prune_map(out)
+    for bid, (experts, channels) in pmap.items():
+        assert experts == list(range(8))
+        for x, ch in zip(experts, channels):
+            assert set(ch).isdisjoint(dead[f"model.layers.{bid}.mlp.experts.{x}.down_proj.weight"].tolist())
+    assert torch.allclose(_logits(out), _logits(src), atol=1e-5)
+    # the least-squares refit must not undo that: kept columns stay (up to the tiny ridge)
+    out2 = tmp_path / "out2"
+    prune(str(src), str(cal), 0.25, str(out2), "coverage", refit=True)
+    assert torch.allclose(_logits(out2), _logits(src), atol=1e-3)
+
+
+def test_refit_reduces_the_output_error_on_correlated_channels() -> None:
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    h = torch.randn(500, 6, generator=g, dtype=torch.float64) @ mix  # 12 channels, rank 6
+    down = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    keep = torch.arange(8)
+    ref = h @ down.T
+    plain = h[:, keep] @ down[:, keep].T
+    fitted = h[:, keep] @ refit_down(down, h.T @ h, keep, ridge=1e-9).T
+    assert (fitted - ref).norm() < 1e-3 * (plain - ref).norm()
+
+
+@pytest.mark.parametrize("method", ["coverage", "uniform", "magnitude", "expert-drop"])
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_report_budget_reload_and_inspect(method: str, ratio: float, tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(calib), "--ratio", str(ratio), "-o", str(out), "--method", method])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "prune_report.json").read_text())
+    for k in ("method", "layout", "ratio_requested", "ratio_achieved", "widths", "experts_kept", "coverage"):
+        assert k in rep
+    assert rep["ratio_achieved"] >= ratio - 1e-9  # never over budget
+    assert abs(rep["ratio_achieved"] - ratio) <= 0.005
+    assert len(rep["widths"]) == 2 and all(len(w) == 8 for w in rep["widths"])
+    assert rep["experts_kept"] == [sum(1 for w in layer if w) for layer in rep["widths"]]
+    assert all(k >= 2 for k in rep["experts_kept"])  # top-2 routing stays possible
+    info = inspect_model(str(out))
+    assert info["expert_widths"] == [[w for w in layer if w] for layer in rep["widths"]]
+    assert 1 - info["params_routed_experts"] / inspect_model(str(tiny_qwen3moe))["params_routed_experts"] == pytest.approx(rep["ratio_achieved"])
+    logits = _logits(out)
+    assert torch.isfinite(logits).all()
+    assert (out / "tokenizer.json").is_file() and (out / "prune_map.safetensors").is_file()
+
+
+def test_ratio_outside_0_1_is_exit_2(tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    for bad in ("0", "1", "1.5", "-0.2"):
+        out = tmp_path / "out"
+        r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(calib), "--ratio", bad, "-o", str(out)])
+        assert r.exit_code == 2 and "--ratio" in r.output, r.output
+        assert not out.exists()
+
+
+def test_calib_from_another_model_is_exit_2(calib: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    from transformers import Qwen3MoeForCausalLM
+
+    other = save_tiny(Qwen3MoeForCausalLM(tiny_qwen3moe_config(moe_intermediate_size=16)), tmp_path / "other")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["prune", str(other), "--calib", str(calib), "--ratio", "0.25", "-o", str(out)])
+    assert r.exit_code == 2 and "another model" in r.output, r.output
+    assert "Traceback" not in r.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
