@@ -36,7 +36,10 @@ def refit_down(down: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge
 
 def slice_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kept channels of one expert (gate/up rows, down columns); refit down when gram is given."""
-    new_down = down[:, keep] if gram is None else refit_down(down, gram, keep).to(down.dtype)
+    if gram is None or keep.numel() == down.shape[1]:  # nothing removed: nothing to refit
+        new_down = down[:, keep]
+    else:
+        new_down = refit_down(down, gram, keep).to(down.dtype)
     return gate[keep].contiguous(), up[keep].contiguous(), new_down.contiguous()
 
 
