@@ -173,6 +173,10 @@ def imatrix_for_plan(src: str | pathlib.Path, plan) -> dict[str, np.ndarray]:  #
                         fitted[k, len(ch) :] = max(ref, 1e-12) * PAD_IMPORTANCE
                     rows = fitted
                 mean = rows
+        if mean.shape[0] == n_mat and mean.shape[1] < n_in and arch.pads_input(t.name):
+            # the arch zero-padded this tensor's input columns (deepseek2's shared experts): pad alike
+            fill = max(float(mean.mean()), 1e-12) * PAD_IMPORTANCE
+            mean = np.concatenate([mean, np.full((n_mat, n_in - mean.shape[1]), fill, dtype=mean.dtype)], axis=1)
         if mean.shape != (n_mat, n_in):
             if t.name.startswith("token_embd"):
                 continue  # llama.cpp never uses an imatrix for the embedding lookup

@@ -30,7 +30,8 @@ def config(**kw) -> MixtralConfig:
 
 @pytest.fixture
 def tiny(tmp_path: pathlib.Path) -> pathlib.Path:
-    return build_tiny(MixtralForCausalLM, config(), tmp_path / "tiny-mixtral")
+    # sharp attention, so a missing Q/K permutation shows clearly in the logits
+    return build_tiny(MixtralForCausalLM, config(), tmp_path / "tiny-mixtral", attn_std=0.15)
 
 
 def test_model_parameter_names_are_checkpoint_names(tiny):

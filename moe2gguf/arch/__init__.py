@@ -43,6 +43,6 @@ def arch_for_config(config: dict) -> MoEArch:
     return arch
 
 
-from moe2gguf.arch import mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: E402,F401  (register themselves)
+from moe2gguf.arch import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: E402,F401  (register themselves)
 
 __all__ = ["EXPERT_PARTS", "MoEArch", "ParamCounts", "arch_for_config", "register", "supported"]

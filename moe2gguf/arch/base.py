@@ -189,6 +189,11 @@ class MoEArch:
         base = re.sub(r"^blk\.\d+\.", "blk.{bid}.", gguf_name).rsplit(".", 1)[0]
         return base in {gguf.TENSOR_NAMES[t] for t in self.gguf_f32_tensors}
 
+    def pads_input(self, gguf_name: str) -> bool:
+        """True when `modify_tensor` zero-pads this tensor's input columns, so the export pads
+        its importance-matrix entry alike (deepseek2's shared experts)."""
+        return False
+
     def feed_forward_length(self, widths: list[list[int]]) -> int:
         """`feed_forward_length` for the loader: the dense FFN width by default; archs whose
         llama.cpp loader reads the expert width from it (llama, olmoe) return the exported width."""
