@@ -115,6 +115,16 @@ class MoEArch:
     def router_name(self, bid: int) -> str:
         return self.router_template.format(bid=bid)
 
+    def router_tensor_names(self, bid: int) -> list[str]:
+        """Every tensor of layer `bid` with one entry per routed expert along dim 0 (the
+        router, and e.g. DeepSeek-V3's selection bias): removing experts slices them all."""
+        return [self.router_name(bid)]
+
+    def expert_groups(self, bid: int) -> int:
+        """Contiguous expert groups the router picks from (DeepSeek-V3 n_group): removing
+        experts must keep the same count in every group, or the grouping changes."""
+        return 1
+
     def expert_tensor_names(self) -> set[str]:
         return {
             self.expert_name(b, x, p)

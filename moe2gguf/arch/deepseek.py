@@ -158,3 +158,41 @@ class DeepseekV2(MoEArch):
         # V2 greedy routing ignores groups; llama.cpp would apply them if n_group > 1
         writer.add_expert_group_count(1)
         writer.add_expert_group_used_count(1)
+
+
+@register
+class DeepseekV3(DeepseekV2):
+    """V3 routing: sigmoid scores, a per-expert selection bias (`e_score_correction_bias`,
+    llama.cpp's exp_probs_b), group-limited top-k, optional renormalisation."""
+
+    hf_architectures = ("DeepseekV3ForCausalLM",)
+    model_type = "deepseek_v3"
+    config_class = DeepseekV3Config
+    model_class = DeepseekV3ForCausalLM
+    gating = gguf.ExpertGatingFuncType.SIGMOID
+    scoring_func = "sigmoid"
+
+    def check_supported(self) -> None:
+        c = self.hf_config
+        if not getattr(c, "rope_interleave", True):
+            raise UserError("config flag rope_interleave=false is not handled: llama.cpp's deepseek2 rotates interleaved pairs; use rope_interleave=true")
+        if c.n_routed_experts % c.n_group:
+            raise UserError(f"config flags n_routed_experts={c.n_routed_experts} and n_group={c.n_group} disagree: the experts must split into equal groups")
+        self._check_common()
+
+    def router_tensor_names(self, bid: int) -> list[str]:
+        return [self.router_name(bid), self.router_name(bid).replace(".weight", ".e_score_correction_bias")]
+
+    def expert_groups(self, bid: int) -> int:
+        return self.hf_config.n_group
+
+    def _set_groups(self, writer: gguf.GGUFWriter) -> None:
+        # llama.cpp's group rule (sum of the top two biased scores per group) is V3's
+        c = self.hf_config
+        writer.add_expert_group_count(c.n_group)
+        writer.add_expert_group_used_count(c.topk_group)
+
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
+        super().set_gguf_parameters(writer, widths)
+        if self.hf_config.norm_topk_prob:  # V2's HF code never renormalises, V3's does
+            writer.add_expert_weights_norm(True)

@@ -1,0 +1,85 @@
+"""DeepSeek-V3 as llama.cpp's `deepseek2`: F32 export is exact (sigmoid gating, the
+selection bias as exp_probs_b, group-limited routing, renormalised and scaled weights,
+q_lora MLA), multi-token-prediction layers are left out, inspect counts match, and
+flags llama.cpp does not reproduce are refused."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from moe2gguf.inspect import inspect_model
+from test_arch_common import assert_refused, build_tiny, f32_roundtrip, gguf_shapes, gguf_value, tensor_counts
+
+H, W, E = 64, 32, 8
+
+
+def config(**kw) -> DeepseekV3Config:
+    c = dict(
+        vocab_size=4096, hidden_size=H, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4,  # the class default is 128
+        kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=E, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=W, first_k_dense_replace=1,
+        n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    c.update(kw)
+    return DeepseekV3Config(**c)
+
+
+@pytest.fixture
+def tiny(tmp_path: pathlib.Path) -> pathlib.Path:
+    folder = build_tiny(DeepseekV3ForCausalLM, config(), tmp_path / "tiny-deepseek-v3", attn_std=0.15)
+    # a non-zero selection bias, so routing that ignored it would pick other experts
+    t = load_file(folder / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    for name in [n for n in t if n.endswith("e_score_correction_bias")]:
+        t[name] = torch.randn(E, generator=g) * 0.3
+    # an MTP layer as V3 checkpoints carry after the decoder layers (not part of the decoder)
+    t["model.layers.3.enorm.weight"] = torch.ones(H)
+    t["model.layers.3.mlp.experts.0.up_proj.weight"] = torch.zeros(W, H)
+    save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_f32_export_matches_torch(tiny, tmp_path):
+    rel = f32_roundtrip(tiny, tmp_path)
+    print(f"deepseek_v3 max logit diff {rel:.2e} of range")
+    out = tmp_path / f"{tiny.name}-f32.gguf"
+    shapes = gguf_shapes(out)
+    assert shapes["blk.1.exp_probs_b.bias"] == (E,)
+    assert shapes["blk.1.attn_q_b.weight"] == (24, 4 * 24)
+    assert not any(n.startswith("blk.3.") for n in shapes)  # MTP layer left out
+    assert gguf_value(out, "deepseek2.expert_gating_func") == 2  # sigmoid
+    assert gguf_value(out, "deepseek2.expert_group_count") == 2
+    assert gguf_value(out, "deepseek2.expert_weights_norm") is True
+
+
+def test_inspect_counts_match_tensors(tiny):
+    info = inspect_model(str(tiny))
+    routed = r"layers\.([0-2])\.mlp\.experts\.(\d+)\."  # the decoder's layers, not MTP's
+    want = tensor_counts(tiny, routed, r"layers\.[0-2]\.mlp\.shared_experts\.", n_used=2)
+    assert (info["params_routed_experts"], info["params_shared_experts"]) == (want["experts"], want["shared"])
+    assert info["dense_layers"] == [0] and info["experts_routed"] == E
+
+
+@pytest.mark.parametrize("flag, value", [("rope_interleave", False), ("scoring_func", "softmax"), ("n_group", 3)])
+def test_unhandled_flags_are_refused(tiny, tmp_path, flag, value):
+    assert_refused(tiny, tmp_path, flag, value)
+
+
+def test_router_hooks_name_the_selection_bias(tiny):
+    # what prune must slice and preserve when it removes V3 experts
+    from moe2gguf.arch import arch_for_config
+    from moe2gguf.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(tiny)
+    arch = arch_for_config(ckpt.config)
+    names = arch.router_tensor_names(1)
+    assert all(n in ckpt and ckpt.shape(n)[0] == E for n in names) and len(names) == 2
+    assert arch.expert_groups(1) == 2
