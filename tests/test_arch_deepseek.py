@@ -63,8 +63,44 @@ def test_inspect_counts_dense_layers_and_shared_experts(tiny):
     assert info["experts_shared"] == 1 and info["experts_routed"] == E
 
 
+def narrowed(src: pathlib.Path, dst: pathlib.Path, widths: list[list[int]]) -> pathlib.Path:
+    """A pruned-style checkpoint: expert k of layer b keeps its first widths[b][k] channels."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moe2gguf.arch import arch_for_config
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    arch = arch_for_config(cfg)
+    t = load_file(dst / "model.safetensors")
+    for bid, layer in enumerate(widths):
+        for k, w in enumerate(layer):
+            for part in ("gate", "up"):
+                t[arch.expert_name(bid, k, part)] = t[arch.expert_name(bid, k, part)][:w].contiguous()
+            t[arch.expert_name(bid, k, "down")] = t[arch.expert_name(bid, k, "down")][:, :w].contiguous()
+    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg["moe2gguf_expert_widths"] = widths
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_shared_experts_padded_to_the_routed_width_exactly(tiny, tmp_path):
+    # exported width 24 < 32: the loader wants shared width 24 * k, so the 64-wide shared
+    # experts are zero-padded to 24 * 3 = 72; exact, as the logits show
+    widths = [[], [24, 16, 24, 8, 24, 16, 8, 8], [8, 24, 16, 24, 8, 8, 16, 24]]
+    pruned = narrowed(tiny, tmp_path / "narrow", widths)
+    f32_roundtrip(pruned, tmp_path)
+    out = tmp_path / "narrow-f32.gguf"
+    assert gguf_value(out, "deepseek2.expert_shared_count") == 3
+    assert gguf_shapes(out)["blk.1.ffn_down_shexp.weight"] == (72, H)
+    assert gguf_shapes(out)["blk.1.ffn_down_exps.weight"] == (24, H, E)
+
+
 def test_prune_flow_loads_in_stock_llama_cpp(tiny, tmp_path):
-    pruned, gg, rep = prune_flow(tiny, tmp_path, ratio=0.5)
+    pruned, gg, rep = prune_flow(tiny, tmp_path, ratio=0.3)
     info = inspect_model(str(pruned))
     width = max(w for layer in info["expert_widths"] for w in layer)
     shapes = gguf_shapes(gg)
