@@ -92,7 +92,15 @@ def channel_cost(ckpt: Checkpoint, arch: MoEArch) -> list[int]:
 
 
 def plan(
-    calib: Calib, ckpt: Checkpoint, arch: MoEArch, ratio: float, method: str, layout: str = "ragged", score: str = "energy", normalise: bool = True
+    calib: Calib,
+    ckpt: Checkpoint,
+    arch: MoEArch,
+    ratio: float,
+    method: str,
+    layout: str = "ragged",
+    score: str = "energy",
+    normalise: bool = True,
+    min_width: int = 0,
 ) -> tuple[A.Allocation, float]:
     """The allocation of a method (per MoE layer) and the coverage of the attribution it keeps."""
     attr = calib.attribution(score, normalise)
@@ -100,7 +108,12 @@ def plan(
     budget = (1.0 - ratio) * sum(c * arch.n_experts * arch.expert_width for c in cost)
     if method == "coverage":
         floor = A.top_expert_floor([s.sum(1) for s in attr], arch.n_used)
-        alloc = A.allocate(attr, cost, budget, A.LAYOUTS[layout], floor)
+        if min_width:  # every expert keeps at least min_width channels (none is removed)
+            floor = [f.clamp_min(min_width) for f in floor]
+        try:
+            alloc = A.allocate(attr, cost, budget, A.LAYOUTS[layout], floor)
+        except ValueError:
+            raise UserError(f"--min-width {min_width} in every expert alone exceeds the budget of --ratio {ratio}; lower --min-width") from None
     elif method == "uniform":
         alloc = A.allocate(attr, cost, budget, A.LAYOUTS["uniform"])
     elif method == "magnitude":
@@ -123,6 +136,7 @@ def prune(
     score: str = "energy",
     normalise: bool = True,
     refit: bool = True,
+    min_width: int = 0,
 ) -> dict:
     if not 0.0 < ratio < 1.0:
         raise UserError(f"--ratio {ratio} is outside (0, 1); it is the fraction of routed-expert parameters removed, e.g. 0.25")
@@ -133,7 +147,7 @@ def prune(
     if ckpt.expert_widths is not None:
         raise UserError(f"{ckpt.path} is already pruned; prune the unpruned model with a larger --ratio instead")
     cal = Calib(calib, arch, ckpt)
-    layer_alloc, cov = plan(cal, ckpt, arch, ratio, method, layout, score, normalise)
+    layer_alloc, cov = plan(cal, ckpt, arch, ratio, method, layout, score, normalise, min_width)
     # the allocation is per MoE layer; the rewrite wants every layer ([] for dense ones)
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(arch.n_layers)]
     for b, ch in zip(cal.layers, layer_alloc.channels, strict=True):
@@ -156,6 +170,7 @@ def prune(
             "score": score,
             "normalise": "residual mean square" if normalise else "none",
             "refit_down": grams is not None,
+            "min_width": min_width,
             "calib": str(cal.path),
             "params_routed_before": before,
             "params_routed_after": after,
@@ -172,9 +187,10 @@ def prune(
 @click.option("--method", type=click.Choice(METHODS), default="coverage", show_default=True)
 @click.option("--layout", type=click.Choice(["ragged"]), default="ragged", show_default=True, help="Widths/counts the target allows.")
 @click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute contribution.")
+@click.option("--min-width", default=0, show_default=True, help="coverage: channels every expert keeps at least (0 lets experts be removed).")
 @click.option("--refit/--no-refit", default=True, show_default=True, help="Least-squares refit of kept down_proj columns on calibration activations.")
-def prune_cmd(model: str, calib: str, ratio: float, output: str, method: str, layout: str, score: str, refit: bool) -> None:
+def prune_cmd(model: str, calib: str, ratio: float, output: str, method: str, layout: str, score: str, min_width: int, refit: bool) -> None:
     """Prune MODEL's routed experts by --ratio using CALIB/ and write a checkpoint in HF layout
     (per-expert widths in config.json) with prune_report.json."""
-    r = prune(model, calib, ratio, output, method, layout, score, refit=refit)
+    r = prune(model, calib, ratio, output, method, layout, score, refit=refit, min_width=min_width)
     click.echo(f"wrote {output}: {r['method']} ratio {r['ratio_achieved']:.4f}, coverage {r['coverage']:.4f}, experts kept {r['experts_kept']}")

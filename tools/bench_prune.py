@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from moe2gguf.errors import UserError
 from moe2gguf.modeling import load_model
 from moe2gguf.protocol import read_text, score_logprobs, targets_of, torch_logprobs, windows
 from moe2gguf.prune.calibrate import calibrate, tokenize
@@ -67,11 +68,17 @@ def main(argv: list[str] | None = None) -> None:
                 ("coverage", {"normalise": False}),
                 ("coverage", {"refit": False}),
                 ("uniform", {"refit": False}),
+                ("coverage", {"min_width": 8}),
+                ("coverage", {"min_width": 32}),
             ]
         for r in a.ratios:
             for method, kw in variants:
                 out = tmp / "pruned"
-                rep = prune(str(model), str(tmp / "calib"), r, str(out), method, **kw)
+                try:
+                    rep = prune(str(model), str(tmp / "calib"), r, str(out), method, **kw)
+                except UserError as e:  # e.g. a min-width floor above the budget
+                    print(f"skip {method} {kw} R={r}: {e.format_message()}", file=sys.stderr)
+                    continue
                 _, s = evaluate(out, base)
                 name = method + "".join(f" {k}={v}" for k, v in kw.items())
                 rows.append((name, r, rep["ratio_achieved"], rep["coverage"], rep["experts_kept"], s))
