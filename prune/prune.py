@@ -119,6 +119,9 @@ def plan(
     elif method == "magnitude":
         alloc = A.allocate(calib.get("magnitude"), cost, budget, A.LAYOUTS["uniform"])
     elif method == "expert-drop":
+        if arch.n_experts - round(ratio * arch.n_experts) < arch.n_used:  # top-k must stay reachable
+            most = (arch.n_experts - arch.n_used) / arch.n_experts
+            raise UserError(f"expert-drop keeps at least {arch.n_used} experts per layer, so it removes at most {most:g}; lower --ratio or use --method coverage")
         widths = [[arch.expert_width] * arch.n_experts for _ in calib.layers]
         alloc = A.allocate_expert_drop(calib.get("mass"), widths, ratio, arch.n_used)
     else:

@@ -141,3 +141,12 @@ def test_calib_from_another_model_is_exit_2(calib: pathlib.Path, tmp_path: pathl
     assert r.exit_code == 2 and "another model" in r.output, r.output
     assert "Traceback" not in r.output
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("args", [["--method", "coverage", "--min-width", "32"], ["--method", "expert-drop"]])
+def test_unreachable_budget_is_exit_2(args: list[str], tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """A floor above the budget, or expert-drop below top-k experts, is refused, not silently missed."""
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(calib), "--ratio", "0.9", "-o", str(out), *args])
+    assert r.exit_code == 2 and "lower --" in r.output, r.output
+    assert not out.exists()
