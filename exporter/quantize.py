@@ -50,6 +50,7 @@ def quantize(
     overrides: list[tuple[str, str]] | None = None,
     nthread: int | None = None,
     verbose: bool = False,
+    dry_run: bool = False,
 ) -> None:
     """llama_model_quantize(src -> dst). `imatrix`: GGUF tensor name -> mean squared
     activations, flat float32 of n_mat * n_in. `overrides`: (regex, ggml type name)."""
@@ -58,6 +59,7 @@ def quantize(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_of(quant)
     params.nthread = nthread or os.cpu_count() or 1
+    params.dry_run = dry_run  # plan types and sizes only; nothing is written
     keep: list[object] = []  # ctypes buffers must outlive the call
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()

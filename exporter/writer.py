@@ -82,8 +82,8 @@ def check_against_config(ckpt: Checkpoint, arch: MoEArch) -> None:
             )
 
 
-def plan_export(model_dir: str | pathlib.Path, write_type: str = "F32") -> ExportPlan:
-    ckpt = Checkpoint(model_dir)
+def plan_export(model_dir: str | pathlib.Path | Checkpoint, write_type: str = "F32") -> ExportPlan:
+    ckpt = model_dir if isinstance(model_dir, Checkpoint) else Checkpoint(model_dir)
     arch = arch_for_config(ckpt.config)
     widths = arch.expert_widths()
     if len(widths) != arch.n_layers:
@@ -174,7 +174,7 @@ def _to_numpy(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     return t.numpy().astype(np.float32, copy=False)
 
 
-def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: bool = True) -> None:
+def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: bool = True, data: bool = True) -> None:
     """Write the plan's GGUF to `path` (a temporary name: callers make it atomic)."""
     arch = plan.arch
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
@@ -185,7 +185,8 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
     arch.set_gguf_parameters(writer, padded_widths)
     if plan.padded or plan.ckpt.expert_widths is not None:
         writer.add_array(KV_EXPERT_WIDTHS, [w for layer in plan.widths for w in layer])
-    add_tokenizer(writer, plan.ckpt.path, arch.hf_config.vocab_size)
+    if plan.ckpt.has_files:
+        add_tokenizer(writer, plan.ckpt.path, arch.hf_config.vocab_size)
     for p in plan.tensors:
         itemsize = 2 if p.dtype == gguf.GGMLQuantizationType.F16 else 4
         n = int(np.prod(p.shape))
@@ -193,6 +194,9 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    if not data:
+        _skip_data(writer, plan)
+        return
     for p in tqdm(plan.tensors, desc="writing GGUF", unit="tensor", disable=not progress):
         data = p.load()
         if tuple(data.shape) != p.shape:
@@ -200,3 +204,18 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
         writer.write_tensor_data(_to_numpy(data, p.dtype))
         del data
     writer.close()
+
+
+def _skip_data(writer: gguf.GGUFWriter, plan: ExportPlan) -> None:
+    """End the file with a hole as long as the tensor data: a sparse skeleton that llama.cpp's
+    quantizer can plan (dry run) for a model whose weights are not here."""
+    fout = writer.fout[0]
+    writer.write_padding(fout, fout.tell())
+    size = fout.tell()
+    for p in plan.tensors:
+        itemsize = 2 if p.dtype == gguf.GGMLQuantizationType.F16 else 4
+        size += gguf.GGUFWriter.ggml_pad(int(np.prod(p.shape)) * itemsize, writer.data_alignment)
+    fout.flush()
+    fout.truncate(size)
+    fout.close()
+    writer.fout = None

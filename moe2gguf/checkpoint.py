@@ -26,6 +26,9 @@ EXPERT_WIDTHS_KEY = "moe2gguf_expert_widths"
 class Checkpoint:
     """config.json + safetensors of one model folder."""
 
+    # False for a checkpoint known by shapes only (sizing plans made from public numbers)
+    has_files = True
+
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
         if not self.path.is_dir():
