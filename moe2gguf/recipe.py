@@ -95,6 +95,7 @@ class Recipe(_Strict):
     prune: PruneSpec
     export: ExportSpec = ExportSpec()
     check: CheckSpec = CheckSpec()
+    reported: dict[str, float | str] = Field(default_factory=dict, description="published numbers to print next to ours")
     source: pathlib.Path | None = Field(None, exclude=True)
 
     def resolve(self, relpath: str | None) -> pathlib.Path | None:

@@ -1,0 +1,254 @@
+"""`moe2gguf run --recipe FILE`: calibrate -> prune -> export -> check, as the recipe says.
+
+Every step writes its output atomically into the run folder and records a fingerprint of
+what it was made from in run.json; a rerun (or a run that was interrupted) skips every step
+whose output exists with the same fingerprint, so an export killed half-way does not redo
+calibration. The run ends in the report table: the pruned GGUF next to the unpruned model
+at F32 and at the same quant, measured in the same way — the honest comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import click
+
+from moe2gguf.arch import MoEArch, arch_for_config
+from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.errors import UserError, atomic_file
+from moe2gguf.recipe import Recipe, load_recipe, parse_size
+
+STATE = "run.json"
+REPORT = "report.json"
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_identity(ckpt: Checkpoint) -> dict:
+    """What a cached step depends on in the model: its config and weight files."""
+    files = sorted(ckpt.path.glob("*.safetensors"))
+    return {"config": ckpt.config, "weights": [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]}
+
+
+def check_recipe_matches(recipe: Recipe, arch: MoEArch, model_dir: pathlib.Path) -> None:
+    """The model given must be the one the recipe describes (architecture and its numbers)."""
+    if recipe.model.architecture not in arch.hf_architectures:
+        raise UserError(
+            f"{model_dir} is a {arch.hf_architectures[0]}, the recipe is for {recipe.model.architecture}; "
+            "pass the recipe's model with --model or use a recipe for this model"
+        )
+    planned = arch_for_config({**recipe.model.config, "architectures": [recipe.model.architecture]})
+    for what in ("n_layers", "hidden_size", "n_experts", "n_used", "expert_width"):
+        a, b = getattr(planned, what), getattr(arch, what)
+        if a != b:
+            raise UserError(f"{model_dir} has {what} {b}, the recipe says {a}; pass the recipe's model with --model")
+
+
+@dataclass
+class Step:
+    name: str
+    output: pathlib.Path
+    fingerprint: str
+    make: Callable[[], None]
+
+
+class Run:
+    """The steps of one recipe in one folder, each skipped when already done."""
+
+    def __init__(self, recipe: Recipe, model_dir: pathlib.Path, out: pathlib.Path, quiet: bool = False):
+        self.recipe, self.model_dir, self.out, self.quiet = recipe, model_dir, out, quiet
+        self.ckpt = Checkpoint(model_dir)
+        self.arch = arch_for_config(self.ckpt.config)
+        check_recipe_matches(recipe, self.arch, model_dir)
+        self.state_path = out / STATE
+        self.state: dict = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(msg, err=True)
+
+    def do(self, step: Step) -> None:
+        if step.output.exists() and self.state.get(step.name) == step.fingerprint:
+            self.say(f"[{step.name}] done before, kept: {step.output}")
+            return
+        self.say(f"[{step.name}] -> {step.output}")
+        step.make()
+        self.state[step.name] = step.fingerprint
+        with atomic_file(self.state_path) as tmp:
+            tmp.write_text(json.dumps(self.state, indent=1) + "\n")
+
+    # --- the flow ------------------------------------------------------------------------
+    def steps(self) -> list[Step]:
+        r, out = self.recipe, self.out
+        quant = r.export.quant.upper()
+        cal, pruned = out / "calib", out / "pruned"
+        gguf_pruned = out / f"pruned-{quant}.gguf"
+        gguf_f32, gguf_base = out / "unpruned-F32.gguf", out / f"unpruned-{quant}.gguf"
+        texts = [str(r.resolve(t)) for t in r.calibration.texts]
+        fp_cal = _fingerprint(_model_identity(self.ckpt), texts, r.calibration.model_dump())
+        fp_prune = _fingerprint(fp_cal, r.prune.model_dump())
+        fp_exp = _fingerprint(fp_prune, r.export.model_dump())
+        fp_base = _fingerprint(fp_cal, r.export.model_dump())
+        overrides = list(r.export.overrides.items()) or None
+        imatrix = str(cal) if r.export.imatrix else None
+        model = str(self.model_dir)
+
+        def calibrate() -> None:
+            from moe2gguf.prune.calibrate import calibrate as run_calibrate
+
+            run_calibrate(model, texts, str(cal), r.calibration.tokens, r.calibration.ctx)
+
+        def prune() -> None:
+            from moe2gguf.prune.prune import prune as run_prune
+
+            kw = {"target_size": parse_size(r.prune.target_size), "quant": quant} if r.prune.target_size else {}
+            run_prune(model, str(cal), r.prune.ratio, str(pruned), method=r.prune.method, layout=r.prune.layout, **kw)
+
+        def export(src: str, dst: pathlib.Path, q: str, imat: str | None) -> Callable[[], None]:
+            def go() -> None:
+                from moe2gguf.exporter.export import export as run_export
+
+                run_export(src, str(dst), q, imat, overrides if q == quant else None, progress=not self.quiet)
+
+            return go
+
+        return [
+            Step("calibrate", cal, fp_cal, calibrate),
+            Step("prune", pruned, fp_prune, prune),
+            Step("export", gguf_pruned, fp_exp, export(str(pruned), gguf_pruned, quant, imatrix)),
+            Step("export-unpruned-f32", gguf_f32, _fingerprint(_model_identity(self.ckpt)), export(model, gguf_f32, "F32", None)),
+            Step(f"export-unpruned-{quant}", gguf_base, fp_base, export(model, gguf_base, quant, imatrix)),
+        ]
+
+    def rows(self) -> list[tuple[str, pathlib.Path]]:
+        quant = self.recipe.export.quant.upper()
+        return [
+            ("unpruned F32", self.out / "unpruned-F32.gguf"),
+            (f"unpruned {quant}", self.out / f"unpruned-{quant}.gguf"),
+            (f"pruned {quant}", self.out / f"pruned-{quant}.gguf"),
+        ]
+
+    def check_all(self) -> list[dict]:
+        from moe2gguf.exporter.check import check
+
+        c = self.recipe.check
+        text = self.recipe.resolve(c.text)
+        if text is None:
+            raise UserError("the recipe has no check.text; add the evaluation text to the recipe")
+        base = str(self.out / "unpruned-F32.gguf")
+        fp = _fingerprint(self.state.get("export"), self.state.get("export-unpruned-f32"), self.state.get(f"export-unpruned-{self.recipe.export.quant.upper()}"), c.model_dump(), str(text))
+        report_path = self.out / REPORT
+        if report_path.is_file() and self.state.get("check") == fp:
+            self.say(f"[check] done before, kept: {report_path}")
+            return json.loads(report_path.read_text())["rows"]
+        self.say("[check] measuring every row against the unpruned F32 GGUF ...")
+        rows = []
+        for label, path in self.rows():
+            rep = check(str(path), str(text), base=base, ctx=c.ctx, chunks=c.chunks)
+            rows.append({"label": label, **rep})
+        with atomic_file(report_path) as tmp:
+            tmp.write_text(json.dumps({"recipe": str(self.recipe.source), "rows": rows}, indent=1) + "\n")
+        self.state["check"] = fp
+        with atomic_file(self.state_path) as tmp:
+            tmp.write_text(json.dumps(self.state, indent=1) + "\n")
+        return rows
+
+
+def report_table(rows: list[dict]) -> str:
+    head = f"| {'model':<18} | {'PPL':>9} | {'KLD':>9} | {'top-1':>6} | {'file MiB':>8} | {'RAM MiB':>8} | {'prompt t/s':>10} | {'decode t/s':>10} |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['label']:<18} | {r['ppl']:>9.4f} | {r.get('kld', 0.0):>9.5f} | {100 * r.get('top1', 1.0):>5.1f}% | "
+            f"{r['file_bytes'] / 2**20:>8.2f} | {r['peak_rss_bytes'] / 2**20:>8.1f} | {r['prompt_tokens_per_s']:>10.1f} | {r['decode_tokens_per_s']:>10.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run(recipe_file: str, model: str | None = None, output: str | None = None, quiet: bool = False) -> list[dict]:
+    recipe = load_recipe(recipe_file)
+    model_dir = pathlib.Path(model) if model else recipe.resolve(recipe.model.path)
+    if model_dir is None:
+        raise UserError(f"recipe {recipe_file} names no local model path; pass the checkpoint folder with --model")
+    out = pathlib.Path(output) if output else pathlib.Path("runs") / recipe.model.name
+    runner = Run(recipe, model_dir, out, quiet)  # validates before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    for step in runner.steps():
+        runner.do(step)
+    return runner.check_all()
+
+
+def plan_text(recipe_file: str) -> str:
+    """The plan and the predicted GGUF sizes, from the recipe's architecture numbers alone."""
+    from moe2gguf.exporter.sizing import ShapeCheckpoint, layout_config, predict_size
+
+    r = load_recipe(recipe_file)
+    cfg = {**r.model.config, "architectures": [r.model.architecture]}
+    arch = arch_for_config(cfg)
+    quant = r.export.quant.upper()
+    full = ShapeCheckpoint(cfg, r.model.name)
+    bf16 = full.weight_bytes
+    lines = [
+        f"recipe     {recipe_file}",
+        f"model      {r.model.name} ({r.model.architecture}): {arch.n_layers} layers, {arch.n_experts} experts x width "
+        f"{arch.expert_width}, {arch.n_used} used",
+        f"calibrate  {r.calibration.tokens} tokens in windows of {r.calibration.ctx} from {', '.join(r.calibration.texts)}",
+        f"prune      {r.prune.method}, layout {r.prune.layout}, "
+        + (f"ratio {r.prune.ratio}" if r.prune.ratio is not None else f"target size {r.prune.target_size}"),
+        f"export     {quant}{' with the calibration imatrix' if r.export.imatrix else ''}",
+        f"bf16       {human_bytes(bf16)}",
+    ]
+    base = predict_size(full, quant)
+    lines.append(f"unpruned   {quant}: {human_bytes(base.total_bytes)}  ({bf16 / base.total_bytes:.2f}x smaller than bf16)")
+    for label, (k, w) in deployable_shapes(arch, r.prune.ratio if r.prune.ratio is not None else 0.25):
+        plan = predict_size(ShapeCheckpoint(layout_config(arch, k, w), r.model.name), quant)
+        downs = sorted({t for n, t in plan.tensor_types.items() if "ffn_down_exps" in n})
+        lines.append(
+            f"pruned     {label}: {k} experts x width {w}: {human_bytes(plan.total_bytes)}  "
+            f"({bf16 / plan.total_bytes:.2f}x smaller than bf16; ffn_down_exps in {'/'.join(downs)})"
+        )
+    if r.reported:
+        for key, value in r.reported.items():
+            lines.append(f"reported   {key}: {value}")
+    return "\n".join(lines)
+
+
+def deployable_shapes(arch: MoEArch, ratio: float) -> list[tuple[str, tuple[int, int]]]:
+    """The two ends of the layouts stock llama.cpp runs at this ratio: fewer experts of full
+    width, or every expert narrower (the allocator picks between and in between them from
+    the calibration scores)."""
+    e, w = arch.n_experts, arch.expert_width
+    k = max(arch.n_used, round((1 - ratio) * e))
+    width32 = max(32, int((1 - ratio) * w) // 32 * 32)
+    return [("fewer experts", (k, w)), ("narrower experts", (e, width32))]
+
+
+@click.command("run")
+@click.option("--recipe", "recipe_file", required=True, type=click.Path(dir_okay=False), help="Recipe YAML (see recipes/).")
+@click.option("--model", type=click.Path(file_okay=False), help="Checkpoint folder (default: the recipe's model.path).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Run folder (default: runs/<model name>).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and predicted GGUF sizes; needs no weights.")
+@click.option("--quiet", is_flag=True, help="Only the final table.")
+def run_cmd(recipe_file: str, model: str | None, output: str | None, dry_run: bool, quiet: bool) -> None:
+    """Run a recipe end to end: calibrate -> prune -> export -> check.
+
+    \b
+    Each step is cached in the run folder (run.json holds what it was made from), so a
+    rerun or an interrupted run resumes where it stopped. Ends with a table of the pruned
+    GGUF next to the unpruned model at F32 and at the same quant.
+    """
+    if dry_run:
+        click.echo(plan_text(recipe_file))
+        return
+    rows = run(recipe_file, model, output, quiet)
+    click.echo(report_table(rows))
