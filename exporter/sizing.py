@@ -15,7 +15,7 @@ import ctypes
 import pathlib
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
@@ -63,6 +63,7 @@ class SizePlan:
     tensor_types: dict[str, str]  # GGUF tensor name -> ggml type llama.cpp would use
     tensor_bytes: dict[str, int]
     meta_bytes: int
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # numpy shape, rows last
 
     def bytes_matching(self, pattern: str) -> int:
         rx = re.compile(pattern)
@@ -70,18 +71,16 @@ class SizePlan:
 
 
 def layout_config(arch: MoEArch, n_experts: int, width: int) -> dict:
-    """The config of the model with one expert count and one width everywhere (what stock
-    llama.cpp runs), in the family's own config keys."""
+    """The config of the model with one expert count and one width in every MoE layer (what
+    stock llama.cpp runs), as a pruned checkpoint records it."""
+    from moe2gguf.checkpoint import EXPERT_WIDTHS_KEY
+
     cfg = dict(arch.raw)
-    cfg[arch.n_experts_key] = n_experts
-    cfg[arch.expert_width_key] = width
-    cfg.pop("moe2gguf_expert_widths", None)
-    if "num_local_experts" in cfg and arch.n_experts_key != "num_local_experts":
-        cfg["num_local_experts"] = n_experts
+    cfg[EXPERT_WIDTHS_KEY] = [[width] * n_experts if arch.is_moe_layer(b) else [] for b in range(arch.n_layers)]
     return cfg
 
 
-_CONVERT = re.compile(r"(\S+\.weight)\s+- \[[^\]]*\], type =\s*(\w+),.*?size =\s*[\d.]+ MiB(?: ->\s*[\d.]+ MiB \((\w+)\))?", re.S)
+_CONVERT = re.compile(r"(\S+)\s+- \[[^\]]*\], type =\s*(\w+),.*?size =\s*[\d.]+ MiB(?: ->\s*[\d.]+ MiB \((\w+)\))?", re.S)
 
 
 def _dry_run_types(skeleton: pathlib.Path, quant: str, overrides: list[tuple[str, str]] | None) -> dict[str, str]:
@@ -137,7 +136,8 @@ def predict_size(ckpt: Checkpoint, quant: str, overrides: list[tuple[str, str]] 
         if t is None:
             raise RuntimeError(f"llama.cpp's dry run did not report {p.name}; the log format changed")
         sizes[p.name] = gguf.GGUFWriter.ggml_pad(_row_bytes(t, p.shape), 32)
-    return SizePlan(quant.upper(), meta + sum(sizes.values()), types, sizes, meta)
+    shapes = {p.name: tuple(p.shape) for p in plan.tensors}
+    return SizePlan(quant.upper(), meta + sum(sizes.values()), types, sizes, meta, shapes)
 
 
 def _data_offset(path: pathlib.Path) -> int:

@@ -15,8 +15,9 @@ from moe2gguf.exporter.check import check_cmd
 from moe2gguf.exporter.export import export_cmd
 from moe2gguf.run import run_cmd
 from moe2gguf.chat import chat_cmd
+from moe2gguf.demo import demo_cmd
 
-VERBS = [inspect_cmd, calibrate_cmd, prune_cmd, export_cmd, check_cmd, run_cmd, chat_cmd]
+VERBS = [inspect_cmd, calibrate_cmd, prune_cmd, export_cmd, check_cmd, run_cmd, chat_cmd, demo_cmd]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -99,11 +99,9 @@ class Recipe(_Strict):
     source: pathlib.Path | None = Field(None, exclude=True)
 
     def resolve(self, relpath: str | None) -> pathlib.Path | None:
-        """Paths in a recipe are relative to the recipe file; `pkg:` means inside moe2gguf."""
+        """Paths in a recipe are relative to the recipe file (symlinks resolved)."""
         if relpath is None:
             return None
-        if relpath.startswith("pkg:"):
-            return pathlib.Path(__file__).resolve().parent / relpath[4:]
         p = pathlib.Path(relpath)
         return p if p.is_absolute() or self.source is None else (self.source.parent / p).resolve()
 

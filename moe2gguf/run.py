@@ -211,15 +211,22 @@ def plan_text(recipe_file: str) -> str:
     base = predict_size(full, quant)
     lines.append(f"unpruned   {quant}: {human_bytes(base.total_bytes)}  ({bf16 / base.total_bytes:.2f}x smaller than bf16)")
     for label, (k, w) in deployable_shapes(arch, r.prune.ratio if r.prune.ratio is not None else 0.25):
-        plan = predict_size(ShapeCheckpoint(layout_config(arch, k, w), r.model.name), quant)
+        shape = ShapeCheckpoint(layout_config(arch, k, w), r.model.name)
+        plan = predict_size(shape, quant)
+        params = shape.weight_bytes // 2
         downs = sorted({t for n, t in plan.tensor_types.items() if "ffn_down_exps" in n})
         lines.append(
             f"pruned     {label}: {k} experts x width {w}: {human_bytes(plan.total_bytes)}  "
             f"({bf16 / plan.total_bytes:.2f}x smaller than bf16; ffn_down_exps in {'/'.join(downs)})"
         )
-    if r.reported:
-        for key, value in r.reported.items():
-            lines.append(f"reported   {key}: {value}")
+        # A "4-bit" figure counts 4.00 bits per weight; llama.cpp's files also hold block
+        # scales (Q4_K is 4.5 bpw), the Q6_K tensors of the _M mix and the metadata.
+        lines.append(
+            f"           {8 * plan.total_bytes / params:.2f} bits per weight on average; "
+            f"at an ideal 4.00 bpw the same {params / 1e9:.2f}B parameters would be {bf16 / (params / 2):.2f}x smaller than bf16"
+        )
+    for key, value in r.reported.items():
+        lines.append(f"reported   {key}: {value}")
     return "\n".join(lines)
 
 
