@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import tempfile
 
@@ -16,13 +17,16 @@ from moe2gguf.exporter.writer import ExportPlan, plan_export, write_gguf
 def export(
     model: str,
     output: str,
-    quant: str = DEFAULT_QUANT,
+    quant: str | None = None,
     imatrix: str | None = None,
     overrides: list[tuple[str, str]] | None = None,
     verbose: bool = False,
     progress: bool = True,
 ) -> ExportPlan:
-    """Write MODEL as a GGUF at `output`, quantized to `quant` by llama.cpp."""
+    """Write MODEL as a GGUF at `output`, quantized to `quant` by llama.cpp. Without `quant`, a
+    checkpoint pruned with --target-size gets the per-tensor types its prune_report.json planned
+    (as llama_model_tensor_override entries), any other DEFAULT_QUANT."""
+    quant, overrides = planned_types(model, quant, overrides)
     out = pathlib.Path(output)
     if out.is_dir():
         raise UserError(f"-o {out} is a folder; give a file name such as {out}/model.gguf")
@@ -55,15 +59,28 @@ def export(
     return plan
 
 
+def planned_types(model: str, quant: str | None, overrides: list[tuple[str, str]] | None) -> tuple[str, list[tuple[str, str]] | None]:
+    if quant is not None:
+        return quant, overrides
+    import json
+
+    rep = pathlib.Path(model) / "prune_report.json"
+    planned = json.loads(rep.read_text()) if rep.is_file() else {}
+    if not planned.get("tensor_types"):
+        return DEFAULT_QUANT, overrides
+    from moe2gguf.prune.deploy import overrides_of
+
+    return planned["quant"], (overrides or []) + overrides_of(planned["tensor_types"])
+
+
 @click.command("export")
 @click.argument("model", type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="GGUF file to write (atomically).")
 @click.option(
     "--quant",
-    default=DEFAULT_QUANT,
-    show_default=True,
+    default=None,
     metavar="TYPE",
-    help=f"llama.cpp file type: {', '.join(sorted(QUANT_TYPES))}.",
+    help=f"llama.cpp file type: {', '.join(sorted(QUANT_TYPES))}. Default: the per-tensor types a --target-size prune planned, else {DEFAULT_QUANT}.",
 )
 @click.option(
     "--imatrix",
@@ -72,7 +89,7 @@ def export(
 )
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE", help="Per-tensor type override, e.g. 'ffn_down_exps=Q6_K' (repeatable).")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's quantizer log.")
-def export_cmd(model: str, output: str, quant: str, imatrix: str | None, tensor_types: tuple[str, ...], verbose: bool) -> None:
+def export_cmd(model: str, output: str, quant: str | None, imatrix: str | None, tensor_types: tuple[str, ...], verbose: bool) -> None:
     """Export a (pruned) Hugging Face MoE checkpoint to GGUF for llama.cpp.
 
     \b
@@ -86,6 +103,11 @@ def export_cmd(model: str, output: str, quant: str, imatrix: str | None, tensor_
             raise UserError(f"--tensor-type {tt!r} must look like REGEX=TYPE, e.g. ffn_down_exps=Q6_K")
         pat, typ = tt.rsplit("=", 1)
         overrides.append((pat, typ))
-    export(model, output, quant, imatrix, overrides or None, verbose=verbose)
+    plan = export(model, output, quant, imatrix, overrides or None, verbose=verbose)
     size = pathlib.Path(output).stat().st_size
-    click.echo(f"wrote {output} ({quant.upper()}, {size / 2**20:.1f} MiB)")
+    planned = plan.ckpt.path / "prune_report.json"
+    target = json.loads(planned.read_text()).get("target_size") if planned.is_file() else None
+    label = quant.upper() if quant else (f"{json.loads(planned.read_text())['quant']} with planned tensor types" if target else DEFAULT_QUANT)
+    click.echo(f"wrote {output} ({label}, {size / 2**20:.2f} MiB, {size:,} bytes)")
+    if target:
+        click.echo(f"target size {target:,} bytes: the GGUF is {size:,} bytes, {100 * (1 - size / target):.2f}% {'under' if size <= target else 'OVER'} the target")

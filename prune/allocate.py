@@ -32,12 +32,18 @@ class Layout:
     width: Scope  # the experts that share one width: each expert, each layer, or the whole model
     align: int = 1  # widths are multiples of this many channels
     drop_experts: bool = True  # an expert may reach width 0 and be removed (router row with it)
+    count: Literal["layer", "model"] = "layer"  # experts kept: free per layer, or one count for the model
+    kquant_align: int = 1  # widths that keep K-quants along rows; others fall back (priced by exporter.sizing)
 
 
 LAYOUTS: dict[str, Layout] = {
     "ragged": Layout("ragged", width="expert"),
     # the baselines' layout: one width for every expert of the model
     "uniform": Layout("uniform", width="model", drop_experts=False),
+    # stock llama.cpp 0.3.36 (qwen3moe/qwen2moe/deepseek2): one n_ff_exp and one n_expert for the
+    # model; legacy quant blocks need widths in 32s, K-quant blocks in 256s (prune/deploy.py).
+    # A release with per-layer widths is Layout("llama.cpp-per-layer", width="layer", ...).
+    "llama.cpp": Layout("llama.cpp", width="model", count="model", align=32, kquant_align=256),
 }
 
 

@@ -132,7 +132,7 @@ def plan(
 def prune(
     model: str,
     calib: str,
-    ratio: float,
+    ratio: float | None,
     output: str,
     method: str = "coverage",
     layout: str = "ragged",
@@ -140,17 +140,33 @@ def prune(
     normalise: bool = True,
     refit: bool = True,
     min_width: int = 0,
+    target_size: int | None = None,
+    quant: str = "Q4_K_M",
+    width: int | None = None,
+    experts: int | None = None,
 ) -> dict:
-    if not 0.0 < ratio < 1.0:
-        raise UserError(f"--ratio {ratio} is outside (0, 1); it is the fraction of routed-expert parameters removed, e.g. 0.25")
+    if target_size is not None:  # the size target picks the ratio, in the layout llama.cpp runs
+        if method != "coverage":
+            raise UserError(f"--target-size plans coverage pruning in the llama.cpp layout; drop --method {method} or give --ratio instead")
+        layout = "llama.cpp"
+    elif ratio is None or not 0.0 < ratio < 1.0:
+        raise UserError(f"--ratio {ratio} is outside (0, 1); it is the fraction of routed-expert parameters removed, e.g. 0.25 (or give --target-size)")
     if layout not in A.LAYOUTS or layout == "uniform":
-        raise UserError(f"--layout {layout} is not available yet; use --layout ragged")
+        raise UserError(f"--layout {layout} is not available; use --layout ragged or llama.cpp")
     ckpt = Checkpoint(model)
     arch = arch_for_config(ckpt.config)
     if ckpt.expert_widths is not None:
         raise UserError(f"{ckpt.path} is already pruned; prune the unpruned model with a larger --ratio instead")
     cal = Calib(calib, arch, ckpt)
-    layer_alloc, cov = plan(cal, ckpt, arch, ratio, method, layout, score, normalise, min_width)
+    deploy_entries: dict = {}
+    if layout == "llama.cpp" and method == "coverage":
+        from moe2gguf.exporter.quantize import ftype_of
+        from moe2gguf.prune.deploy import plan_deployable
+
+        ftype_of(quant)
+        layer_alloc, cov, deploy_entries = plan_deployable(cal, ckpt, arch, ratio, target_size, quant.upper(), score, normalise, width, experts)
+    else:
+        layer_alloc, cov = plan(cal, ckpt, arch, ratio, method, layout, score, normalise, min_width)
     # the allocation is per MoE layer; the rewrite wants every layer ([] for dense ones)
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(arch.n_layers)]
     for b, ch in zip(cal.layers, layer_alloc.channels, strict=True):
@@ -177,7 +193,12 @@ def prune(
             "calib": str(cal.path),
             "params_routed_before": before,
             "params_routed_after": after,
+            **deploy_entries,
         }
+        if target_size is not None:
+            from moe2gguf.prune.deploy import finish_target
+
+            report.update(finish_target(tmp, report, target_size))
         (tmp / REPORT).write_text(json.dumps(report, indent=1))
     return report
 
@@ -185,15 +206,40 @@ def prune(
 @click.command("prune")
 @click.argument("model", type=click.Path(file_okay=False, path_type=str))
 @click.option("--calib", required=True, type=click.Path(file_okay=False, path_type=str), help="Folder written by `moe2gguf calibrate`.")
-@click.option("--ratio", required=True, type=float, help="Fraction of routed-expert parameters to remove, 0 < R < 1.")
+@click.option("--ratio", type=float, help="Fraction of routed-expert parameters to remove, 0 < R < 1.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output checkpoint folder.")
 @click.option("--method", type=click.Choice(METHODS), default="coverage", show_default=True)
-@click.option("--layout", type=click.Choice(["ragged"]), default="ragged", show_default=True, help="Widths/counts the target allows.")
+@click.option("--layout", type=click.Choice(["ragged", "llama.cpp"]), default="ragged", show_default=True, help="Widths/counts the target allows (llama.cpp: one width, one expert count).")
+@click.option("--target-size", type=str, help="GGUF size to land at or under (12GB, 11.5GiB, bytes); picks ratio, width, expert count and tensor types.")
+@click.option("--quant", default="Q4_K_M", show_default=True, help="llama.cpp file type the target size and width alignment are planned for.")
+@click.option("--width", type=int, help="llama.cpp layout: force this expert width (a multiple of 32).")
+@click.option("--experts", type=int, help="llama.cpp layout: force this expert count per layer.")
 @click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute contribution.")
 @click.option("--min-width", default=0, show_default=True, help="coverage: channels every expert keeps at least (0 lets experts be removed).")
 @click.option("--refit/--no-refit", default=True, show_default=True, help="Least-squares refit of kept down_proj columns on calibration activations.")
-def prune_cmd(model: str, calib: str, ratio: float, output: str, method: str, layout: str, score: str, min_width: int, refit: bool) -> None:
-    """Prune MODEL's routed experts by --ratio using CALIB/ and write a checkpoint in HF layout
-    (per-expert widths in config.json) with prune_report.json."""
-    r = prune(model, calib, ratio, output, method, layout, score, refit=refit, min_width=min_width)
+def prune_cmd(
+    model: str, calib: str, ratio: float | None, output: str, method: str, layout: str, target_size: str | None, quant: str,
+    width: int | None, experts: int | None, score: str, min_width: int, refit: bool,
+) -> None:
+    """Prune MODEL's routed experts by --ratio (or to --target-size) using CALIB/ and write a
+    checkpoint in HF layout (per-expert widths in config.json) with prune_report.json."""
+    from moe2gguf.recipe import parse_size
+
+    if (ratio is None) == (target_size is None):
+        raise UserError("give exactly one of --ratio (fraction of expert parameters removed) and --target-size (GGUF bytes)")
+    try:
+        size = parse_size(target_size) if target_size is not None else None
+    except ValueError as e:
+        raise UserError(f"--target-size: {e}") from None
+    r = prune(model, calib, ratio, output, method, layout, score, refit=refit, min_width=min_width, target_size=size, quant=quant, width=width, experts=experts)
+    if "deployable" in r:
+        d = r["deployable"]
+        click.echo(
+            f"llama.cpp layout: {d['experts']} experts x width {d['width']} per layer (coverage {d['coverage']:.4f}; "
+            f"ragged at the same budget {r['ragged']['coverage']:.4f}, lost {r['coverage_lost']:.4f})"
+        )
+        for name, fb in r["ffn_down_exps_fallback"].items():
+            click.echo(f"note: width {d['width']} is not a multiple of 256: {name} falls back {fb['wanted']} -> {fb['used']} (+{fb['extra_bytes']:,} bytes)")
+    if target_size is not None:
+        click.echo(f"predicted GGUF at {r['quant']}: {r['predicted_bytes']:,} bytes for target {r['target_size']:,} ({100 * r['predicted_bytes'] / r['target_size']:.2f}%)")
     click.echo(f"wrote {output}: {r['method']} ratio {r['ratio_achieved']:.4f}, coverage {r['coverage']:.4f}, experts kept {r['experts_kept']}")

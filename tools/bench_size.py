@@ -1,0 +1,209 @@
+"""Quality vs GGUF size on the bundled model: pruned + quantized against plain quantization.
+
+    python tools/bench_size.py -o docs/bench            # ~10 min on 2 cores
+    python tools/bench_size.py -o /tmp/b --chunks 10    # quicker, noisier
+
+Every point is a real GGUF measured with moe2gguf.exporter.check.check (llama-cpp-python,
+held-out eval.txt, ctx 256, the first --chunks windows) for PPL and KLD against the unpruned
+F32 GGUF. All quantized files get the same importance matrix (the calibration's, remapped to
+pruned experts/channels). Rows:
+  * the unpruned model at Q8_0 .. Q2_K and IQ types (the "quant ladder");
+  * coverage in the llama.cpp layout (one width, one expert count), uniform and expert-drop at
+    R=0.25 and 0.5, each at Q4_K_M and Q5_K_M;
+  * coverage with --target-size at the exact bytes of the uniform and expert-drop Q4_K_M files
+    (the equal-bytes comparison; per-tensor types planned by prune).
+Writes OUT/bench_size.md (the table) and OUT/bench_size.png (bytes vs KLD), and prints whether
+pruned + Q4_K_M lies on or below the unpruned ladder's front at equal bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REF = pathlib.Path(__file__).resolve().parent.parent / "moe2gguf" / "data" / "reference-moe"
+LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS")
+
+
+def expert_params(path: pathlib.Path) -> int:
+    """Elements of the ffn_{gate,up,down}_exps tensors, counted from the GGUF (padding included)."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    return sum(int(np.prod([int(x) for x in t.shape])) for t in r.tensors if "_exps." in t.name)
+
+
+def front_at(points: list[tuple[int, float]], x: int) -> float | None:
+    """KLD of the unpruned quant front (lower convex hull not needed: the Pareto front,
+    interpolated linearly in bytes and log KLD) at `x` bytes; None outside its range."""
+    pts = sorted(points)
+    front = []
+    for b, k in pts:  # Pareto: keep points no larger file beats
+        if not front or k < front[-1][1]:
+            front.append((b, k))
+    for (b0, k0), (b1, k1) in zip(front, front[1:], strict=False):
+        if b0 <= x <= b1:
+            t = (x - b0) / (b1 - b0)
+            return math.exp((1 - t) * math.log(max(k0, 1e-9)) + t * math.log(max(k1, 1e-9)))
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-o", "--output", required=True, help="folder for bench_size.md and bench_size.png")
+    ap.add_argument("--model", default=str(REF))
+    ap.add_argument("--calib", default=None, help="reuse a calibration folder of MODEL (default: calibrate --tokens on calib.txt)")
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--keep", default=None, help="keep the GGUFs and checkpoints in this folder (default: a temporary one)")
+    a = ap.parse_args(argv)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moe2gguf.errors import UserError
+    from moe2gguf.exporter.check import check
+    from moe2gguf.exporter.export import export
+    from moe2gguf.prune.calibrate import calibrate
+    from moe2gguf.prune.prune import prune
+
+    out = pathlib.Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    model = pathlib.Path(a.model)
+    eval_text = str(model / "eval.txt")
+    t_start = time.time()
+    ctx = tempfile.TemporaryDirectory(prefix="bench-size-") if a.keep is None else None
+    work = pathlib.Path(ctx.name if ctx else a.keep)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def say(msg: str) -> None:
+        print(f"[{time.time() - t_start:5.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    calib = a.calib
+    if calib is None:
+        calib = str(work / "calib")
+        calibrate(str(model), [str(model / "calib.txt")], calib, tokens=a.tokens, ctx=a.ctx)
+        say(f"calibrated {a.tokens} tokens")
+    f32 = work / "unpruned-F32.gguf"
+    export(str(model), str(f32), "F32", progress=False)
+    base_experts = expert_params(f32)
+
+    rows: list[dict] = []
+
+    def measure(label: str, kind: str, gguf: pathlib.Path, **extra: object) -> dict:
+        r = check(str(gguf), eval_text, base=str(f32), ctx=a.ctx, chunks=a.chunks)
+        row = {"label": label, "kind": kind, "bytes": gguf.stat().st_size, "ppl": r["ppl"], "ppl_se": r["ppl_se"], "kld": r["kld"],
+               "kld_se": r["kld_se"], "top1": r["top1"], "experts_frac": expert_params(gguf) / base_experts, **extra}
+        rows.append(row)
+        say(f"{label}: {row['bytes']:,} B  ppl {row['ppl']:.3f}  kld {row['kld']:.5f}")
+        return row
+
+    measure("unpruned F32", "reference", f32)
+    for q in LADDER:
+        g = work / f"unpruned-{q}.gguf"
+        try:
+            export(str(model), str(g), q, imatrix=calib, progress=False)
+        except UserError as e:
+            say(f"skip {q}: {e.format_message()}")
+            continue
+        measure(f"unpruned {q}", "unpruned", g, quant=q)
+
+    methods = (("coverage (llama.cpp layout)", "coverage", {"layout": "llama.cpp"}), ("uniform", "uniform", {}), ("expert-drop", "expert-drop", {}))
+    for r in a.ratios:
+        sizes = {}
+        for label, method, kw in methods:
+            ck = work / f"{method}-{r}"
+            rep = prune(str(model), calib, r, str(ck), method=method, **kw)
+            shape = rep.get("deployable")
+            for q in ("Q4_K_M", "Q5_K_M"):
+                g = work / f"{method}-{r}-{q}.gguf"
+                export(str(ck), str(g), q, imatrix=calib, progress=False)
+                row = measure(f"{label} R={r} {q}", method, g, quant=q, ratio=rep["ratio_achieved"],
+                              shape=f"{shape['experts']}x{shape['width']}" if shape else None)
+                if q == "Q4_K_M":
+                    sizes[method] = row["bytes"]
+        for other in ("uniform", "expert-drop"):  # coverage at exactly the bytes of the baseline's file
+            ck = work / f"target-{other}-{r}"
+            try:
+                rep = prune(str(model), calib, None, str(ck), target_size=sizes[other], quant="Q4_K_M")
+            except UserError as e:
+                say(f"skip target {other} R={r}: {e.format_message()}")
+                continue
+            g = work / f"target-{other}-{r}.gguf"
+            export(str(ck), str(g), None, imatrix=calib, progress=False)  # the planned per-tensor types
+            d = rep["deployable"]
+            measure(f"coverage --target-size = {other} R={r} Q4_K_M bytes", "coverage-target", g, quant="planned", ratio=rep["ratio_achieved"],
+                    shape=f"{d['experts']}x{d['width']}", target=sizes[other])
+
+    # ---- table, plot, sentence ----
+    base_q4 = next(r for r in rows if r["label"] == "unpruned Q4_K_M")
+    lines = [
+        f"model {model.name} | eval {pathlib.Path(eval_text).name} | ctx {a.ctx} | chunks {a.chunks} | imatrix from {a.tokens} calib tokens | "
+        f"llama-cpp-python check, KLD vs unpruned F32 GGUF",
+        "",
+        "| model | GGUF bytes | expert params (of unpruned) | shape K x W | PPL | ΔPPL vs unpruned Q4_K_M | KLD | top-1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: -r["bytes"]):
+        lines.append(
+            f"| {r['label']} | {r['bytes']:,} | {100 * r['experts_frac']:.1f}% | {r.get('shape') or '-'} | {r['ppl']:.3f} ± {r['ppl_se']:.3f} | "
+            f"{100 * (r['ppl'] / base_q4['ppl'] - 1):+.2f}% | {r['kld']:.5f} ± {r['kld_se']:.5f} | {100 * r['top1']:.2f}% |"
+        )
+    ladder = [(r["bytes"], r["kld"]) for r in rows if r["kind"] == "unpruned"]
+    verdicts = []
+    for r in rows:
+        if r["kind"] in ("coverage", "coverage-target") and r.get("quant") in ("Q4_K_M", "planned"):
+            f = front_at(ladder, r["bytes"])
+            if f is not None:
+                verdicts.append((r, f))
+    if verdicts:
+        parts = [f"{r['label']} ({r['bytes']:,} B) KLD {r['kld']:.4f} vs front {f:.4f} ({100 * (r['kld'] / f - 1):+.0f}%)" for r, f in verdicts]
+        below = [r for r, f in verdicts if r["kld"] <= f]
+        sentence = (
+            f"Pruned+Q4 lies {'below' if len(below) == len(verdicts) else 'above' if not below else 'partly below, partly above'} the unpruned quant front "
+            f"at equal bytes ({len(below)}/{len(verdicts)} points below): " + "; ".join(parts) + "."
+        )
+    else:
+        sentence = "No pruned+Q4 point falls inside the byte range of the unpruned quant ladder, so no equal-bytes comparison is possible."
+    lines += ["", sentence]
+    (out / "bench_size.md").write_text("\n".join(lines) + "\n")
+    (out / "bench_size.json").write_text(json.dumps(rows, indent=1))
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    style = {"unpruned": ("o-", "black"), "coverage": ("s", "tab:red"), "coverage-target": ("*", "tab:red"), "uniform": ("^", "tab:blue"), "expert-drop": ("v", "tab:green")}
+    for kind, (marker, color) in style.items():
+        pts = sorted((r["bytes"], r["kld"], r["label"]) for r in rows if r["kind"] == kind)
+        if not pts:
+            continue
+        xs, ys = [p[0] / 2**20 for p in pts], [max(p[1], 1e-6) for p in pts]
+        ax.plot(xs, ys, marker if kind == "unpruned" else marker, color=color, ls="-" if kind == "unpruned" else "none", ms=9 if kind == "coverage-target" else 6, label=kind)
+        for x, y, lab in zip(xs, ys, [p[2] for p in pts], strict=True):
+            short = lab.replace("unpruned ", "").replace("coverage (llama.cpp layout)", "cov").replace("coverage --target-size = ", "cov@")
+            ax.annotate(short.replace(" Q4_K_M bytes", ""), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("GGUF file size (MiB)")
+    ax.set_ylabel("KL-divergence vs unpruned F32 (log)")
+    ax.set_yscale("log")
+    ax.set_title(f"{model.name}: pruned + quantized vs plain quantization (eval, {a.chunks} x {a.ctx // 2} tokens)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bench_size.png", dpi=130)
+    print("\n".join(lines))
+    say(f"wrote {out / 'bench_size.md'} and {out / 'bench_size.png'}")
+    if ctx:
+        ctx.cleanup()
+
+
+if __name__ == "__main__":
+    main()
