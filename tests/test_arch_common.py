@@ -54,15 +54,17 @@ def gguf_value(path: pathlib.Path, key: str):
     return gguf.GGUFReader(path).get_field(key).contents()
 
 
-def prune_flow(folder: pathlib.Path, tmp: pathlib.Path, ratio: float = 0.3) -> tuple[pathlib.Path, pathlib.Path, dict]:
-    """calibrate -> prune (coverage, ragged) -> export Q4_K_M -> check, all through the CLI.
-    Returns (pruned checkpoint, GGUF, check report)."""
+def prune_flow(folder: pathlib.Path, tmp: pathlib.Path, ratio: float = 0.3, layout: str = "llama.cpp") -> tuple[pathlib.Path, pathlib.Path, dict]:
+    """calibrate -> prune (coverage, in `layout`) -> export Q4_K_M -> check, all through the CLI.
+    Returns (pruned checkpoint, GGUF, check report). A ragged prune keeps every expert (at
+    least one channel each), since stock llama.cpp needs one expert count for the model."""
+    keep_experts = ["--min-width", "1"] if layout == "ragged" else []
     text = str(REFERENCE / "calib.txt")
     calib, pruned, gg, rep = tmp / "calib", tmp / "pruned", tmp / "pruned-q4.gguf", tmp / "report.json"
     r = CliRunner()
     for args in (
         ["calibrate", str(folder), "--text", text, "-o", str(calib), "--tokens", "512", "--ctx", "64"],
-        ["prune", str(folder), "--calib", str(calib), "--ratio", str(ratio), "-o", str(pruned), "--method", "coverage", "--layout", "ragged"],
+        ["prune", str(folder), "--calib", str(calib), "--ratio", str(ratio), "-o", str(pruned), "--method", "coverage", "--layout", layout, *keep_experts],
         ["export", str(pruned), "-o", str(gg), "--quant", "Q4_K_M", "--imatrix", str(calib)],
         ["check", str(gg), "--text", str(REFERENCE / "eval.txt"), "--ctx", "64", "--chunks", "2", "--json", str(rep)],
     ):

@@ -99,8 +99,9 @@ def test_shared_experts_padded_to_the_routed_width_exactly(tiny, tmp_path):
     assert gguf_shapes(out)["blk.1.ffn_down_exps.weight"] == (24, H, E)
 
 
-def test_prune_flow_loads_in_stock_llama_cpp(tiny, tmp_path):
-    pruned, gg, rep = prune_flow(tiny, tmp_path, ratio=0.3)
+@pytest.mark.parametrize("layout", ["llama.cpp", "ragged"])
+def test_prune_flow_loads_in_stock_llama_cpp(tiny, tmp_path, layout):
+    pruned, gg, rep = prune_flow(tiny, tmp_path, ratio=0.3, layout=layout)
     info = inspect_model(str(pruned))
     width = max(w for layer in info["expert_widths"] for w in layer)
     shapes = gguf_shapes(gg)

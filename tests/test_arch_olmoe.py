@@ -46,8 +46,9 @@ def test_inspect_counts_match_tensors(tiny):
     assert info["expert_width"] == W
 
 
-def test_prune_flow_loads_in_stock_llama_cpp(tiny, tmp_path):
-    pruned, gg, rep = prune_flow(tiny, tmp_path)
+@pytest.mark.parametrize("layout", ["llama.cpp", "ragged"])
+def test_prune_flow_loads_in_stock_llama_cpp(tiny, tmp_path, layout):
+    pruned, gg, rep = prune_flow(tiny, tmp_path, layout=layout)
     info = inspect_model(str(pruned))
     width = max(w for layer in info["expert_widths"] for w in layer)
     assert gguf_shapes(gg)["blk.1.ffn_gate_exps.weight"] == (H, width, info["experts_per_layer"][1])

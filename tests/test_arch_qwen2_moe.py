@@ -55,8 +55,9 @@ def test_inspect_counts_shared_experts(tiny):
     assert info["experts_shared"] == 1 and info["dense_layers"] == []
 
 
-def test_prune_flow_loads_in_stock_llama_cpp(tiny, tmp_path):
-    pruned, gg, rep = prune_flow(tiny, tmp_path)
+@pytest.mark.parametrize("layout", ["llama.cpp", "ragged"])
+def test_prune_flow_loads_in_stock_llama_cpp(tiny, tmp_path, layout):
+    pruned, gg, rep = prune_flow(tiny, tmp_path, layout=layout)
     info = inspect_model(str(pruned))
     width = max(w for layer in info["expert_widths"] for w in layer)
     n = info["experts_per_layer"][0]
