@@ -42,7 +42,7 @@ def tokenize(path: str, backend: str, text: str) -> list[int]:
 
         from llama_cpp._utils import suppress_stdout_stderr
 
-        with suppress_stdout_stderr():
+        with suppress_stdout_stderr(disable=False):  # its default (True) suppresses nothing
             llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
         # BOS only if the model asks for it, as llama-perplexity does
         return llm.tokenize(text.encode("utf-8"), add_bos=llm._model.add_bos_token(), special=False)

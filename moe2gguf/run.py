@@ -9,10 +9,12 @@ at F32 and at the same quant, measured in the same way — the honest comparison
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import click
@@ -183,9 +185,25 @@ def run(recipe_file: str, model: str | None = None, output: str | None = None, q
     out = pathlib.Path(output) if output else pathlib.Path("runs") / recipe.model.name
     runner = Run(recipe, model_dir, out, quiet)  # validates before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    for step in runner.steps():
-        runner.do(step)
-    return runner.check_all()
+    with _progress_bars(not quiet):
+        for step in runner.steps():
+            runner.do(step)
+        return runner.check_all()
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """--quiet silences every step's tqdm bar (tqdm reads TQDM_DISABLE when a bar starts)."""
+    old = os.environ.get("TQDM_DISABLE")
+    if not enabled:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
 
 
 def plan_text(recipe_file: str) -> str:
