@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 
 import torch
@@ -47,28 +48,90 @@ def routed_params(arch: MoEArch, shapes: dict[str, tuple[int, ...]]) -> int:
     return arch.param_counts(shapes).routed_experts
 
 
+# Shards of at most this many bytes: peak memory of the rewrite is one shard plus one layer,
+# never the whole model (a 60 GB checkpoint is rewritten on a 24 GB machine).
+SHARD_BYTES = 2 << 30
+
+
+class _ShardWriter:
+    """Buffers tensors and writes safetensors shards as they fill; names them as
+    save_pretrained does (one file: model.safetensors; several: -0000i-of-0000n + index)."""
+
+    def __init__(self, out: pathlib.Path, limit: int = SHARD_BYTES):
+        self.out, self.limit = out, limit
+        self.buf: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.contiguous()
+        self.buf[name] = t
+        self.shapes[name] = tuple(t.shape)
+        nbytes = t.numel() * t.element_size()
+        self.size += nbytes
+        self.total += nbytes
+        if self.size >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buf:
+            return
+        tmp = f".shard-{len(self.files):05d}.safetensors"
+        save_file(self.buf, self.out / tmp, metadata={"format": "pt"})
+        self.files.append((tmp, list(self.buf)))
+        self.buf, self.size = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        if len(self.files) == 1:
+            (self.out / self.files[0][0]).rename(self.out / "model.safetensors")
+            return
+        n = len(self.files)
+        weight_map = {}
+        for i, (tmp, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.out / tmp).rename(self.out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
+
+
 def write_pruned(
     ckpt: Checkpoint,
     arch: MoEArch,
     alloc: Allocation,
     out: pathlib.Path,
     grams: dict[int, torch.Tensor] | None = None,
+    shard_bytes: int = SHARD_BYTES,
 ) -> dict[str, tuple[int, ...]]:
-    """Write config.json, model.safetensors, prune_map.safetensors and tokenizer files to `out`.
-    Returns the written tensor shapes (the truth ratio_achieved is computed from)."""
-    from safetensors.torch import save_file
-
+    """Write config.json, the weights (layer by layer, sharded), prune_map.safetensors and the
+    tokenizer files to `out`. Returns the written tensor shapes (the truth ratio_achieved is
+    computed from)."""
     moe = set(arch.moe_layers)
     expert_names = arch.expert_tensor_names()
-    routers = {arch.router_name(b) for b in moe}
-    tensors: dict[str, torch.Tensor] = {}
+    routers = {n for b in moe for n in arch.router_tensor_names(b) if n in ckpt}
+    per_layer: dict[int, list[str]] = {}
+    rest: list[str] = []
     for name in ckpt.tensor_names:
-        if name not in expert_names and name not in routers:
-            tensors[name] = ckpt.tensor(name)
+        if name in expert_names or name in routers:
+            continue
+        m = re.match(re.escape(arch.layers_attr) + r"\.(\d+)\.", name)
+        if m and int(m.group(1)) < arch.n_layers:
+            per_layer.setdefault(int(m.group(1)), []).append(name)
+        else:
+            rest.append(name)
 
+    shards = _ShardWriter(out, shard_bytes)
+    for name in rest:
+        shards.add(name, ckpt.tensor(name))
     stored_widths: list[list[int]] = []
     pmap: dict[int, tuple[list[int], list[list[int]]]] = {}
     for bid in range(arch.n_layers):
+        for name in per_layer.get(bid, []):
+            shards.add(name, ckpt.tensor(name))
         if bid not in moe:
             stored_widths.append([])
             continue
@@ -77,20 +140,22 @@ def write_pruned(
             parts = [ckpt.tensor(arch.expert_name(bid, xid, p)) for p in ("gate", "up", "down")]
             gram = grams[bid][xid] if grams is not None else None
             for p, t in zip(("gate", "up", "down"), slice_expert(*parts, ch, gram), strict=True):
-                tensors[arch.expert_name(bid, k, p)] = t
-        router = ckpt.tensor(arch.router_name(bid))
-        tensors[arch.router_name(bid)] = router[[x for x, _ in kept]].contiguous()
+                shards.add(arch.expert_name(bid, k, p), t)
+        rows = [x for x, _ in kept]
+        for name in arch.router_tensor_names(bid):
+            if name in ckpt:  # the router, and per-expert router extras (V3's selection bias)
+                shards.add(name, ckpt.tensor(name)[rows])
         stored_widths.append([int(ch.numel()) for _, ch in kept])
-        pmap[bid] = ([x for x, _ in kept], [ch.tolist() for _, ch in kept])
+        pmap[bid] = (rows, [ch.tolist() for _, ch in kept])
+    shards.close()
 
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     write_prune_map(out, pmap)
     (out / CONFIG).write_text(json.dumps(pruned_config(arch, ckpt.config, stored_widths), indent=2))
     skip = {CONFIG, INDEX, PRUNE_MAP, "prune_report.json"}
     for f in ckpt.path.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in skip:
             shutil.copy(f, out / f.name)  # tokenizer, chat template, generation config
-    return {k: tuple(v.shape) for k, v in tensors.items()}
+    return shards.shapes
 
 
 def pruned_config(arch: MoEArch, config: dict, stored_widths: list[list[int]]) -> dict:

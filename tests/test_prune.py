@@ -150,3 +150,20 @@ def test_unreachable_budget_is_exit_2(args: list[str], tiny_qwen3moe: pathlib.Pa
     r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(calib), "--ratio", "0.9", "-o", str(out), *args])
     assert r.exit_code == 2 and "lower --" in r.output, r.output
     assert not out.exists()
+
+
+def test_rewrite_streams_into_shards_that_reload_identically(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """A big model is rewritten layer by layer into bounded shards (+ index), never held whole."""
+    ckpt = Checkpoint(tiny_qwen3moe)
+    arch = arch_for_config(ckpt.config)
+    alloc = Allocation([[torch.arange(0, 32, 2) if x % 3 else torch.empty(0, dtype=torch.int64) for x in range(8)] for _ in range(2)])
+    one, many = tmp_path / "one", tmp_path / "many"
+    one.mkdir()
+    many.mkdir()
+    write_pruned(ckpt, arch, alloc, one)
+    write_pruned(ckpt, arch, alloc, many, shard_bytes=64 << 10)
+    shards = sorted(p.name for p in many.glob("*.safetensors") if p.name != "prune_map.safetensors")
+    assert len(shards) > 2 and shards[0].startswith("model-00001-of-")
+    assert (many / "model.safetensors.index.json").is_file() and not list(many.glob(".shard-*"))
+    assert [p.name for p in one.glob("model*.safetensors")] == ["model.safetensors"]
+    assert torch.equal(_logits(many), _logits(one))
