@@ -23,6 +23,15 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _peak_rss() -> int:
+    """Peak RSS of this process's own address space. Linux carries getrusage's ru_maxrss over
+    execve from the forking parent, so a child started by a big parent would report the
+    parent's peak; VmHWM belongs to the new address space alone."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
