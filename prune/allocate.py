@@ -141,16 +141,51 @@ def top_expert_floor(expert_scores: list[torch.Tensor], k: int, width: int = 1) 
     return out
 
 
-def allocate_expert_drop(expert_scores: list[torch.Tensor], widths: list[list[int]], ratio: float, min_experts: int) -> Allocation:
+def allocate_expert_drop(
+    expert_scores: list[torch.Tensor], widths: list[list[int]], ratio: float, min_experts: int, groups: list[int] | None = None
+) -> Allocation:
     """REAP-style: per layer remove the round(ratio * n) experts of lowest score (router-weighted
-    frequency), keeping at least `min_experts`; kept experts stay whole."""
+    frequency), keeping at least `min_experts`; kept experts stay whole. With `groups` (per layer,
+    the router's contiguous expert groups) the kept count is the nearest multiple of the group
+    count and every group keeps its best count / groups."""
     channels = []
-    for s, w in zip(expert_scores, widths, strict=True):
+    groups = groups or [1] * len(expert_scores)
+    for s, w, g in zip(expert_scores, widths, groups, strict=True):
         n = s.numel()
         keep = max(min_experts, n - round(ratio * n))
-        kept = set(torch.topk(s.double(), keep).indices.tolist())
+        if g > 1:
+            keep = max(-(-min_experts // g) * g, round(keep / g) * g)
+        kept = set(group_topk(s.double(), keep, g).tolist())
         channels.append([torch.arange(w[e]) if e in kept else torch.empty(0, dtype=torch.int64) for e in range(n)])
     return Allocation(channels)
+
+
+# ----- grouped routing (DeepSeek-V3 n_group): every group keeps the same expert count -------
+
+
+def group_topk(values: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:
+    """Indices of the k largest `values`; with groups > 1, k / groups from each of `groups`
+    contiguous equal groups (so the router's grouping survives the removal)."""
+    if groups <= 1:
+        return torch.topk(values, k).indices
+    n = values.numel()
+    if n % groups or k % groups:
+        raise ValueError(f"{k} of {n} experts cannot be kept evenly across {groups} groups")
+    size = n // groups
+    idx = torch.topk(values.reshape(groups, size), k // groups, dim=1).indices
+    return (idx + torch.arange(groups)[:, None] * size).flatten()
+
+
+def min_grouped_experts(n_used: int, groups: int, groups_used: int) -> int:
+    """Fewest experts a layer may keep: a multiple of `groups` whose `groups_used` best groups
+    still hold top-k's n_used experts."""
+    return groups * -(-n_used // groups_used) if groups > 1 else n_used
+
+
+def keep_every_expert_if_grouped(floor: list[torch.Tensor], groups: list[int]) -> list[torch.Tensor]:
+    """Ragged coverage under grouped routing: every expert keeps at least one channel, since
+    removing experts unevenly across groups would change the grouping."""
+    return [f.clamp_min(1) if g > 1 else f for f, g in zip(floor, groups, strict=True)]
 
 
 def coverage(scores: list[torch.Tensor], alloc: Allocation) -> float:

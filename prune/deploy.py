@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe2gguf.prune.allocate import Allocation, Layout, coverage
+from moe2gguf.prune.allocate import Allocation, Layout, coverage, group_topk, min_grouped_experts
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,16 @@ class Shape:
     width: int
 
 
-def feasible_shapes(layout: Layout, n_experts: int, width: int, n_used: int) -> list[Shape]:
-    """Every (K, W) the layout can hold short of the unpruned model, K >= top-k."""
+def feasible_shapes(layout: Layout, n_experts: int, width: int, n_used: int, groups: int = 1, groups_used: int = 1) -> list[Shape]:
+    """Every (K, W) the layout can hold short of the unpruned model, K >= top-k. Under grouped
+    routing (`groups` contiguous expert groups, `groups_used` picked per token) K is a multiple
+    of `groups` whose best `groups_used` groups still hold top-k's experts."""
     if layout.width != "model" or layout.count != "model":
         raise NotImplementedError(f"layout {layout.name}: shape enumeration is for one width and one count per model")
     widths = sorted({w for w in range(layout.align, width + 1, layout.align)} | {width})
-    return [Shape(k, w) for k in range(n_used, n_experts + 1) for w in widths if (k, w) != (n_experts, width)]
+    k_min = min_grouped_experts(n_used, groups, groups_used)
+    ks = [k for k in range(k_min, n_experts + 1) if k % groups == 0]
+    return [Shape(k, w) for k in ks for w in widths if (k, w) != (n_experts, width)]
 
 
 def nearest_widths(w: int, layout: Layout, full: int) -> list[int]:
@@ -48,25 +52,26 @@ def nearest_widths(w: int, layout: Layout, full: int) -> list[int]:
     return sorted({lo, hi})
 
 
-def allocate_shape(scores: list[torch.Tensor], shape: Shape) -> Allocation:
-    """Per layer the K experts with the most top-W score, per kept expert its top-W channels."""
+def allocate_shape(scores: list[torch.Tensor], shape: Shape, groups: list[int] | None = None) -> Allocation:
+    """Per layer the K experts with the most top-W score (K / groups per expert group when the
+    router groups experts), per kept expert its top-W channels."""
     channels = []
-    for s in scores:
+    for s, g in zip(scores, groups or [1] * len(scores), strict=True):
         s = s.double()
         order = torch.argsort(s, dim=1, descending=True, stable=True)[:, : shape.width]
         top = s.gather(1, order).sum(1)
-        keep = set(torch.topk(top, shape.experts).indices.tolist())
+        keep = set(group_topk(top, shape.experts, g).tolist())
         channels.append([torch.sort(order[e]).values if e in keep else torch.empty(0, dtype=torch.int64) for e in range(s.shape[0])])
     return Allocation(channels)
 
 
-def shape_coverage(scores: list[torch.Tensor], shape: Shape) -> float:
+def shape_coverage(scores: list[torch.Tensor], shape: Shape, groups: list[int] | None = None) -> float:
     """coverage(allocate_shape(...)) without building the allocation."""
     total = kept = 0.0
-    for s in scores:
+    for s, g in zip(scores, groups or [1] * len(scores), strict=True):
         s = s.double()
         top = torch.sort(s, dim=1, descending=True).values[:, : shape.width].sum(1)
-        kept += float(torch.topk(top, shape.experts).values.sum())
+        kept += float(top[group_topk(top, shape.experts, g)].sum())
         total += float(s.sum())
     return kept / total if total > 0 else 1.0
 
@@ -78,14 +83,14 @@ def shape_coverage(scores: list[torch.Tensor], shape: Shape) -> float:
 EXPERT_LOSS_WEIGHT = 5.0
 
 
-def shape_quality(scores: list[torch.Tensor], shape: Shape, weight: float = EXPERT_LOSS_WEIGHT) -> float:
+def shape_quality(scores: list[torch.Tensor], shape: Shape, weight: float = EXPERT_LOSS_WEIGHT, groups: list[int] | None = None) -> float:
     """Predicted quality of a shape: 1 - (attribution of trimmed channels of kept experts)
     - weight * (attribution of removed experts)."""
     total = chan = gone = 0.0
-    for s in scores:
+    for s, g in zip(scores, groups or [1] * len(scores), strict=True):
         s = s.double()
         top = torch.sort(s, dim=1, descending=True).values[:, : shape.width].sum(1)
-        keep = torch.topk(top, shape.experts).indices
+        keep = group_topk(top, shape.experts, g)
         mask = torch.zeros(s.shape[0], dtype=torch.bool)
         mask[keep] = True
         full = s.sum(1)
@@ -95,12 +100,22 @@ def shape_quality(scores: list[torch.Tensor], shape: Shape, weight: float = EXPE
     return 1.0 - (chan + weight * gone) / total if total > 0 else 1.0
 
 
-def best_shape(scores: list[torch.Tensor], shapes: list[Shape]) -> tuple[Shape, float]:
+def best_shape(scores: list[torch.Tensor], shapes: list[Shape], groups: list[int] | None = None) -> tuple[Shape, float]:
     """The shape of best predicted quality (ties: the smaller one), and its coverage."""
-    ranked = sorted(shapes, key=lambda sh: (-shape_quality(scores, sh), sh.experts * sh.width))
+    ranked = sorted(shapes, key=lambda sh: (-shape_quality(scores, sh, groups=groups), sh.experts * sh.width))
     if not ranked:
         raise ValueError("no feasible shape")
-    return ranked[0], shape_coverage(scores, ranked[0])
+    return ranked[0], shape_coverage(scores, ranked[0], groups)
+
+
+def expert_grouping(arch) -> tuple[list[int], int, int]:  # noqa: ANN001
+    """(groups per MoE layer, groups of the model, groups used per token) from the arch hooks;
+    one expert count for the model needs one grouping."""
+    groups = [arch.expert_groups(b) for b in arch.moe_layers]
+    used = {arch.expert_groups_used(b) for b in arch.moe_layers}
+    if len(set(groups)) > 1 or len(used) > 1:
+        raise NotImplementedError("per-layer expert groupings in the llama.cpp layout")
+    return groups, groups[0], used.pop()
 
 
 def shape_params(shape: Shape, channel_cost: list[int]) -> int:
@@ -244,7 +259,8 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     cost = channel_cost(ckpt, arch)
     full_w, n_e, k_min = arch.expert_width, arch.n_experts, arch.n_used
     total = sum(cost) * n_e * full_w
-    shapes = feasible_shapes(layout, n_e, full_w, k_min)
+    groups, n_group, groups_used = expert_grouping(arch)
+    shapes = feasible_shapes(layout, n_e, full_w, k_min, n_group, groups_used)
     if width is not None:
         if not 0 < width <= full_w or (width % layout.align and width != full_w):
             near = ", ".join(str(w) for w in nearest_widths(min(max(width, 1), full_w), layout, full_w))
@@ -256,6 +272,11 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     if experts is not None:
         if not k_min <= experts <= n_e:
             raise UserError(f"--experts {experts} is outside {k_min}..{n_e} (top-{k_min} routing needs {k_min} experts per layer)")
+        if experts % n_group or experts < min_grouped_experts(k_min, n_group, groups_used):
+            raise UserError(
+                f"--experts {experts} does not split into the router's {n_group} expert groups (top-{k_min} from {groups_used} of them); "
+                f"give a multiple of {n_group} from {min_grouped_experts(k_min, n_group, groups_used)}"
+            )
         shapes = [s for s in shapes if s.experts == experts]
     if not shapes:
         raise UserError(f"--width {width} with --experts {experts} is the unpruned model; give a smaller one")
@@ -279,7 +300,7 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
                 f"--ratio {ratio} leaves no shape llama.cpp runs: the smallest is {small.experts} experts x width {small.width} "
                 f"(ratio {most:.4f}); lower --ratio"
             )
-        shape, cov = best_shape(attr, fit)
+        shape, cov = best_shape(attr, fit, groups)
         budget_ragged = budget
     else:
         if target_size >= base.total_bytes:
@@ -294,15 +315,16 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
                 f"--target-size {_human(target_size)} is below the smallest GGUF this model reaches at {quant}: "
                 f"{_human(sized[small].total_bytes)} ({small.experts} experts x width {small.width}); raise --target-size or use a smaller --quant"
             )
-        shape, cov = best_shape(attr, fit)
+        shape, cov = best_shape(attr, fit, groups)
         types, _ = plan_tensor_types(sized[shape], target_size - MARGIN - sized[shape].total_bytes)
         budget_ragged = shape_params(shape, cost)
     plan = sized[shape]
-    ragged = A.allocate(attr, cost, budget_ragged, A.LAYOUTS["ragged"], A.top_expert_floor([s.sum(1) for s in attr], k_min))
+    floor = A.keep_every_expert_if_grouped(A.top_expert_floor([s.sum(1) for s in attr], k_min), groups)
+    ragged = A.allocate(attr, cost, budget_ragged, A.LAYOUTS["ragged"], floor)
     ragged_cov = A.coverage(attr, ragged)
     fallback = kquant_fallback(plan, base.tensor_types)
     entries = {
-        "deployable": {"experts": shape.experts, "width": shape.width, "coverage": cov, "quality": shape_quality(attr, shape)},
+        "deployable": {"experts": shape.experts, "width": shape.width, "coverage": cov, "quality": shape_quality(attr, shape, groups=groups)},
         "ragged": {"widths": ragged.widths, "experts_kept": [sum(1 for w in l if w) for l in ragged.widths], "coverage": ragged_cov,
                    "ratio": 1 - ragged.kept_params(cost) / total},
         "coverage_lost": ragged_cov - cov,
@@ -310,14 +332,16 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
         "predicted_bytes_at_quant": plan.total_bytes,
         "ffn_down_exps_fallback": fallback,
         "shapes_considered": [
-            {"experts": s.experts, "width": s.width, "coverage": shape_coverage(attr, s), "quality": shape_quality(attr, s), "params": shape_params(s, cost), "bytes": sized[s].total_bytes}
+            {"experts": s.experts, "width": s.width, "coverage": shape_coverage(attr, s, groups), "quality": shape_quality(attr, s, groups=groups), "params": shape_params(s, cost), "bytes": sized[s].total_bytes}
             for s in shapes
         ],
     }
     if target_size is not None:
         entries["target_size"] = target_size
         entries["tensor_types"] = types
-    return allocate_shape(attr, shape), cov, entries
+    if n_group > 1:
+        entries["expert_groups"] = {"groups": n_group, "groups_used": groups_used, "experts_per_group": shape.experts // n_group}
+    return allocate_shape(attr, shape, groups), cov, entries
 
 
 def finish_target(out, report: dict, target_size: int) -> dict:  # noqa: ANN001

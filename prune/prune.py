@@ -91,6 +91,20 @@ def channel_cost(ckpt: Checkpoint, arch: MoEArch) -> list[int]:
     return out
 
 
+def group_note(arch: MoEArch, method: str, layout: str) -> dict:
+    """prune_report.json entry for a router that groups experts (DeepSeek-V3 n_group): how the
+    allocation kept the groups equal."""
+    groups = {arch.expert_groups(b) for b in arch.moe_layers}
+    if max(groups) <= 1:
+        return {}
+    rule = {
+        "llama.cpp": "K experts per layer, K a multiple of the group count, K / groups best of each group",
+        "expert-drop": "the kept count rounded to a multiple of the group count, each group keeps its best equal share",
+        "ragged": "every expert kept (at least one channel each): removing experts unevenly would change the grouping",
+    }[layout if method == "coverage" else "expert-drop" if method == "expert-drop" else "ragged"]
+    return {"expert_groups": {"groups": sorted(groups), "rule": rule}}
+
+
 def plan(
     calib: Calib,
     ckpt: Checkpoint,
@@ -110,6 +124,7 @@ def plan(
         floor = A.top_expert_floor([s.sum(1) for s in attr], arch.n_used)
         if min_width:  # every expert keeps at least min_width channels (none is removed)
             floor = [f.clamp_min(min_width) for f in floor]
+        floor = A.keep_every_expert_if_grouped(floor, [arch.expert_groups(b) for b in arch.moe_layers])
         try:
             alloc = A.allocate(attr, cost, budget, A.LAYOUTS[layout], floor)
         except ValueError:
@@ -119,11 +134,13 @@ def plan(
     elif method == "magnitude":
         alloc = A.allocate(calib.get("magnitude"), cost, budget, A.LAYOUTS["uniform"])
     elif method == "expert-drop":
-        if arch.n_experts - round(ratio * arch.n_experts) < arch.n_used:  # top-k must stay reachable
-            most = (arch.n_experts - arch.n_used) / arch.n_experts
-            raise UserError(f"expert-drop keeps at least {arch.n_used} experts per layer, so it removes at most {most:g}; lower --ratio or use --method coverage")
+        groups = [arch.expert_groups(b) for b in arch.moe_layers]
+        k_min = max(A.min_grouped_experts(arch.n_used, g, arch.expert_groups_used(b)) for g, b in zip(groups, arch.moe_layers))
+        if arch.n_experts - round(ratio * arch.n_experts) < k_min:  # top-k must stay reachable
+            most = (arch.n_experts - k_min) / arch.n_experts
+            raise UserError(f"expert-drop keeps at least {k_min} experts per layer, so it removes at most {most:g}; lower --ratio or use --method coverage")
         widths = [[arch.expert_width] * arch.n_experts for _ in calib.layers]
-        alloc = A.allocate_expert_drop(calib.get("mass"), widths, ratio, arch.n_used)
+        alloc = A.allocate_expert_drop(calib.get("mass"), widths, ratio, k_min, groups)
     else:
         raise UserError(f"unknown --method {method}; one of {', '.join(METHODS)}")
     return alloc, A.coverage(attr, alloc)
@@ -195,6 +212,7 @@ def prune(
             "params_routed_after": after,
             **deploy_entries,
         }
+        report.update(group_note(arch, method, layout))
         if target_size is not None:
             from moe2gguf.prune.deploy import finish_target
 

@@ -83,3 +83,59 @@ def test_router_hooks_name_the_selection_bias(tiny):
     names = arch.router_tensor_names(1)
     assert all(n in ckpt and ckpt.shape(n)[0] == E for n in names) and len(names) == 2
     assert arch.expert_groups(1) == 2
+
+
+# --- pruning keeps the router's expert groups equal (n_group contiguous groups) -----------
+
+
+def test_allocation_keeps_every_group_equal():
+    from moe2gguf.prune import allocate as A
+    from moe2gguf.prune.deploy import Shape, allocate_shape, feasible_shapes, shape_coverage
+
+    g = torch.Generator().manual_seed(0)
+    # group 0 (experts 0-3) holds all the large scores: an ungrouped top-4 would take it whole
+    s = torch.rand(E, W, generator=g)
+    s[:4] += 10.0
+    per_group = lambda widths: [sum(1 for w in widths[i : i + E // 2] if w) for i in (0, E // 2)]  # noqa: E731
+    assert per_group(allocate_shape([s], Shape(4, 32)).widths[0]) == [4, 0]  # what grouping forbids
+    alloc = allocate_shape([s], Shape(4, 32), groups=[2])
+    assert per_group(alloc.widths[0]) == [2, 2]
+    # inside each group the best by top-W score
+    kept = [e for e, w in enumerate(alloc.widths[0]) if w]
+    top = s.sum(1)
+    assert kept == sorted(torch.topk(top[:4], 2).indices.tolist() + (4 + torch.topk(top[4:], 2).indices).tolist())
+    assert abs(shape_coverage([s], Shape(4, 32), [2]) - A.coverage([s], alloc)) < 1e-12
+    # K: multiples of n_group from the fewest whose topk_group groups hold top-k
+    lay = A.LAYOUTS["llama.cpp"]
+    assert sorted({sh.experts for sh in feasible_shapes(lay, E, 32, 2, groups=2, groups_used=1)}) == [4, 6]
+    assert sorted({sh.experts for sh in feasible_shapes(lay, E, 32, 2)}) == [2, 3, 4, 5, 6, 7]
+    # expert-drop: kept count rounded to a multiple of n_group, equal per group
+    drop = A.allocate_expert_drop([top, top], [[W] * E] * 2, 0.4, 4, groups=[2, 1])
+    assert per_group(drop.widths[0]) == [2, 2] and per_group(drop.widths[1]) == [4, 1]
+    # ragged coverage: every expert keeps at least one channel when grouped
+    floor = A.keep_every_expert_if_grouped(A.top_expert_floor([top], 2), [2])
+    ragged = A.allocate([s], [3 * H], 0.3 * E * W * 3 * H, A.LAYOUTS["ragged"], floor)
+    assert all(w >= 1 for w in ragged.widths[0])
+
+
+def test_prune_flow_keeps_groups_and_loads_in_stock_llama_cpp(tiny, tmp_path):
+    import json
+
+    from test_arch_common import load_in_llama_cpp, prune_flow
+
+    pruned, gg, rep = prune_flow(tiny, tmp_path, ratio=0.3, layout="llama.cpp")
+    report = json.loads((pruned / "prune_report.json").read_text())
+    k = report["deployable"]["experts"]
+    assert k % 2 == 0 and report["expert_groups"]["groups"] == [2]
+    for widths in report["widths"][1:]:  # MoE layers: as many experts kept in each group
+        assert sum(1 for w in widths[:4] if w) == sum(1 for w in widths[4:] if w) == k // 2
+    width = report["deployable"]["width"]
+    shapes = gguf_shapes(gg)
+    assert shapes["blk.1.ffn_down_exps.weight"] == (width, H, k)
+    assert shapes["blk.2.ffn_gate_exps.weight"] == (H, width, k)
+    assert shapes["blk.1.exp_probs_b.bias"] == (k,) and shapes["blk.1.ffn_gate_inp.weight"] == (H, k)
+    assert gguf_value(gg, "deepseek2.expert_count") == k
+    assert gguf_value(gg, "deepseek2.expert_group_count") == 2
+    assert gguf_value(gg, "deepseek2.expert_group_used_count") == 1
+    assert rep["backend"] == "llama.cpp" and rep["ppl"] > 0
+    load_in_llama_cpp(gg)

@@ -6,6 +6,18 @@ Builds each family's tiny checkpoint exactly as its test does (tests/test_arch_*
 real transformers config class, sharp attention, the reference tokenizer) and runs
 tools/parity_upstream.py on it: llama.cpp's own convert_hf_to_gguf.py against our F32 export,
 tensors and logits. Mixtral's upstream path needs `pip install sentencepiece`.
+
+DeepSeek-V3 (measured with llama-cpp-python 0.3.36's converter): upstream's GGUF holds the same
+tensors as ours, bit for bit, and the same keys but one: it writes `expert_gating_func` only
+when config.json has a `scoring_func` key (conversion/base.py). transformers' DeepseekV3Config
+has no such key and its model always scores with sigmoid, so a checkpoint saved by transformers
+(as the tiny one here) converts upstream without the key, and llama.cpp's deepseek2 loader then
+defaults to softmax gating: logits 5.2e-3 apart (3.45e-3 of the range) on 128 tokens, while ours
+(sigmoid, written from the architecture) matches transformers to 2.8e-7
+(tests/test_arch_deepseek_v3.py). With `"scoring_func": "sigmoid"` in config.json, as DeepSeek's
+own released checkpoints carry, the two GGUFs give identical logits (max|diff| 0): the row
+"deepseek3 (+scoring_func)" shows it. So ours is right; upstream's gap is its converter reading
+the gating from a key transformers does not write.
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ def families() -> list[tuple[str, type, object]]:
         # 2-layer deepseek2; the q_lora variant is the one both converters can express
         ("deepseek2 (q_lora)", DeepseekV2ForCausalLM, ds.config(q_lora_rank=32)),
         ("deepseek3", DeepseekV3ForCausalLM, d3.config()),
+        # the same model with the key DeepSeek's released config.json has and upstream reads
+        ("deepseek3 (+scoring_func)", DeepseekV3ForCausalLM, d3.config()),
     ]
 
 
@@ -48,7 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         for name, cls, cfg in families():
             from test_arch_common import build_tiny
 
-            folder = build_tiny(cls, cfg, pathlib.Path(d) / name.split()[0], attn_std=0.15)
+            folder = build_tiny(cls, cfg, pathlib.Path(d) / name.split()[0] / str(len(rows)), attn_std=0.15)
+            if "scoring_func" in name:  # see the docstring: upstream defaults to softmax without it
+                import json
+
+                c = json.loads((folder / "config.json").read_text())
+                (folder / "config.json").write_text(json.dumps({**c, "scoring_func": "sigmoid"}, indent=2))
             cmd = [sys.executable, str(REPO / "tools" / "parity_upstream.py"), str(folder)]
             if a.llama_cpp:
                 cmd += ["--llama-cpp", a.llama_cpp]
@@ -64,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| family | upstream vs ours | verdict |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    print("\ndeepseek3: upstream writes expert_gating_func only from config.json's scoring_func, which transformers' "
+          "DeepseekV3Config does not save; without it llama.cpp gates with softmax instead of V3's sigmoid (see this script's docstring)")
 
 
 if __name__ == "__main__":

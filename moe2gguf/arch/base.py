@@ -125,6 +125,11 @@ class MoEArch:
         experts must keep the same count in every group, or the grouping changes."""
         return 1
 
+    def expert_groups_used(self, bid: int) -> int:
+        """Groups the router keeps per token (DeepSeek-V3 topk_group); top-k picks inside them,
+        so a pruned layer needs (experts per group) * this >= n_used."""
+        return self.expert_groups(bid)
+
     def expert_tensor_names(self) -> set[str]:
         return {
             self.expert_name(b, x, p)

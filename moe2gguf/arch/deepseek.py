@@ -186,6 +186,9 @@ class DeepseekV3(DeepseekV2):
     def expert_groups(self, bid: int) -> int:
         return self.hf_config.n_group
 
+    def expert_groups_used(self, bid: int) -> int:
+        return self.hf_config.topk_group
+
     def _set_groups(self, writer: gguf.GGUFWriter) -> None:
         # llama.cpp's group rule (sum of the top two biased scores per group) is V3's
         c = self.hf_config
