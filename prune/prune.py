@@ -161,6 +161,7 @@ def prune(
     quant: str = "Q4_K_M",
     width: int | None = None,
     experts: int | None = None,
+    reconstruct: bool = False,
 ) -> dict:
     if target_size is not None:  # the size target picks the ratio, in the layout llama.cpp runs
         if method != "coverage":
@@ -193,6 +194,14 @@ def prune(
     before = routed_params(arch, {n: ckpt.shape(n) for n in ckpt.tensor_names})
     with atomic_dir(output) as tmp:
         shapes = write_pruned(ckpt, arch, alloc, tmp, grams)
+        recon = None
+        if reconstruct:
+            from moe2gguf.prune.calibrate import spread_windows, tokenize
+            from moe2gguf.prune.reconstruct import reconstruct as run_reconstruct
+
+            texts = cal.info["texts"]
+            wins = spread_windows(tokenize(model, texts), texts, cal.info["tokens"], cal.info["ctx"])
+            recon = run_reconstruct(ckpt, arch, tmp, wins)
         new_arch = arch_for_config(json.loads((tmp / "config.json").read_text()))
         after = routed_params(new_arch, shapes)
         report = {
@@ -206,6 +215,7 @@ def prune(
             "score": score,
             "normalise": "residual mean square" if normalise else "none",
             "refit_down": grams is not None,
+            "reconstruct": recon,
             "min_width": min_width,
             "calib": str(cal.path),
             "params_routed_before": before,
@@ -235,9 +245,10 @@ def prune(
 @click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute contribution.")
 @click.option("--min-width", default=0, show_default=True, help="coverage: channels every expert keeps at least (0 lets experts be removed).")
 @click.option("--refit/--no-refit", default=True, show_default=True, help="Least-squares refit of kept down_proj columns on calibration activations.")
+@click.option("--reconstruct/--no-reconstruct", default=False, show_default=True, help="Re-fit kept experts' down_proj per layer so the pruned block, under its new routing, reproduces the unpruned block's output on the calibration text.")
 def prune_cmd(
     model: str, calib: str, ratio: float | None, output: str, method: str, layout: str, target_size: str | None, quant: str,
-    width: int | None, experts: int | None, score: str, min_width: int, refit: bool,
+    width: int | None, experts: int | None, score: str, min_width: int, refit: bool, reconstruct: bool,
 ) -> None:
     """Prune MODEL's routed experts by --ratio (or to --target-size) using CALIB/ and write a
     checkpoint in HF layout (per-expert widths in config.json) with prune_report.json."""
@@ -249,7 +260,7 @@ def prune_cmd(
         size = parse_size(target_size) if target_size is not None else None
     except ValueError as e:
         raise UserError(f"--target-size: {e}") from None
-    r = prune(model, calib, ratio, output, method, layout, score, refit=refit, min_width=min_width, target_size=size, quant=quant, width=width, experts=experts)
+    r = prune(model, calib, ratio, output, method, layout, score, refit=refit, min_width=min_width, target_size=size, quant=quant, width=width, experts=experts, reconstruct=reconstruct)
     if "deployable" in r:
         d = r["deployable"]
         click.echo(

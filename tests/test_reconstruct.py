@@ -1,0 +1,56 @@
+"""prune --reconstruct: joint ridge refit of kept experts' down_proj against the unpruned block
+output under the pruned routing."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from conftest import REFERENCE
+from moe2gguf.prune.calibrate import calibrate, spread_windows, tokenize
+from moe2gguf.prune.prune import prune
+from moe2gguf.prune.reconstruct import Normal, block_error, solve_down
+
+
+def test_solve_recovers_a_linear_map_and_error_is_the_residual() -> None:
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(500, 12, generator=g, dtype=torch.float64)
+    d_true = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    y = f @ d_true.T + 0.01 * torch.randn(500, 5, generator=g, dtype=torch.float64)
+    eq = Normal(12, 5)
+    eq.add(f[:200], y[:200])
+    eq.add(f[200:], y[200:])
+    d0 = torch.zeros(5, 12, dtype=torch.float64)
+    d = solve_down(eq, d0, ridge=1e-9)
+    assert torch.allclose(d, d_true, atol=5e-3)
+    assert block_error(eq, d) == pytest.approx(float(((y - f @ d.T) ** 2).sum()), rel=1e-6)
+    assert block_error(eq, d) < block_error(eq, d0)
+    # a large ridge keeps D near D0 (the pruned model's own weights), not near zero
+    assert torch.allclose(solve_down(eq, d_true, ridge=1e6), d_true, atol=1e-3)
+
+
+def _logit_error(path: pathlib.Path, base: pathlib.Path, wins) -> float:  # noqa: ANN001
+    from moe2gguf.modeling import load_model
+
+    ref, _, _ = load_model(str(base))
+    m, _, _ = load_model(str(path))
+    ids = torch.from_numpy(wins)
+    with torch.no_grad():
+        return float(((m(input_ids=ids).logits - ref(input_ids=ids).logits) ** 2).mean())
+
+
+def test_reconstruction_lowers_the_error_on_calibration_tokens(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text((REFERENCE / "calib.txt").read_text()[:20000])
+    calibrate(str(tiny_qwen3moe), [str(text)], str(tmp_path / "calib"), tokens=1024, ctx=64)
+    plain = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "plain"), method="expert-drop")
+    rec = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "rec"), method="expert-drop", reconstruct=True)
+    assert plain["reconstruct"] is None and plain["experts_kept"] == rec["experts_kept"] == [6, 6]
+    for layer in rec["reconstruct"].values():
+        assert layer["rel_err_after"] < 0.9 * layer["rel_err_before"]
+    assert json.loads((tmp_path / "rec" / "prune_report.json").read_text())["reconstruct"] == rec["reconstruct"]
+    wins = spread_windows(tokenize(tiny_qwen3moe, [str(text)]), [str(text)], 1024, 64)
+    assert _logit_error(tmp_path / "rec", tiny_qwen3moe, wins) < 0.9 * _logit_error(tmp_path / "plain", tiny_qwen3moe, wins)
