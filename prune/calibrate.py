@@ -278,7 +278,7 @@ class Calibration:
 def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens: int = 32768, ctx: int = 512, batch: int = 8) -> Calibration:
     ckpt = Checkpoint(model)
     arch = arch_for_config(ckpt.config)
-    texts = [str(t) for t in text]
+    texts = [str(pathlib.Path(t).resolve()) for t in text]  # absolute: later steps (reconstruct) re-read them from elsewhere
     if not texts:
         raise UserError("no calibration text; pass --text FILE (several allowed)")
     wins = spread_windows(tokenize(model, texts), texts, tokens, ctx)

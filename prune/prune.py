@@ -236,7 +236,7 @@ def prune(
 @click.option("--calib", required=True, type=click.Path(file_okay=False, path_type=str), help="Folder written by `moe2gguf calibrate`.")
 @click.option("--ratio", type=float, help="Fraction of routed-expert parameters to remove, 0 < R < 1.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output checkpoint folder.")
-@click.option("--method", type=click.Choice(METHODS), default="coverage", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="coverage", show_default=True, help="coverage: channels of all experts chosen jointly by attribution; uniform/magnitude: one width, channels by attribution/weight norm; expert-drop: whole experts by router-weighted frequency (REAP).")
 @click.option("--layout", type=click.Choice(["ragged", "llama.cpp"]), default="ragged", show_default=True, help="Widths/counts the target allows (llama.cpp: one width, one expert count).")
 @click.option("--target-size", type=str, help="GGUF size to land at or under (12GB, 11.5GiB, bytes); picks ratio, width, expert count and tensor types.")
 @click.option("--quant", default="Q4_K_M", show_default=True, help="llama.cpp file type the target size and width alignment are planned for.")
