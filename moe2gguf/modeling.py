@@ -16,6 +16,7 @@ from transformers.activations import ACT2FN
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.errors import UserError
 
 # observer(xid, x, h, w): tokens x reaching expert xid, its intermediate activations h
 # (act(gate x) * up x, the input of down_proj) and their router weights w.
@@ -79,14 +80,12 @@ def build_model(arch: MoEArch, widths: list[list[int]] | None = None) -> nn.Modu
 
 def load_weights(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype) -> None:
     """Materialise `module`'s parameters from the checkpoint tensors named `prefix + key`."""
-    state = {k: ckpt.tensor(prefix + k).to(dtype) for k in module.state_dict()}
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    state = {k: ckpt.tensor(prefix + k).to(dtype) for k in expected}
     for k, v in state.items():
-        want = tuple(module.get_parameter(k).shape) if k in dict(module.named_parameters()) else None
-        if want is not None and tuple(v.shape) != want:
-            from moe2gguf.errors import UserError
-
+        if tuple(v.shape) != expected[k]:
             raise UserError(
-                f"{ckpt.path}: tensor {prefix + k} has shape {tuple(v.shape)}, config implies {want}; "
+                f"{ckpt.path}: tensor {prefix + k} has shape {tuple(v.shape)}, config implies {expected[k]}; "
                 "the checkpoint's tensors disagree with its config.json"
             )
     module.load_state_dict(state, assign=True, strict=True)
@@ -98,8 +97,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
     arch = arch_for_config(ckpt.config)
     model = build_model(arch)
     tied = getattr(arch.hf_config, "tie_word_embeddings", False) and "lm_head.weight" not in ckpt
-    body = {k: v for k, v in model.named_children()}
-    for name, child in body.items():
+    for name, child in list(model.named_children()):
         if name == "lm_head" and tied:
             continue
         load_weights(child, f"{name}.", ckpt, dtype)
