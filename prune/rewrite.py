@@ -168,7 +168,11 @@ def pruned_config(arch: MoEArch, config: dict, stored_widths: list[list[int]]) -
     if len(flat) == 1 and len(counts) == 1:
         for key, value in ((arch.n_experts_key, counts.pop()), (arch.expert_width_key, flat.pop())):
             cfg[key] = value
+            # config classes alias keys both ways (Qwen3-MoE: num_experts -> num_local_experts);
+            # a stale partner key would win on load
             for alias, target in getattr(arch.config_class, "attribute_map", {}).items():
-                if target == key and alias in cfg:
-                    cfg[alias] = value
+                if key in (alias, target):
+                    partner = target if key == alias else alias
+                    if partner in cfg:
+                        cfg[partner] = value
     return cfg

@@ -167,3 +167,21 @@ def test_rewrite_streams_into_shards_that_reload_identically(tiny_qwen3moe: path
     assert (many / "model.safetensors.index.json").is_file() and not list(many.glob(".shard-*"))
     assert [p.name for p in one.glob("model*.safetensors")] == ["model.safetensors"]
     assert torch.equal(_logits(many), _logits(one))
+
+
+def test_one_count_one_width_checkpoint_loads_in_stock_transformers(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The deployable shape (K experts of width W everywhere) is a plain HF checkpoint: the
+    config's count/width keys, aliases included, say K and W, and transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Checkpoint(tiny_qwen3moe)
+    arch = arch_for_config(ckpt.config)
+    alloc = Allocation([[torch.arange(16) if x < 6 else torch.empty(0, dtype=torch.int64) for x in range(8)] for _ in range(2)])
+    out = tmp_path / "out"
+    out.mkdir()
+    write_pruned(ckpt, arch, alloc, out)
+    info = inspect_model(str(out))
+    assert info["experts_routed"] == 6 and info["expert_width"] == 16
+    stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(stock(IDS).logits, _logits(out), atol=1e-5)
