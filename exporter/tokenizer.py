@@ -13,6 +13,7 @@ import pathlib
 import gguf
 
 from moe2gguf.errors import UserError
+from moe2gguf.exporter.tokenizer_spm import add_sentencepiece_tokenizer
 
 # HF pre-tokenizer Split regex -> llama.cpp pre-tokenizer name (src/llama-vocab.cpp).
 KNOWN_PRE = {
@@ -44,6 +45,8 @@ def pre_tokenizer_name(tok: dict) -> str:
 
 def add_tokenizer(writer: gguf.GGUFWriter, model_dir: pathlib.Path, vocab_size: int) -> None:
     """Write tokenizer.ggml.* keys (vocab, types, merges, special ids, pre, chat template)."""
+    if add_sentencepiece_tokenizer(writer, model_dir, vocab_size):  # tokenizer.model (Mixtral, Llama-2 style)
+        return
     f = model_dir / "tokenizer.json"
     if not f.is_file():
         raise UserError(f"{model_dir} has no tokenizer.json; copy the tokenizer files of the original model into it")
