@@ -5,7 +5,7 @@
 Builds each family's tiny checkpoint exactly as its test does (tests/test_arch_*.py: the
 real transformers config class, sharp attention, the reference tokenizer) and runs
 tools/parity_upstream.py on it: llama.cpp's own convert_hf_to_gguf.py against our F32 export,
-tensors and logits. Mixtral's upstream path needs `pip install sentencepiece`.
+tensors and logits.
 
 DeepSeek-V3 (measured with llama-cpp-python 0.3.36's converter): upstream's GGUF holds the same
 tensors as ours, bit for bit, and the same keys but one: it writes `expert_gating_func` only
