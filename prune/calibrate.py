@@ -61,6 +61,34 @@ class _Catcher(nn.Module):
         raise StopForward
 
 
+@torch.no_grad()
+def catch_layer_inputs(model: nn.Module, arch: MoEArch, ckpt: Checkpoint, windows: np.ndarray, batch: int) -> tuple[list[torch.Tensor], list[dict], int]:
+    """What reaches decoder layer 0 for every batch of windows: hidden states and the keyword
+    arguments the model passes its layers (rotary tables, masks). Only the embedding is
+    materialised, and freed again. Returns (hidden, kwargs, bytes materialised meanwhile)."""
+    base = model.get_submodule(arch.layers_attr.rpartition(".")[0])
+    layers = model.get_submodule(arch.layers_attr)
+    embed = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    load_weights(embed, f"{embed_name}.", ckpt, torch.float32)
+    catcher, first = _Catcher(), layers[0]
+    layers[0] = catcher
+    hidden, kwargs = [], []
+    try:
+        for b in range(0, len(windows), batch):
+            try:
+                base(input_ids=torch.from_numpy(windows[b : b + batch]), use_cache=False)
+            except StopForward:
+                pass
+            hidden.append(catcher.hidden)
+            kwargs.append(catcher.kwargs)
+    finally:
+        layers[0] = first
+    nbytes = _materialised_bytes(model)
+    embed.to("meta")
+    return hidden, kwargs, nbytes
+
+
 def tokenize(model_dir: str | pathlib.Path, texts: list[str]) -> list[np.ndarray]:
     from transformers import AutoTokenizer
 
@@ -140,31 +168,8 @@ class Calibration:
     def run(self, on_layer: Callable[[int, nn.Module], None] | None = None) -> None:
         arch, ckpt = self.arch, self.ckpt
         model = build_model(arch)
-        base_path, _, layers_name = arch.layers_attr.rpartition(".")
-        base = model.get_submodule(base_path)
         layers = model.get_submodule(arch.layers_attr)
-        embed = model.get_input_embeddings()
-        embed_name = next(n for n, m in model.named_modules() if m is embed)
-        load_weights(embed, f"{embed_name}.", ckpt, torch.float32)
-
-        # catch the inputs of layer 0 (hidden states and whatever the model passes layers:
-        # rotary tables, masks), one batch of windows at a time
-        catcher, first = _Catcher(), layers[0]
-        layers[0] = catcher
-        hidden, kwargs = [], []
-        try:
-            for b in range(0, len(self.windows), self.batch):
-                ids = torch.from_numpy(self.windows[b : b + self.batch])
-                try:
-                    base(input_ids=ids, use_cache=False)
-                except StopForward:
-                    pass
-                hidden.append(catcher.hidden)
-                kwargs.append(catcher.kwargs)
-        finally:
-            layers[0] = first
-        self.peak_bytes = _materialised_bytes(model)
-        embed.to("meta")
+        hidden, kwargs, self.peak_bytes = catch_layer_inputs(model, arch, ckpt, self.windows, self.batch)
 
         for bid in tqdm(range(arch.n_layers), desc="calibrate", unit="layer"):
             layer = layers[bid]
@@ -202,6 +207,7 @@ class Calibration:
             layer.to("meta")  # free it: the next layer reuses the memory
 
         # final norm, then the input of the output projection
+        base_path = arch.layers_attr.rpartition(".")[0]
         norm = model.get_submodule(f"{base_path}.norm")
         load_weights(norm, f"{base_path}.norm.", ckpt, torch.float32)
         lm_head = model.get_output_embeddings()

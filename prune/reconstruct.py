@@ -95,31 +95,13 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
     by the rewrite) in place. Returns per MoE layer the relative block-output error on the
     calibration tokens before and after."""
     from moe2gguf.modeling import build_model, load_weights
-    from moe2gguf.prune.calibrate import StopForward, _Catcher
+    from moe2gguf.prune.calibrate import catch_layer_inputs
 
     pck = Checkpoint(pruned_dir)
     parch = arch_for_config(pck.config)
     model, omodel = build_model(parch), build_model(arch)
-    base_path = parch.layers_attr.rpartition(".")[0]
-    base = model.get_submodule(base_path)
     layers, olayers = model.get_submodule(parch.layers_attr), omodel.get_submodule(arch.layers_attr)
-    embed = model.get_input_embeddings()
-    embed_name = next(n for n, m in model.named_modules() if m is embed)
-    load_weights(embed, f"{embed_name}.", pck, torch.float32)
-    catcher, first = _Catcher(), layers[0]
-    layers[0] = catcher
-    hidden, kwargs = [], []
-    try:
-        for b in range(0, len(windows), batch):
-            try:
-                base(input_ids=torch.from_numpy(windows[b : b + batch]), use_cache=False)
-            except StopForward:
-                pass
-            hidden.append(catcher.hidden)
-            kwargs.append(catcher.kwargs)
-    finally:
-        layers[0] = first
-    embed.to("meta")
+    hidden, kwargs, _ = catch_layer_inputs(model, parch, pck, windows, batch)
 
     new: dict[str, torch.Tensor] = {}
     report: dict[str, dict] = {}

@@ -109,7 +109,7 @@ def test_bundled_q4_k_m_close_to_f32_and_imatrix_lowers_kld(reference_model, tmp
     so there the test pins only that the imatrix carries information: ours beats its inverse."""
     from moe2gguf.exporter.check import check
     from moe2gguf.exporter.quantize import quantize
-    from moe2gguf.exporter.writer import plan_export, write_gguf
+    from moe2gguf.exporter.writer import plan_export
 
     monkeypatch.setenv("MOE2GGUF_CACHE", str(tmp_path / "cache"))
     text = str(reference_model / "eval.txt")

@@ -20,7 +20,7 @@ import torch
 
 from moe2gguf.errors import UserError
 from moe2gguf.modeling import load_model
-from moe2gguf.protocol import read_text, score_logprobs, targets_of, torch_logprobs, windows
+from moe2gguf.protocol import score_logprobs, targets_of, torch_logprobs, windows
 from moe2gguf.prune.calibrate import calibrate, tokenize
 from moe2gguf.prune.prune import prune
 

@@ -47,7 +47,7 @@ class DeepseekV2(MoEArch):
         return c.moe_intermediate_size * c.n_shared_experts if self.is_moe_layer(bid) else 0
 
     def check_supported(self) -> None:
-        c, raw = self.hf_config, self.raw
+        c = self.hf_config
         if c.topk_method != "greedy":
             # HF scores groups by their max; llama.cpp's deepseek2 by the sum of the top two
             raise UserError(f"config flag topk_method={c.topk_method!r} is not handled: llama.cpp's deepseek2 implements greedy top-k for V2; use topk_method='greedy'")
