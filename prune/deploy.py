@@ -5,13 +5,15 @@ count K for the whole model (`LAYOUTS["llama.cpp"]`); which K experts each layer
 W channels each kept expert keeps are free. For a given (K, W) the best choice is exact and
 cheap: per expert its top-W channels by attribution, per layer the K experts whose top-W channels
 hold the most. So the allocation enumerates the feasible (K, W) pairs (K >= top-k, W a multiple of
-the layout's alignment) and keeps the pair that covers the most attribution:
+the layout's alignment), ranks them by attribution (`shape_quality`), and measures the most
+promising ones as pruned models on calibration tokens (prune/probe.py), keeping the least KLD:
 
 * under a parameter budget (`--ratio`): K * W * channel cost <= (1 - R) * routed parameters;
 * under a byte budget (`--target-size`): the GGUF size llama.cpp's own dry run predicts for a
   model of K experts of width W (exporter/sizing.py), which prices the type fallback of widths
-  that are not multiples of 256 (Q4_K -> Q5_0, Q6_K -> Q8_0 on ffn_down_exps rows). The bytes
-  left under the target are then spent on per-tensor type upgrades (`tensor_types`).
+  that are not multiples of 256 (Q4_K -> Q5_0, Q6_K -> Q8_0 on ffn_down_exps rows). Every
+  shape is sized from the same floor of types (`lean_down_types`), and the bytes left under
+  the target are then spent on per-tensor type upgrades (`tensor_types`).
 
 Pure functions apart from `predict_layout_bytes`/`plan_tensor_types`, which ask llama.cpp.
 """
@@ -81,6 +83,9 @@ def shape_coverage(scores: list[torch.Tensor], shape: Shape, groups: list[int] |
 # PyTorch PPL, 40 windows): the ranking of (K, W) by coverage alone was wrong at R=0.5 ((5, 192)
 # +3.3% PPL vs (8, 128) +2.4%); counting removed-expert attribution 5x ranks every measured pair right.
 EXPERT_LOSS_WEIGHT = 5.0
+# ...which is why `--layout llama.cpp` measures its candidate shapes instead (prune/probe.py):
+# this many, the most promising by shape_quality; 0 ranks by shape_quality alone
+PROBE_SHAPES = 8
 
 
 def shape_quality(scores: list[torch.Tensor], shape: Shape, weight: float = EXPERT_LOSS_WEIGHT, groups: list[int] | None = None) -> float:
@@ -173,15 +178,30 @@ def kquant_fallback(plan, wanted: dict[str, str]) -> dict[str, dict]:  # noqa: A
 SAME_BITS = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "IQ4_NL", "Q5_K": "Q5_0"}
 
 
-def bpw_matched_fallback(plan, wanted: dict[str, str]) -> list[tuple[str, str]]:  # noqa: ANN001
-    """Overrides pinning unaligned ffn_down_exps to SAME_BITS[the type llama.cpp wanted]."""
-    return [(f"^{re.escape(n)}$", SAME_BITS[w]) for n, fb in kquant_fallback(plan, wanted).items() if (w := fb["wanted"]) in SAME_BITS]
+def lean_down_types(plan) -> list[tuple[str, str]]:  # noqa: ANN001
+    """Overrides that put every ffn_down_exps at its layer's ffn_gate_exps type (the file type's
+    base type, before the _M mixes' extra bits on ffn_down), or, where the width is not a
+    multiple of that type's block, at the block-32 type of the same bits (SAME_BITS). A size
+    target starts every shape from this floor and spends what is left on upgrades, so that a
+    shape with more experts is not priced out by llama.cpp's Q6_K -> Q8_0 fallback."""
+    import gguf
+
+    out = []
+    for name, t in plan.tensor_types.items():
+        if "ffn_down_exps" not in name:
+            continue
+        want = plan.tensor_types.get(name.replace("ffn_down_exps", "ffn_gate_exps"), t)
+        if plan.tensor_shapes[name][-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[want]][0]:
+            want = SAME_BITS.get(want, want)
+        if want != t:
+            out.append((f"^{re.escape(name)}$", want))
+    return out
 
 
 # per-tensor upgrades to spend bytes left under a target, most useful first (llama.cpp's own
 # Q4_K_M gives attn_v and ffn_down more bits for the same reason)
 UPGRADE_ORDER = (r"ffn_down_exps", r"attn_v", r"ffn_down_shexp", r"attn_output", r"output\.weight", r"ffn_gate_exps", r"ffn_up_exps", r"attn_[qk]\.weight", r"token_embd")
-LADDER = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0")
+LADDER = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_K", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
 
 
 def plan_tensor_types(plan, leftover: int) -> tuple[dict[str, str], int]:  # noqa: ANN001
@@ -247,8 +267,10 @@ def _human(n: float) -> str:
     return f"{n / 2**20:.2f} MiB ({int(n):,} bytes)"
 
 
-def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", normalise=True, width=None, experts=None):  # noqa: ANN001, ANN201, PLR0913
-    """(per-MoE-layer Allocation, coverage, report entries) for `--layout llama.cpp`."""
+def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", normalise=True, width=None, experts=None, probe=PROBE_SHAPES, refit=True):  # noqa: ANN001, ANN201, PLR0913
+    """(per-MoE-layer Allocation, coverage, report entries) for `--layout llama.cpp`. With
+    `probe` > 0 the shape is the one of least measured KLD (on calibration tokens) among the `probe` most
+    promising fitting shapes (prune/probe.py); with 0, the one of best attribution quality."""
     from moe2gguf.errors import UserError
     from moe2gguf.exporter.sizing import predict_size
     from moe2gguf.prune import allocate as A
@@ -282,14 +304,24 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
         raise UserError(f"--width {width} with --experts {experts} is the unpruned model; give a smaller one")
     base = predict_size(ckpt, quant)
     sized = {s: predict_layout_bytes(ckpt, arch, s, quant) for s in shapes}
-    if target_size is not None:  # unaligned widths: a same-bits legacy type instead of llama.cpp's wider fallback
+    if target_size is not None:  # every shape from the same floor of types; upgrades come after the choice
         for s in shapes:
-            ov = bpw_matched_fallback(sized[s], base.tensor_types)
+            ov = lean_down_types(sized[s])
             if ov:
-                alt = predict_layout_bytes(ckpt, arch, s, quant, ov)
-                if alt.total_bytes < sized[s].total_bytes:
-                    sized[s] = alt
+                sized[s] = predict_layout_bytes(ckpt, arch, s, quant, ov)
     types = None
+    measured: dict[Shape, float] = {}
+
+    def choose(fit: list[Shape]) -> tuple[Shape, float]:
+        if probe <= 0 or len(fit) == 1:
+            return best_shape(attr, fit, groups)
+        from moe2gguf.prune.probe import candidates, probe_windows, shape_klds
+
+        cands = candidates(fit, attr, groups, probe)
+        measured.update(shape_klds(ckpt, arch, cands, attr, groups, probe_windows(ckpt.path, cal.info), cal.grams if refit else None))
+        best = min(cands, key=lambda s: (measured[s], s.experts * s.width))
+        return best, shape_coverage(attr, best, groups)
+
     if target_size is None:
         budget = (1.0 - ratio) * total
         fit = [s for s in shapes if shape_params(s, cost) <= budget + 1e-6]
@@ -300,7 +332,7 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
                 f"--ratio {ratio} leaves no shape llama.cpp runs: the smallest is {small.experts} experts x width {small.width} "
                 f"(ratio {most:.4f}); lower --ratio"
             )
-        shape, cov = best_shape(attr, fit, groups)
+        shape, cov = choose(fit)
         budget_ragged = budget
     else:
         if target_size >= base.total_bytes:
@@ -315,7 +347,7 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
                 f"--target-size {_human(target_size)} is below the smallest GGUF this model reaches at {quant}: "
                 f"{_human(sized[small].total_bytes)} ({small.experts} experts x width {small.width}); raise --target-size or use a smaller --quant"
             )
-        shape, cov = best_shape(attr, fit, groups)
+        shape, cov = choose(fit)
         types, _ = plan_tensor_types(sized[shape], target_size - MARGIN - sized[shape].total_bytes)
         budget_ragged = shape_params(shape, cost)
     plan = sized[shape]
@@ -324,7 +356,8 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     ragged_cov = A.coverage(attr, ragged)
     fallback = kquant_fallback(plan, base.tensor_types)
     entries = {
-        "deployable": {"experts": shape.experts, "width": shape.width, "coverage": cov, "quality": shape_quality(attr, shape, groups=groups)},
+        "deployable": {"experts": shape.experts, "width": shape.width, "coverage": cov, "quality": shape_quality(attr, shape, groups=groups),
+                       "chosen_by": "probe KLD on calibration tokens" if measured else "attribution quality"},
         "ragged": {"widths": ragged.widths, "experts_kept": [sum(1 for w in l if w) for l in ragged.widths], "coverage": ragged_cov,
                    "ratio": 1 - ragged.kept_params(cost) / total},
         "coverage_lost": ragged_cov - cov,
@@ -332,7 +365,8 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
         "predicted_bytes_at_quant": plan.total_bytes,
         "ffn_down_exps_fallback": fallback,
         "shapes_considered": [
-            {"experts": s.experts, "width": s.width, "coverage": shape_coverage(attr, s, groups), "quality": shape_quality(attr, s, groups=groups), "params": shape_params(s, cost), "bytes": sized[s].total_bytes}
+            {"experts": s.experts, "width": s.width, "coverage": shape_coverage(attr, s, groups), "quality": shape_quality(attr, s, groups=groups), "params": shape_params(s, cost), "bytes": sized[s].total_bytes,
+             **({"probe_kld": measured[s]} if s in measured else {})}
             for s in shapes
         ],
     }
@@ -363,6 +397,7 @@ __all__ = [
     "coverage",
     "feasible_shapes",
     "kquant_fallback",
+    "lean_down_types",
     "nearest_widths",
     "overrides_of",
     "plan_tensor_types",

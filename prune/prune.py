@@ -25,6 +25,7 @@ from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.calibrate import CALIB_JSON, SCORES
+from moe2gguf.prune.deploy import PROBE_SHAPES
 from moe2gguf.prune.rewrite import routed_params, write_pruned
 from moe2gguf.prune.scores import SCORE_KINDS, channel_scores, normalise_layers
 
@@ -161,7 +162,8 @@ def prune(
     quant: str = "Q4_K_M",
     width: int | None = None,
     experts: int | None = None,
-    reconstruct: bool = False,
+    reconstruct: bool | None = None,
+    probe: int = PROBE_SHAPES,
 ) -> dict:
     if target_size is not None:  # the size target picks the ratio, in the layout llama.cpp runs
         if method != "coverage":
@@ -171,6 +173,8 @@ def prune(
         raise UserError(f"--ratio {ratio} is outside (0, 1); it is the fraction of routed-expert parameters removed, e.g. 0.25 (or give --target-size)")
     if layout not in A.LAYOUTS or layout == "uniform":
         raise UserError(f"--layout {layout} is not available; use --layout ragged or llama.cpp")
+    if reconstruct is None:  # on where it measurably pays (prune/reconstruct.py): removed experts' tokens are re-routed
+        reconstruct = layout == "llama.cpp" and method == "coverage"
     ckpt = Checkpoint(model)
     arch = arch_for_config(ckpt.config)
     if ckpt.expert_widths is not None:
@@ -182,7 +186,7 @@ def prune(
         from moe2gguf.prune.deploy import plan_deployable
 
         ftype_of(quant)
-        layer_alloc, cov, deploy_entries = plan_deployable(cal, ckpt, arch, ratio, target_size, quant.upper(), score, normalise, width, experts)
+        layer_alloc, cov, deploy_entries = plan_deployable(cal, ckpt, arch, ratio, target_size, quant.upper(), score, normalise, width, experts, probe, refit)
     else:
         layer_alloc, cov = plan(cal, ckpt, arch, ratio, method, layout, score, normalise, min_width)
     # the allocation is per MoE layer; the rewrite wants every layer ([] for dense ones)
@@ -242,13 +246,14 @@ def prune(
 @click.option("--quant", default="Q4_K_M", show_default=True, help="llama.cpp file type the target size and width alignment are planned for.")
 @click.option("--width", type=int, help="llama.cpp layout: force this expert width (a multiple of 32).")
 @click.option("--experts", type=int, help="llama.cpp layout: force this expert count per layer.")
+@click.option("--probe", default=PROBE_SHAPES, show_default=True, help="llama.cpp layout: measure this many candidate shapes (expert count x width) as pruned models on calibration tokens and keep the one of least KL-divergence; 0 ranks shapes by attribution alone.")
 @click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute contribution.")
 @click.option("--min-width", default=0, show_default=True, help="coverage: channels every expert keeps at least (0 lets experts be removed).")
 @click.option("--refit/--no-refit", default=True, show_default=True, help="Least-squares refit of kept down_proj columns on calibration activations.")
-@click.option("--reconstruct/--no-reconstruct", default=False, show_default=True, help="Re-fit kept experts' down_proj per layer so the pruned block, under its new routing, reproduces the unpruned block's output on the calibration text.")
+@click.option("--reconstruct/--no-reconstruct", default=None, help="Re-fit kept experts' down_proj per layer so the pruned block, under its new routing, reproduces the unpruned block's output on the calibration text.  [default: on with --layout llama.cpp or --target-size, off otherwise]")
 def prune_cmd(
     model: str, calib: str, ratio: float | None, output: str, method: str, layout: str, target_size: str | None, quant: str,
-    width: int | None, experts: int | None, score: str, min_width: int, refit: bool, reconstruct: bool,
+    width: int | None, experts: int | None, probe: int, score: str, min_width: int, refit: bool, reconstruct: bool | None,
 ) -> None:
     """Prune MODEL's routed experts by --ratio (or to --target-size) using CALIB/ and write a
     checkpoint in HF layout (per-expert widths in config.json) with prune_report.json."""
@@ -260,7 +265,7 @@ def prune_cmd(
         size = parse_size(target_size) if target_size is not None else None
     except ValueError as e:
         raise UserError(f"--target-size: {e}") from None
-    r = prune(model, calib, ratio, output, method, layout, score, refit=refit, min_width=min_width, target_size=size, quant=quant, width=width, experts=experts, reconstruct=reconstruct)
+    r = prune(model, calib, ratio, output, method, layout, score, refit=refit, min_width=min_width, target_size=size, quant=quant, width=width, experts=experts, reconstruct=reconstruct, probe=probe)
     if "deployable" in r:
         d = r["deployable"]
         click.echo(

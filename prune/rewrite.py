@@ -44,6 +44,25 @@ def slice_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, keep:
     return gate[keep].contiguous(), up[keep].contiguous(), new_down.contiguous()
 
 
+def pruned_layer(
+    ckpt: Checkpoint, arch: MoEArch, bid: int, channels: list[torch.Tensor], grams: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """MoE layer `bid` as the rewrite stores it: kept experts (non-empty `channels`) sliced,
+    refit when `grams` [n_experts, width, width] is given, renumbered 0..K-1, and the router
+    tensors cut to their rows. Returns (tensors by checkpoint name, original index of each kept expert)."""
+    rows = [xid for xid, ch in enumerate(channels) if ch.numel() > 0]
+    out: dict[str, torch.Tensor] = {}
+    for k, xid in enumerate(rows):
+        parts = [ckpt.tensor(arch.expert_name(bid, xid, p)) for p in ("gate", "up", "down")]
+        gram = grams[xid] if grams is not None else None
+        for p, t in zip(("gate", "up", "down"), slice_expert(*parts, channels[xid], gram), strict=True):
+            out[arch.expert_name(bid, k, p)] = t
+    for name in arch.router_tensor_names(bid):
+        if name in ckpt:  # the router, and per-expert router extras (V3's selection bias)
+            out[name] = ckpt.tensor(name)[rows]
+    return out, rows
+
+
 def routed_params(arch: MoEArch, shapes: dict[str, tuple[int, ...]]) -> int:
     return arch.param_counts(shapes).routed_experts
 
@@ -135,18 +154,12 @@ def write_pruned(
         if bid not in moe:
             stored_widths.append([])
             continue
-        kept = [(xid, ch) for xid, ch in enumerate(alloc.channels[bid]) if ch.numel() > 0]
-        for k, (xid, ch) in enumerate(kept):
-            parts = [ckpt.tensor(arch.expert_name(bid, xid, p)) for p in ("gate", "up", "down")]
-            gram = grams[bid][xid] if grams is not None else None
-            for p, t in zip(("gate", "up", "down"), slice_expert(*parts, ch, gram), strict=True):
-                shards.add(arch.expert_name(bid, k, p), t)
-        rows = [x for x, _ in kept]
-        for name in arch.router_tensor_names(bid):
-            if name in ckpt:  # the router, and per-expert router extras (V3's selection bias)
-                shards.add(name, ckpt.tensor(name)[rows])
-        stored_widths.append([int(ch.numel()) for _, ch in kept])
-        pmap[bid] = (rows, [ch.tolist() for _, ch in kept])
+        tensors, rows = pruned_layer(ckpt, arch, bid, alloc.channels[bid], grams[bid] if grams is not None else None)
+        for name, t in tensors.items():
+            shards.add(name, t)
+        kept = [alloc.channels[bid][x] for x in rows]
+        stored_widths.append([int(ch.numel()) for ch in kept])
+        pmap[bid] = (rows, [ch.tolist() for ch in kept])
     shards.close()
 
     write_prune_map(out, pmap)

@@ -11,7 +11,8 @@ pruned experts/channels). Rows:
   * coverage in the llama.cpp layout (one width, one expert count), uniform and expert-drop at
     R=0.25 and 0.5, each at Q4_K_M and Q5_K_M;
   * coverage with --target-size at the exact bytes of the uniform and expert-drop Q4_K_M files
-    (the equal-bytes comparison; per-tensor types planned by prune).
+    (the equal-bytes comparison; per-tensor types planned by prune), and, as ablations,
+    expert-drop given our --reconstruct and coverage at expert-drop's bytes without it.
 Writes OUT/bench_size.md (the table) and OUT/bench_size.png (bytes vs KLD), and prints whether
 pruned + Q4_K_M lies on or below the unpruned ladder's front at equal bytes.
 """
@@ -133,18 +134,26 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
                               shape=f"{shape['experts']}x{shape['width']}" if shape else None)
                 if q == "Q4_K_M":
                     sizes[method] = row["bytes"]
-        for other in ("uniform", "expert-drop"):  # coverage at exactly the bytes of the baseline's file
-            ck = work / f"target-{other}-{r}"
+        # ablation: the baseline given our reconstruction too, so the gain of the allocation shows apart from it
+        ck = work / f"expert-drop-recon-{r}"
+        rep = prune(str(model), calib, r, str(ck), method="expert-drop", reconstruct=True)
+        g = work / f"expert-drop-recon-{r}-Q4_K_M.gguf"
+        export(str(ck), str(g), "Q4_K_M", imatrix=calib, progress=False)
+        measure(f"expert-drop + reconstruct R={r} Q4_K_M", "expert-drop", g, quant="Q4_K_M", ratio=rep["ratio_achieved"])
+        targets = [("uniform", True), ("expert-drop", True), ("expert-drop", False)]
+        for other, recon in targets:  # coverage at exactly the bytes of the baseline's file
+            tag = "" if recon else " --no-reconstruct"
+            ck = work / f"target-{other}-{r}{tag.strip()}"
             try:
-                rep = prune(str(model), calib, None, str(ck), target_size=sizes[other], quant="Q4_K_M")
+                rep = prune(str(model), calib, None, str(ck), target_size=sizes[other], quant="Q4_K_M", reconstruct=recon)
             except UserError as e:
                 say(f"skip target {other} R={r}: {e.format_message()}")
                 continue
-            g = work / f"target-{other}-{r}.gguf"
+            g = ck.with_suffix(".gguf")
             export(str(ck), str(g), None, imatrix=calib, progress=False)  # the planned per-tensor types
             d = rep["deployable"]
-            measure(f"coverage --target-size = {other} R={r} Q4_K_M bytes", "coverage-target", g, quant="planned", ratio=rep["ratio_achieved"],
-                    shape=f"{d['experts']}x{d['width']}", target=sizes[other])
+            measure(f"coverage --target-size = {other} R={r} Q4_K_M bytes{tag}", "coverage-target", g, quant="planned", ratio=rep["ratio_achieved"],
+                    shape=f"{d['experts']}x{d['width']}", target=sizes[other], baseline=f"{other} R={r} Q4_K_M", reconstruct=recon)
 
     # ---- table, plot, sentence ----
     base_q4 = next(r for r in rows if r["label"] == "unpruned Q4_K_M")
@@ -176,7 +185,17 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
         )
     else:
         sentence = "No pruned+Q4 point falls inside the byte range of the unpruned quant ladder, so no equal-bytes comparison is possible."
-    lines += ["", sentence]
+    lines += ["", sentence, "", "Equal bytes, coverage --target-size against the baseline file it is sized to (lower is better):", ""]
+    for r in rows:
+        if r["kind"] != "coverage-target":
+            continue
+        same_bytes = [x for x in rows if x["label"] in (r["baseline"], r["baseline"].replace(" R=", " + reconstruct R="))]
+        for b in same_bytes:
+            win = r["kld"] < b["kld"] and r["ppl"] < b["ppl"]
+            lines.append(
+                f"- {r['label']} ({r['shape']}, {r['bytes']:,} B) vs {b['label']} ({b['bytes']:,} B): KLD {r['kld']:.5f} vs {b['kld']:.5f}, "
+                f"PPL {r['ppl']:.3f} vs {b['ppl']:.3f}: {'better on both' if win else 'NOT better on both'}"
+            )
     (out / "bench_size.md").write_text("\n".join(lines) + "\n")
     (out / "bench_size.json").write_text(json.dumps(rows, indent=1))
 

@@ -1,0 +1,154 @@
+"""Measured choice of the deployable shape (K experts x width W) for `--layout llama.cpp`.
+
+Attribution ranks channels inside an expert well, but it cannot price removing a whole expert:
+the removed expert's tokens go to kept experts whose channels were chosen on other tokens, and
+whether that costs a little or a lot depends on how alike the experts are. On the bundled
+model, at about 25% removed (`moe2gguf check <pruned> --base <model>`, PyTorch, 20 windows):
+
+    6 x 256 (two experts removed)    KLD 0.00261
+    7 x 224                          KLD 0.00108
+    8 x 192 (no expert removed)      KLD 0.00245
+
+a curve no fixed weight on removed-expert attribution follows. So the candidate shapes are
+measured: each one's pruned model, built exactly as the rewrite writes it (kept experts, their
+channels, the refit down_proj, the router cut to the kept rows), runs on calibration tokens,
+and its KL-divergence from the unpruned model is the score. One layer-by-layer pass serves
+every candidate: a decoder layer is materialised once and runs the unpruned hidden states and
+each candidate's own, with the MoE block's output swapped for the candidate's block. Peak
+memory is one layer, one pruned block and a hidden-state copy per candidate.
+
+On the bundled model (8,192 calibration tokens, 12 s for ten shapes) this ranks the ten shapes
+from 4x256 to 8x192 in the same order as their KLD on the held-out eval.txt, where the
+attribution heuristic (`deploy.EXPERT_LOSS_WEIGHT`) got the 0.75 group wrong (6x256 first).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from moe2gguf.arch import MoEArch, arch_for_config
+from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.prune.deploy import Shape, allocate_shape, shape_quality
+
+PROBE_TOKENS = 8192  # calibration tokens the shapes are measured on
+
+
+class _Overlay:
+    """A checkpoint seen through replaced tensors (one pruned layer), for `load_weights`."""
+
+    def __init__(self, ckpt: Checkpoint, tensors: dict[str, torch.Tensor]):
+        self.ckpt, self.tensors, self.path = ckpt, tensors, ckpt.path
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name] if name in self.tensors else self.ckpt.tensor(name)
+
+
+def candidates(fit: list[Shape], scores: list[torch.Tensor], groups: list[int], n: int) -> list[Shape]:
+    """The widest fitting width per expert count (a narrower one with the same count only
+    loses channels), ranked by attribution quality, the first `n`."""
+    widest: dict[int, Shape] = {}
+    for s in fit:
+        if s.experts not in widest or s.width > widest[s.experts].width:
+            widest[s.experts] = s
+    ranked = sorted(widest.values(), key=lambda s: -shape_quality(scores, s, groups=groups))
+    return ranked[:n]
+
+
+def _final_head(model: nn.Module, arch: MoEArch, ckpt: Checkpoint) -> tuple[nn.Module, torch.Tensor]:
+    """The final norm (materialised) and the output projection's weight (tied or not)."""
+    from moe2gguf.modeling import load_weights
+
+    base_name = arch.layers_attr.rpartition(".")[0]
+    norm = model.get_submodule(base_name).norm
+    load_weights(norm, f"{base_name}.norm.", ckpt, torch.float32)
+    if "lm_head.weight" in ckpt:
+        return norm, ckpt.tensor("lm_head.weight").float()
+    embed = model.get_input_embeddings()
+    return norm, ckpt.tensor(next(n for n, m in model.named_modules() if m is embed) + ".weight").float()
+
+
+def _kld_sum(ref: torch.Tensor, got: torch.Tensor, norm: nn.Module, head: torch.Tensor, chunk: int = 1024) -> float:
+    """sum over tokens of KL(p_ref || p_got), logits computed `chunk` tokens at a time (a
+    150k vocabulary does not fit for all tokens at once)."""
+    r, g = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+    total = 0.0
+    for i in range(0, r.shape[0], chunk):
+        lr = torch.log_softmax(norm(r[i : i + chunk]) @ head.T, -1)
+        lg = torch.log_softmax(norm(g[i : i + chunk]) @ head.T, -1)
+        total += float((lr.exp() * (lr - lg)).sum())
+    return total
+
+
+@torch.no_grad()
+def shape_klds(
+    ckpt: Checkpoint,
+    arch: MoEArch,
+    shapes: list[Shape],
+    scores: list[torch.Tensor],
+    groups: list[int],
+    windows: np.ndarray,
+    grams: dict[int, torch.Tensor] | None = None,
+    batch: int = 8,
+) -> dict[Shape, float]:
+    """Per shape, the mean KL-divergence of the pruned model's next-token distribution from the
+    unpruned one's on `windows`. Layer by layer: each decoder layer is materialised once and
+    runs the unpruned stream and, with its MoE block's output replaced by the shape's pruned
+    block, every shape's own stream."""
+    from moe2gguf.modeling import build_model, load_weights
+    from moe2gguf.prune.calibrate import catch_layer_inputs
+    from moe2gguf.prune.rewrite import pruned_config, pruned_layer
+
+    model = build_model(arch)
+    layers = model.get_submodule(arch.layers_attr)
+    ref, kwargs, _ = catch_layer_inputs(model, arch, ckpt, windows, batch)
+    streams = {s: [h.clone() for h in ref] for s in shapes}
+    allocs = {s: allocate_shape(scores, s, groups) for s in shapes}
+    pruned = {}
+    for s in shapes:  # meta-device models of each shape, for their blocks' structure
+        widths = [[s.width] * s.experts if arch.is_moe_layer(b) else [] for b in range(arch.n_layers)]
+        parch = arch_for_config(pruned_config(arch, ckpt.config, widths))
+        pruned[s] = (parch, build_model(parch))
+    moe_index = {b: i for i, b in enumerate(arch.moe_layers)}
+
+    def run(layer: nn.Module, hidden: list[torch.Tensor]) -> None:
+        for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+            out = layer(h, **kw)
+            hidden[i] = out[0] if isinstance(out, tuple) else out
+
+    for bid in tqdm(range(arch.n_layers), desc="probe shapes", unit="layer"):
+        layer = layers[bid]
+        load_weights(layer, f"{arch.layers_attr}.{bid}.", ckpt, torch.float32)
+        run(layer, ref)
+        for s in shapes:
+            if bid not in moe_index:
+                run(layer, streams[s])
+                continue
+            parch, pmodel = pruned[s]
+            block = parch.moe_block(pmodel, bid)
+            name = next(n for n, m in pmodel.named_modules() if m is block)
+            tensors, _ = pruned_layer(ckpt, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
+            load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32)
+            hook = arch.moe_block(model, bid).register_forward_hook(lambda _m, args, _out, block=block: block(*args))
+            try:
+                run(layer, streams[s])
+            finally:
+                hook.remove()
+            block.to("meta")
+        layer.to("meta")
+    norm, head = _final_head(model, arch, ckpt)
+    n = sum(h.shape[0] * h.shape[1] for h in ref)
+    return {s: sum(_kld_sum(r, g, norm, head) for r, g in zip(ref, streams[s], strict=True)) / n for s in shapes}
+
+
+def probe_windows(model: str | pathlib.Path, info: dict, tokens: int = PROBE_TOKENS) -> np.ndarray:
+    """Windows of the calibration texts (calib.json) for the probe: `tokens` of them at the
+    calibration's context, spread over the texts as calibrate spreads its own."""
+    from moe2gguf.prune.calibrate import spread_windows, tokenize
+
+    texts = info["texts"]
+    return spread_windows(tokenize(model, texts), texts, min(tokens, info["tokens"]), info["ctx"])

@@ -1,0 +1,92 @@
+"""prune/probe.py: the deployable shape is chosen by measured KL-divergence of each candidate's
+pruned model, and what the probe measures is the model the rewrite writes."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+from conftest import REFERENCE, save_tiny, tiny_qwen3moe_config
+from moe2gguf.arch import arch_for_config
+from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.modeling import load_model
+from moe2gguf.prune.calibrate import calibrate
+from moe2gguf.prune.deploy import Shape, lean_down_types, predict_layout_bytes
+from moe2gguf.prune.probe import candidates, probe_windows, shape_klds
+from moe2gguf.prune.prune import Calib, prune
+
+
+@pytest.fixture(scope="module")
+def model64(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
+    """A tiny Qwen3-MoE with experts 64 wide (widths 32 and 64 in the layout) + its calibration."""
+    from transformers import Qwen3MoeForCausalLM
+
+    d = tmp_path_factory.mktemp("probe")
+    torch.manual_seed(1)
+    model = save_tiny(Qwen3MoeForCausalLM(tiny_qwen3moe_config(moe_intermediate_size=64)), d / "model")
+    text = d / "calib.txt"
+    text.write_text((REFERENCE / "calib.txt").read_text()[:20000])
+    calibrate(str(model), [str(text)], str(d / "calib"), tokens=1024, ctx=64)
+    return model, d / "calib"
+
+
+def _kld(pruned: pathlib.Path, base: pathlib.Path, windows) -> float:  # noqa: ANN001
+    ids = torch.from_numpy(windows)
+    with torch.no_grad():
+        lp = torch.log_softmax(load_model(str(pruned))[0](input_ids=ids).logits, -1)
+        lq = torch.log_softmax(load_model(str(base))[0](input_ids=ids).logits, -1)
+    return float((lq.exp() * (lq - lp)).sum(-1).mean())
+
+
+def test_probe_kld_is_the_kld_of_the_written_checkpoint(model64, tmp_path: pathlib.Path) -> None:
+    model, calib_dir = model64
+    ckpt = Checkpoint(model)
+    arch = arch_for_config(ckpt.config)
+    cal = Calib(calib_dir, arch, ckpt)
+    attr = cal.attribution()
+    windows = probe_windows(model, cal.info)
+    shapes = [Shape(6, 64), Shape(8, 32), Shape(3, 64)]
+    got = shape_klds(ckpt, arch, shapes, attr, [1, 1], windows, cal.grams)
+    for s in shapes:
+        out = tmp_path / f"{s.experts}x{s.width}"
+        prune(str(model), str(calib_dir), 1 - s.experts * s.width / (8 * 64) - 1e-9, str(out), layout="llama.cpp",
+              width=s.width, experts=s.experts, probe=0, reconstruct=False)
+        assert got[s] == pytest.approx(_kld(out, model, windows), rel=1e-3, abs=1e-7)
+    assert got[Shape(3, 64)] > got[Shape(6, 64)] > 0  # removing more experts costs more
+
+
+def test_llama_cpp_layout_keeps_the_least_kld_candidate_and_reconstructs(model64, tmp_path: pathlib.Path) -> None:
+    model, calib_dir = model64
+    rep = prune(str(model), str(calib_dir), 0.3, str(tmp_path / "out"), layout="llama.cpp")
+    probed = [s for s in rep["shapes_considered"] if "probe_kld" in s]
+    assert len({s["experts"] for s in probed}) == len(probed) > 1  # one candidate per expert count
+    best = min(probed, key=lambda s: s["probe_kld"])
+    assert (rep["deployable"]["experts"], rep["deployable"]["width"]) == (best["experts"], best["width"])
+    assert rep["deployable"]["chosen_by"].startswith("probe")
+    assert rep["reconstruct"] is not None  # on by default in this layout
+    ragged = prune(str(model), str(calib_dir), 0.3, str(tmp_path / "ragged"))
+    assert ragged["reconstruct"] is None
+
+
+def test_candidates_are_the_widest_fitting_width_per_expert_count() -> None:
+    fit = [Shape(6, 256), Shape(6, 224), Shape(7, 192), Shape(7, 224), Shape(8, 160)]
+    scores = [torch.rand(8, 256) for _ in range(2)]
+    got = candidates(fit, scores, [1, 1], 8)
+    assert sorted((s.experts, s.width) for s in got) == [(6, 256), (7, 224), (8, 160)]
+    assert len(candidates(fit, scores, [1, 1], 2)) == 2
+
+
+def test_size_targets_price_unaligned_down_at_its_layers_base_type() -> None:
+    """Width 224 is no multiple of Q4_K's 256: llama.cpp would store Q4_K_M's Q6_K ffn_down as
+    Q8_0; the target planner's floor is IQ4_NL (Q4_K's bits), which upgrades may raise again."""
+    ckpt = Checkpoint(REFERENCE)
+    arch = arch_for_config(ckpt.config)
+    plain = predict_layout_bytes(ckpt, arch, Shape(7, 224), "Q4_K_M")
+    assert "Q8_0" in {t for n, t in plain.tensor_types.items() if "ffn_down_exps" in n}
+    lean = predict_layout_bytes(ckpt, arch, Shape(7, 224), "Q4_K_M", lean_down_types(plain))
+    assert {t for n, t in lean.tensor_types.items() if "ffn_down_exps" in n} == {"IQ4_NL"}
+    assert lean.total_bytes < plain.total_bytes
+    aligned = predict_layout_bytes(ckpt, arch, Shape(6, 256), "Q4_K_M")
+    assert {t for _, t in lean_down_types(aligned)} == {"Q4_K"}  # Q4_K_M's Q6_K layers go to the base type
