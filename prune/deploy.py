@@ -267,7 +267,7 @@ def _human(n: float) -> str:
     return f"{n / 2**20:.2f} MiB ({int(n):,} bytes)"
 
 
-def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", normalise=True, width=None, experts=None, probe=PROBE_SHAPES, refit=True):  # noqa: ANN001, ANN201, PLR0913
+def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", normalise=True, width=None, experts=None, probe=PROBE_SHAPES, refit=True, reconstruct=False):  # noqa: ANN001, ANN201, PLR0913
     """(per-MoE-layer Allocation, coverage, report entries) for `--layout llama.cpp`. With
     `probe` > 0 the shape is the one of least measured KLD (on calibration tokens) among the `probe` most
     promising fitting shapes (prune/probe.py); with 0, the one of best attribution quality."""
@@ -315,10 +315,12 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     def choose(fit: list[Shape]) -> tuple[Shape, float]:
         if probe <= 0 or len(fit) == 1:
             return best_shape(attr, fit, groups)
-        from moe2gguf.prune.probe import candidates, probe_windows, shape_klds
+        from moe2gguf.prune.probe import PROBE_TOKENS, candidates, probe_windows, shape_klds
 
         cands = candidates(fit, attr, groups, probe)
-        measured.update(shape_klds(ckpt, arch, cands, attr, groups, probe_windows(ckpt.path, cal.info), cal.grams if refit else None))
+        # the re-fit needs as many tokens as prune's own (prune/probe.py); the plain probe far fewer
+        tokens = cal.info["tokens"] if reconstruct else PROBE_TOKENS
+        measured.update(shape_klds(ckpt, arch, cands, attr, groups, probe_windows(ckpt.path, cal.info, tokens), cal.grams if refit else None, reconstruct))
         best = min(cands, key=lambda s: (measured[s], s.experts * s.width))
         return best, shape_coverage(attr, best, groups)
 

@@ -20,6 +20,13 @@ memory is one layer, one pruned block and a hidden-state copy per candidate.
 On the bundled model (8,192 calibration tokens, 12 s for ten shapes) this ranks the ten shapes
 from 4x256 to 8x192 in the same order as their KLD on the held-out eval.txt, where the
 attribution heuristic (`deploy.EXPERT_LOSS_WEIGHT`) got the 0.75 group wrong (6x256 first).
+
+`--reconstruct` (on by default in this layout) changes the ranking: it helps a shape that
+removed experts more (eval KLD 6x256 0.00261 -> 0.00158, 8x192 0.00245 -> 0.00207). So the
+probe then re-fits every candidate the same way (`reconstruct.BlockFit`) on half the batches
+and measures on the other half. The re-fit needs the tokens prune's own uses: fit on 4,096
+tokens it overfits (held-out KLD of 6x256 0.0080, worse than without it); fit on 16,384 of
+the 32,768 calibration tokens it ranks 7x224 < 6x256 < 8x192 as eval.txt does (60 s, 7 shapes).
 """
 
 from __future__ import annotations
@@ -93,14 +100,18 @@ def shape_klds(
     groups: list[int],
     windows: np.ndarray,
     grams: dict[int, torch.Tensor] | None = None,
+    reconstruct: bool = False,
     batch: int = 8,
 ) -> dict[Shape, float]:
     """Per shape, the mean KL-divergence of the pruned model's next-token distribution from the
     unpruned one's on `windows`. Layer by layer: each decoder layer is materialised once and
     runs the unpruned stream and, with its MoE block's output replaced by the shape's pruned
-    block, every shape's own stream."""
+    block, every shape's own stream. With `reconstruct`, each pruned block is first re-fit as
+    `prune --reconstruct` does (prune/reconstruct.py) on the even batches of windows, and the
+    KLD is taken on the odd ones, so that a shape is not credited for fitting its own test tokens."""
     from moe2gguf.modeling import build_model, load_weights
     from moe2gguf.prune.calibrate import catch_layer_inputs
+    from moe2gguf.prune.reconstruct import BlockFit
     from moe2gguf.prune.rewrite import pruned_config, pruned_layer
 
     model = build_model(arch)
@@ -114,35 +125,55 @@ def shape_klds(
         parch = arch_for_config(pruned_config(arch, ckpt.config, widths))
         pruned[s] = (parch, build_model(parch))
     moe_index = {b: i for i, b in enumerate(arch.moe_layers)}
+    fit_batches = range(0, len(ref), 2) if len(ref) > 1 else range(len(ref))
 
-    def run(layer: nn.Module, hidden: list[torch.Tensor]) -> None:
-        for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-            out = layer(h, **kw)
-            hidden[i] = out[0] if isinstance(out, tuple) else out
+    def run(layer: nn.Module, hidden: list[torch.Tensor], batches: range | None = None) -> list[torch.Tensor]:
+        out = []
+        for i in batches if batches is not None else range(len(hidden)):
+            y = layer(hidden[i], **kwargs[i])
+            out.append(y[0] if isinstance(y, tuple) else y)
+        return out
 
     for bid in tqdm(range(arch.n_layers), desc="probe shapes", unit="layer"):
         layer = layers[bid]
         load_weights(layer, f"{arch.layers_attr}.{bid}.", ckpt, torch.float32)
-        run(layer, ref)
+        ref[:] = run(layer, ref)
         for s in shapes:
             if bid not in moe_index:
-                run(layer, streams[s])
+                streams[s][:] = run(layer, streams[s])
                 continue
             parch, pmodel = pruned[s]
             block = parch.moe_block(pmodel, bid)
             name = next(n for n, m in pmodel.named_modules() if m is block)
             tensors, _ = pruned_layer(ckpt, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
             load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32)
-            hook = arch.moe_block(model, bid).register_forward_hook(lambda _m, args, _out, block=block: block(*args))
+            oblock = arch.moe_block(model, bid)
+            if reconstruct:  # the unpruned block's output on the pruned stream is the fit's target
+                fit = BlockFit(block, arch.hidden_size)
+
+                def swap_and_fit(_m, args, out, block=block, fit=fit):  # noqa: ANN001, ANN202
+                    y = block(*args)
+                    fit.add(out[0] if isinstance(out, tuple) else out)
+                    return y
+
+                hook = oblock.register_forward_hook(swap_and_fit)
+                try:
+                    with fit.observe():
+                        run(layer, streams[s], fit_batches)
+                finally:
+                    hook.remove()
+                fit.solve()
+            hook = oblock.register_forward_hook(lambda _m, args, _out, block=block: block(*args))
             try:
-                run(layer, streams[s])
+                streams[s][:] = run(layer, streams[s])
             finally:
                 hook.remove()
             block.to("meta")
         layer.to("meta")
     norm, head = _final_head(model, arch, ckpt)
-    n = sum(h.shape[0] * h.shape[1] for h in ref)
-    return {s: sum(_kld_sum(r, g, norm, head) for r, g in zip(ref, streams[s], strict=True)) / n for s in shapes}
+    test = range(1, len(ref), 2) if reconstruct and len(ref) > 1 else range(len(ref))
+    n = sum(ref[i].shape[0] * ref[i].shape[1] for i in test)
+    return {s: sum(_kld_sum(ref[i], streams[s][i], norm, head) for i in test) / n for s in shapes}
 
 
 def probe_windows(model: str | pathlib.Path, info: dict, tokens: int = PROBE_TOKENS) -> np.ndarray:

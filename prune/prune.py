@@ -186,7 +186,7 @@ def prune(
         from moe2gguf.prune.deploy import plan_deployable
 
         ftype_of(quant)
-        layer_alloc, cov, deploy_entries = plan_deployable(cal, ckpt, arch, ratio, target_size, quant.upper(), score, normalise, width, experts, probe, refit)
+        layer_alloc, cov, deploy_entries = plan_deployable(cal, ckpt, arch, ratio, target_size, quant.upper(), score, normalise, width, experts, probe, refit, reconstruct)
     else:
         layer_alloc, cov = plan(cal, ckpt, arch, ratio, method, layout, score, normalise, min_width)
     # the allocation is per MoE layer; the rewrite wants every layer ([] for dense ones)

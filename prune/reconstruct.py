@@ -27,7 +27,9 @@ llama.cpp` (and `--target-size`), where experts are removed; off for the ragged 
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -87,6 +89,62 @@ def features(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, e
     return f
 
 
+# ----- one block ---------------------------------------------------------------------------------
+
+
+class BlockFit:
+    """Normal equations of one pruned MoE block, fed while the block runs: `observe()` hooks
+    it; after each call, `add(y_orig)` takes the unpruned block's output on the same input.
+    `solve()` re-fits the kept experts' down_proj in place."""
+
+    def __init__(self, block: nn.Module, hidden: int):
+        self.block, self.experts = block, block.experts
+        self.widths = [e.down_proj.in_features for e in self.experts]
+        self.eq = Normal(sum(self.widths), hidden)
+        self.got: dict = {}
+
+    @contextlib.contextmanager
+    def observe(self) -> Iterator[None]:
+        got = self.got
+
+        def post(_m, _args, out):  # noqa: ANN001, ANN202
+            got["block"] = out[0] if isinstance(out, tuple) else out
+
+        def routed(_m, args, kw, out):  # noqa: ANN001, ANN202
+            h, idx, w = args if len(args) == 3 else (args[0], kw["top_k_index"], kw["top_k_weights"])
+            got["feat"] = features(h, idx, w, self.experts)
+            got["routed"] = out
+
+        hs = [self.block.register_forward_hook(post), self.experts.register_forward_hook(routed, with_kwargs=True)]
+        try:
+            yield
+        finally:
+            for hd in hs:
+                hd.remove()
+
+    def add(self, y_orig: torch.Tensor) -> None:
+        # the routed part the unpruned block produced (shared experts etc. are equal in both)
+        h = y_orig.shape[-1]
+        target = (y_orig - self.got["block"]).reshape(-1, h) + self.got["routed"].reshape(-1, h)
+        self.eq.add(self.got["feat"], target)
+
+    def solve(self, ridge: float = RIDGE) -> tuple[list[torch.Tensor], dict]:
+        """Write the re-fit down_proj into the block; returns them and the relative errors."""
+        d0 = torch.cat([e.down_proj.weight.double() for e in self.experts], dim=1)
+        d = solve_down(self.eq, d0, ridge)
+        err = {"rel_err_before": block_error(self.eq, d0) / self.eq.yy, "rel_err_after": block_error(self.eq, d) / self.eq.yy}
+        out, off = [], 0
+        for e, w in zip(self.experts, self.widths, strict=True):
+            e.down_proj.weight.copy_(d[:, off : off + w].float())
+            out.append(d[:, off : off + w])
+            off += w
+        return out, err
+
+
+def _output(out):  # noqa: ANN001, ANN202
+    return out[0] if isinstance(out, tuple) else out
+
+
 # ----- the layer-by-layer pass ------------------------------------------------------------------
 
 
@@ -114,49 +172,22 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
             olayer = olayers[bid]
             load_weights(olayer, prefix, orig, torch.float32)
             block, oblock = parch.moe_block(model, bid), arch.moe_block(omodel, bid)
-            experts = block.experts
-            widths = [e.down_proj.in_features for e in experts]
-            eq = Normal(sum(widths), parch.hidden_size)
-            got: dict = {}
-
-            def pre(_m, args, got=got):  # noqa: ANN001, ANN202
-                got["x"] = args[0]
-
-            def post(_m, _args, out, got=got):  # noqa: ANN001, ANN202
-                got["block"] = out[0] if isinstance(out, tuple) else out
-
-            def routed(_m, args, kw, out, got=got, experts=experts):  # noqa: ANN001, ANN202
-                h, idx, w = args if len(args) == 3 else (args[0], kw["top_k_index"], kw["top_k_weights"])
-                got["feat"] = features(h, idx, w, experts)
-                got["routed"] = out
-
-            hs = [block.register_forward_pre_hook(pre), block.register_forward_hook(post),
-                  experts.register_forward_hook(routed, with_kwargs=True)]
+            fit = BlockFit(block, parch.hidden_size)
+            x_in: list[torch.Tensor] = []
+            grab = block.register_forward_pre_hook(lambda _m, args: x_in.append(args[0]))
             try:
-                for h, kw in zip(hidden, kwargs, strict=True):
-                    layer(h, **kw)
-                    x = got["x"]
-                    y_orig = oblock(x)
-                    y_orig = y_orig[0] if isinstance(y_orig, tuple) else y_orig
-                    # the routed part the original block produced (shared experts etc. equal)
-                    target = (y_orig - got["block"]).reshape(-1, x.shape[-1]) + got["routed"].reshape(-1, x.shape[-1])
-                    eq.add(got["feat"], target)
+                with fit.observe():
+                    for h, kw in zip(hidden, kwargs, strict=True):
+                        layer(h, **kw)
+                        fit.add(_output(oblock(x_in.pop())))
             finally:
-                for hd in hs:
-                    hd.remove()
-            d0 = torch.cat([e.down_proj.weight.double() for e in experts], dim=1)
-            d = solve_down(eq, d0, ridge)
-            before, after = block_error(eq, d0) / eq.yy, block_error(eq, d) / eq.yy
-            report[str(bid)] = {"rel_err_before": before, "rel_err_after": after}
-            off = 0
-            for xid, (e, w) in enumerate(zip(experts, widths, strict=True)):
-                e.down_proj.weight.copy_(d[:, off : off + w].float())
-                new[parch.expert_name(bid, xid, "down")] = d[:, off : off + w]
-                off += w
+                grab.remove()
+            downs, report[str(bid)] = fit.solve(ridge)
+            for xid, d in enumerate(downs):
+                new[parch.expert_name(bid, xid, "down")] = d
             olayer.to("meta")
         for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-            out = layer(h, **kw)
-            hidden[i] = out[0] if isinstance(out, tuple) else out
+            hidden[i] = _output(layer(h, **kw))
         layer.to("meta")
     _rewrite_tensors(pathlib.Path(pruned_dir), new)
     return report
