@@ -39,6 +39,14 @@ from moe2gguf.checkpoint import Checkpoint
 
 F64 = torch.float64
 RIDGE = 1e-3
+# The joint system of a layer has (K*W)^2 float64 entries: 2.4 MB on the bundled model, but
+# 43 GB for Qwen3-30B-A3B at 96 experts x 768. Above this the re-fit is skipped (and said).
+JOINT_LIMIT = 4 << 30
+
+
+def joint_fits(n_features: int) -> bool:
+    """Whether a layer with this many kept channels (K*W) can be re-fit within JOINT_LIMIT."""
+    return 8 * n_features**2 <= JOINT_LIMIT
 
 
 # ----- pure math ------------------------------------------------------------------------------
@@ -152,12 +160,15 @@ def _output(out):  # noqa: ANN001, ANN202
 def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windows, batch: int = 8, ridge: float = RIDGE) -> dict:  # noqa: ANN001
     """Re-fit the down_proj of every kept expert in the pruned checkpoint `pruned_dir` (written
     by the rewrite) in place. Returns per MoE layer the relative block-output error on the
-    calibration tokens before and after."""
+    calibration tokens before and after, or {"skipped": why} when a layer's system is too large."""
     from moe2gguf.modeling import build_model, load_weights
     from moe2gguf.prune.calibrate import catch_layer_inputs
 
     pck = Checkpoint(pruned_dir)
     parch = arch_for_config(pck.config)
+    widest = max(sum(w) for w in parch.expert_widths())
+    if not joint_fits(widest):
+        return {"skipped": f"{widest} kept channels per layer need a {8 * widest**2 / 2**30:.0f} GiB joint system (limit {JOINT_LIMIT / 2**30:.0f} GiB)"}
     model, omodel = build_model(parch), build_model(arch)
     layers, olayers = model.get_submodule(parch.layers_attr), omodel.get_submodule(arch.layers_attr)
     hidden, kwargs, _ = catch_layer_inputs(model, parch, pck, windows, batch)

@@ -54,3 +54,19 @@ def test_reconstruction_lowers_the_error_on_calibration_tokens(tiny_qwen3moe: pa
     assert json.loads((tmp_path / "rec" / "prune_report.json").read_text())["reconstruct"] == rec["reconstruct"]
     wins = spread_windows(tokenize(tiny_qwen3moe, [str(text)]), [str(text)], 1024, 64)
     assert _logit_error(tmp_path / "rec", tiny_qwen3moe, wins) < 0.9 * _logit_error(tmp_path / "plain", tiny_qwen3moe, wins)
+
+
+def test_a_joint_system_over_the_limit_is_skipped_and_said(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    import moe2gguf.prune.reconstruct as R
+
+    text = tmp_path / "calib.txt"
+    text.write_text((REFERENCE / "calib.txt").read_text()[:20000])
+    calibrate(str(tiny_qwen3moe), [str(text)], str(tmp_path / "calib"), tokens=512, ctx=64)
+    plain = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "plain"), method="expert-drop")
+    monkeypatch.setattr(R, "JOINT_LIMIT", 8 * (6 * 32) ** 2 - 1)  # one byte short of 6 experts x 32
+    rec = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "rec"), method="expert-drop", reconstruct=True)
+    assert "skipped" in rec["reconstruct"] and plain["experts_kept"] == [6, 6]
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "rec" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
