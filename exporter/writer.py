@@ -116,7 +116,7 @@ def plan_export(model_dir: str | pathlib.Path | Checkpoint, write_type: str = "F
         if hf in experts:
             continue
         gname = arch.gguf_name(hf, tmap)
-        if gname is None:
+        if gname is None:  # rotary tables, MTP layers (MoEArch.is_mtp): llama.cpp has none
             continue
         # the arch may rename, split or transform the tensor: run its hook on a meta tensor
         # for the shapes now, and on the real tensor at write time

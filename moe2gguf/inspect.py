@@ -42,6 +42,8 @@ def inspect_model(model: str) -> dict:
         "params_routed_experts": counts.routed_experts,
         "params_shared_experts": counts.shared_experts,
         "params_active_per_token": counts.active_per_token,
+        # multi-token-prediction layers (DeepSeek-V3): stored, but llama.cpp drops them
+        "params_mtp_not_exported": counts.mtp,
         "bytes_bf16": 2 * counts.total,
         "file_bytes": ckpt.weight_bytes,
     }
@@ -86,6 +88,7 @@ def inspect_cmd(model: str, as_json: bool) -> None:
         ("params total", _fmt(info["params_total"])),
         ("params routed experts", _fmt(info["params_routed_experts"])),
         ("params active / token", _fmt(info["params_active_per_token"])),
+        *([("MTP (not exported)", _fmt(info["params_mtp_not_exported"]))] if info["params_mtp_not_exported"] else []),
         ("bytes at bf16", f"{info['bytes_bf16'] / 2**20:.1f} MiB"),
         ("weights on disk", f"{info['file_bytes'] / 2**20:.1f} MiB"),
     ]

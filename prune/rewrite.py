@@ -140,7 +140,8 @@ def write_pruned(
         m = re.match(re.escape(arch.layers_attr) + r"\.(\d+)\.", name)
         if m and int(m.group(1)) < arch.n_layers:
             per_layer.setdefault(int(m.group(1)), []).append(name)
-        else:
+        else:  # embeddings, final norm, head, and the MTP layers (MoEArch.is_mtp): copied
+            # unchanged, since neither transformers nor the export reads the MTP layers
             rest.append(name)
 
     shards = _ShardWriter(out, shard_bytes)

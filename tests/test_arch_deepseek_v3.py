@@ -5,7 +5,9 @@ flags llama.cpp does not reproduce are refused."""
 
 from __future__ import annotations
 
+import json
 import pathlib
+import re
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from moe2gguf.inspect import inspect_model
-from test_arch_common import assert_refused, build_tiny, f32_roundtrip, gguf_shapes, gguf_value, tensor_counts
+from test_arch_common import assert_refused, build_tiny, f32_roundtrip, gguf_shapes, gguf_value, load_in_llama_cpp, tensor_counts
 
 H, W, E = 64, 32, 8
 
@@ -40,11 +42,33 @@ def tiny(tmp_path: pathlib.Path) -> pathlib.Path:
     g = torch.Generator().manual_seed(1)
     for name in [n for n in t if n.endswith("e_score_correction_bias")]:
         t[name] = torch.randn(E, generator=g) * 0.3
-    # an MTP layer as V3 checkpoints carry after the decoder layers (not part of the decoder)
-    t["model.layers.3.enorm.weight"] = torch.ones(H)
-    t["model.layers.3.mlp.experts.0.up_proj.weight"] = torch.zeros(W, H)
     save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+    add_mtp_layer(folder)  # as V3 checkpoints carry it, so every test below sees one
     return folder
+
+
+def add_mtp_layer(folder: pathlib.Path) -> int:
+    """Append a multi-token-prediction layer as real V3 checkpoints store it: layer
+    `num_hidden_layers`, a full MoE decoder layer (named like the last one) plus enorm, hnorm,
+    eh_proj, its own embed_tokens and shared_head; random values, so that using it anywhere
+    would change results. Returns its parameter count."""
+    cfg = json.loads((folder / "config.json").read_text())
+    n, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
+    t = load_file(folder / "model.safetensors")
+    g = torch.Generator().manual_seed(2)
+    mtp = {
+        re.sub(rf"^model\.layers\.{n - 1}\.", f"model.layers.{n}.", k): torch.randn(v.shape, generator=g) * 0.1
+        for k, v in t.items()
+        if k.startswith(f"model.layers.{n - 1}.")
+    }
+    extra = {"enorm.weight": (H,), "hnorm.weight": (H,), "eh_proj.weight": (H, 2 * H), "embed_tokens.weight": (vocab, H),
+             "shared_head.norm.weight": (H,), "shared_head.head.weight": (vocab, H)}
+    mtp.update({f"model.layers.{n}.{k}": torch.randn(shape, generator=g) * 0.1 for k, shape in extra.items()})
+    assert f"model.layers.{n}.mlp.experts.0.up_proj.weight" in mtp and len(mtp) > len(extra) + 10
+    save_file({**t, **mtp}, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return sum(v.numel() for v in mtp.values())
 
 
 def test_f32_export_matches_torch(tiny, tmp_path):
@@ -66,6 +90,32 @@ def test_inspect_counts_match_tensors(tiny):
     want = tensor_counts(tiny, routed, r"layers\.[0-2]\.mlp\.shared_experts\.", n_used=2)
     assert (info["params_routed_experts"], info["params_shared_experts"]) == (want["experts"], want["shared"])
     assert info["dense_layers"] == [0] and info["experts_routed"] == E
+
+
+def test_mtp_layer_is_counted_apart_and_not_exported(tmp_path):
+    # llama.cpp's converter skips model.layers.{bid} with bid >= block_count (the MTP
+    # layers): inspect must not count them in the model, export must leave them out
+    from click.testing import CliRunner
+
+    from moe2gguf.cli import cli
+    from moe2gguf.exporter.export import export
+
+    folder = build_tiny(DeepseekV3ForCausalLM, config(), tmp_path / "tiny-v3-mtp")
+    before = inspect_model(str(folder))
+    added = add_mtp_layer(folder)
+    after = inspect_model(str(folder))
+    assert before["params_mtp_not_exported"] == 0 and after["params_mtp_not_exported"] == added
+    for key in ("params_total", "params_routed_experts", "params_shared_experts", "params_active_per_token", "bytes_bf16"):
+        assert after[key] == before[key], key
+    text = CliRunner().invoke(cli, ["inspect", str(folder)], catch_exceptions=False).output
+    assert "MTP (not exported)" in text
+
+    out = tmp_path / "mtp-f32.gguf"
+    export(str(folder), str(out), "F32", progress=False)
+    shapes = gguf_shapes(out)
+    assert not any(n.startswith("blk.3.") for n in shapes) and "blk.2.ffn_up_exps.weight" in shapes
+    assert gguf_value(out, "deepseek2.block_count") == 3
+    load_in_llama_cpp(out)
 
 
 @pytest.mark.parametrize("flag, value", [("rope_interleave", False), ("scoring_func", "softmax"), ("n_group", 3)])

@@ -28,6 +28,8 @@ class ParamCounts:
     routed_experts: int
     shared_experts: int
     active_per_token: int
+    # tensors of the multi-token-prediction layers (`MoEArch.is_mtp`), in none of the above
+    mtp: int
 
 
 class MoEArch:
@@ -95,6 +97,14 @@ class MoEArch:
     def check_supported(self) -> None:
         """Refuse config flags that change the model in ways this file does not handle."""
 
+    def is_mtp(self, hf_name: str) -> bool:
+        """True for a tensor of a layer numbered `n_layers` or above: how DeepSeek-V3 stores its
+        multi-token-prediction (MTP) layers (`num_nextn_predict_layers` of them). Neither
+        transformers nor llama.cpp runs them (upstream's converter skips model.layers.{bid}
+        with bid >= block_count), so they are counted apart and never exported."""
+        m = re.match(re.escape(self.layers_attr) + r"\.(\d+)\.", hf_name)
+        return m is not None and int(m.group(1)) >= self.n_layers
+
     # --- experts as stored ------------------------------------------------------------
     @property
     def moe_layers(self) -> list[int]:
@@ -145,7 +155,8 @@ class MoEArch:
         return {n for n in all_names if n.startswith(prefixes)}
 
     def param_counts(self, shapes: dict[str, tuple[int, ...]]) -> ParamCounts:
-        """Counts from tensor shapes (safetensors headers); active = non-routed + top-k mean experts."""
+        """Counts from tensor shapes (safetensors headers); active = non-routed + top-k mean
+        experts. MTP tensors count only in `mtp`: the model that runs is without them."""
 
         def numel(name: str) -> int:
             n = 1
@@ -153,7 +164,8 @@ class MoEArch:
                 n *= d
             return n
 
-        total = sum(numel(n) for n in shapes)
+        mtp = sum(numel(n) for n in shapes if self.is_mtp(n))
+        total = sum(numel(n) for n in shapes) - mtp
         routed = 0
         active_routed = 0.0
         for bid, widths in enumerate(self.expert_widths()):
@@ -163,7 +175,7 @@ class MoEArch:
             routed += layer
             active_routed += min(self.n_used, len(widths)) * layer / len(widths)
         shared = sum(numel(n) for n in self.shared_tensor_names(list(shapes)))
-        return ParamCounts(total, routed, shared, int(round(total - routed + active_routed)))
+        return ParamCounts(total, routed, shared, int(round(total - routed + active_routed)), mtp)
 
     # --- PyTorch model ----------------------------------------------------------------
     def moe_block(self, model: nn.Module, bid: int) -> nn.Module:
@@ -252,8 +264,9 @@ class MoEArch:
         return gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
 
     def gguf_name(self, hf_name: str, tmap: gguf.TensorNameMap) -> str | None:
-        """GGUF name of a non-expert HF tensor (None: not part of the GGUF, e.g. rotary tables)."""
-        if hf_name.endswith("rotary_emb.inv_freq"):
+        """GGUF name of a non-expert HF tensor (None: not part of the GGUF, e.g. rotary tables
+        and MTP layers)."""
+        if hf_name.endswith("rotary_emb.inv_freq") or self.is_mtp(hf_name):
             return None
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:

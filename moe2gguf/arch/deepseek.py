@@ -76,9 +76,6 @@ class DeepseekV2(MoEArch):
                 gate.register_buffer("e_score_correction_bias", bias.new_empty(len(w)), persistent=True)
 
     def gguf_name(self, hf_name: str, tmap: gguf.TensorNameMap) -> str | None:
-        m = _LAYER.match(hf_name)
-        if m and int(m.group(1)) >= self.n_layers:
-            return None  # V3's multi-token-prediction layers: not part of the decoder
         # gguf-py knows the router bias under llama.cpp's renamed form
         return super().gguf_name(hf_name.replace("e_score_correction_bias", "e_score_correction.bias"), tmap)
 
@@ -163,7 +160,10 @@ class DeepseekV2(MoEArch):
 @register
 class DeepseekV3(DeepseekV2):
     """V3 routing: sigmoid scores, a per-expert selection bias (`e_score_correction_bias`,
-    llama.cpp's exp_probs_b), group-limited top-k, optional renormalisation."""
+    llama.cpp's exp_probs_b), group-limited top-k, optional renormalisation. Its checkpoints
+    carry multi-token-prediction layers after the decoder's; MoEArch.is_mtp's default (layers
+    numbered num_hidden_layers and up) names them, so inspect counts them apart and export
+    leaves them out, as llama.cpp's converter does."""
 
     hf_architectures = ("DeepseekV3ForCausalLM",)
     model_type = "deepseek_v3"
