@@ -85,7 +85,7 @@ def shape_coverage(scores: list[torch.Tensor], shape: Shape, groups: list[int] |
 EXPERT_LOSS_WEIGHT = 5.0
 # ...which is why `--layout llama.cpp` measures its candidate shapes instead (prune/probe.py):
 # this many, the most promising by shape_quality; 0 ranks by shape_quality alone
-PROBE_SHAPES = 8
+PROBE_SHAPES = 4
 
 
 def shape_quality(scores: list[torch.Tensor], shape: Shape, weight: float = EXPERT_LOSS_WEIGHT, groups: list[int] | None = None) -> float:

@@ -1,6 +1,6 @@
 """Quality vs GGUF size on the bundled model: pruned + quantized against plain quantization.
 
-    python tools/bench_size.py -o docs/bench            # ~10 min on 2 cores
+    python tools/bench_size.py -o docs/bench            # ~17 min on 2 cores
     python tools/bench_size.py -o /tmp/b --chunks 10    # quicker, noisier
 
 Every point is a real GGUF measured with moe2gguf.exporter.check.check (llama-cpp-python,
@@ -12,7 +12,8 @@ pruned experts/channels). Rows:
     R=0.25 and 0.5, each at Q4_K_M and Q5_K_M;
   * coverage with --target-size at the exact bytes of the uniform and expert-drop Q4_K_M files
     (the equal-bytes comparison; per-tensor types planned by prune), and, as ablations,
-    expert-drop given our --reconstruct and coverage at expert-drop's bytes without it.
+    expert-drop given our --reconstruct and coverage at expert-drop's bytes without it;
+  * coverage with --target-size at the exact bytes of the unpruned Q3_K_M and IQ3_XXS files.
 Writes OUT/bench_size.md (the table) and OUT/bench_size.png (bytes vs KLD), and prints whether
 pruned + Q4_K_M lies on or below the unpruned ladder's front at equal bytes.
 """
@@ -154,6 +155,22 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
             d = rep["deployable"]
             measure(f"coverage --target-size = {other} R={r} Q4_K_M bytes{tag}", "coverage-target", g, quant="planned", ratio=rep["ratio_achieved"],
                     shape=f"{d['experts']}x{d['width']}", target=sizes[other], baseline=f"{other} R={r} Q4_K_M", reconstruct=recon)
+
+    for q in ("Q3_K_M", "IQ3_XXS"):  # pruned + Q4 at exactly the bytes of a plain lower-bit quant
+        plain = next((x for x in rows if x["label"] == f"unpruned {q}"), None)
+        if plain is None:
+            continue
+        ck = work / f"target-{q}"
+        try:
+            rep = prune(str(model), calib, None, str(ck), target_size=plain["bytes"], quant="Q4_K_M")
+        except UserError as e:
+            say(f"skip target {q}: {e.format_message()}")
+            continue
+        g = ck.with_suffix(".gguf")
+        export(str(ck), str(g), None, imatrix=calib, progress=False)
+        d = rep["deployable"]
+        measure(f"coverage --target-size = unpruned {q} bytes", "coverage-target", g, quant="planned", ratio=rep["ratio_achieved"],
+                shape=f"{d['experts']}x{d['width']}", target=plain["bytes"], baseline=f"unpruned {q}", reconstruct=True)
 
     # ---- table, plot, sentence ----
     base_q4 = next(r for r in rows if r["label"] == "unpruned Q4_K_M")
