@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import gguf
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError
 from moe2gguf.exporter.tokenizer import add_tokenizer
+from moe2gguf.progress import bar
 
 # Our own KV: the true per-expert widths when the GGUF stores padding, so `check` can
 # report kept parameters honestly (llama.cpp ignores unknown keys).
@@ -197,7 +197,7 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
     if not data:
         _skip_data(writer, plan)
         return
-    for p in tqdm(plan.tensors, desc="writing GGUF", unit="tensor", disable=not progress):
+    for p in bar(plan.tensors, desc="writing GGUF", unit="tensor", disable=not progress):
         data = p.load()
         if tuple(data.shape) != p.shape:
             raise UserError(f"tensor {p.name} changed shape while loading ({tuple(data.shape)} != {p.shape}); the checkpoint is being modified")

@@ -9,12 +9,10 @@ at F32 and at the same quant, measured in the same way — the honest comparison
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import click
@@ -22,6 +20,7 @@ import click
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_file
+from moe2gguf.progress import silenced
 from moe2gguf.recipe import Recipe, load_recipe, parse_size
 
 STATE = "run.json"
@@ -185,25 +184,10 @@ def run(recipe_file: str, model: str | None = None, output: str | None = None, q
     out = pathlib.Path(output) if output else pathlib.Path("runs") / recipe.model.name
     runner = Run(recipe, model_dir, out, quiet)  # validates before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    with _progress_bars(not quiet):
+    with silenced(quiet):
         for step in runner.steps():
             runner.do(step)
         return runner.check_all()
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """--quiet silences every step's tqdm bar (tqdm reads TQDM_DISABLE when a bar starts)."""
-    old = os.environ.get("TQDM_DISABLE")
-    if not enabled:
-        os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
 
 
 def plan_text(recipe_file: str) -> str:

@@ -23,7 +23,6 @@ import gguf
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
@@ -32,6 +31,7 @@ from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.modeling import build_model, load_weights
 from moe2gguf.protocol import read_text
 from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, weight_norms
+from moe2gguf.progress import bar
 
 CALIB_JSON = "calib.json"
 SCORES = "scores.safetensors"
@@ -171,7 +171,7 @@ class Calibration:
         layers = model.get_submodule(arch.layers_attr)
         hidden, kwargs, self.peak_bytes = catch_layer_inputs(model, arch, ckpt, self.windows, self.batch)
 
-        for bid in tqdm(range(arch.n_layers), desc="calibrate", unit="layer"):
+        for bid in bar(range(arch.n_layers), desc="calibrate", unit="layer"):
             layer = layers[bid]
             prefix = f"{arch.layers_attr}.{bid}."
             load_weights(layer, prefix, ckpt, torch.float32)

@@ -36,11 +36,11 @@ import pathlib
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.prune.deploy import Shape, allocate_shape, shape_quality
+from moe2gguf.progress import bar
 
 PROBE_TOKENS = 8192  # calibration tokens the shapes are measured on
 
@@ -134,7 +134,7 @@ def shape_klds(
             out.append(y[0] if isinstance(y, tuple) else y)
         return out
 
-    for bid in tqdm(range(arch.n_layers), desc="probe shapes", unit="layer"):
+    for bid in bar(range(arch.n_layers), desc="probe shapes", unit="layer"):
         layer = layers[bid]
         load_weights(layer, f"{arch.layers_attr}.{bid}.", ckpt, torch.float32)
         ref[:] = run(layer, ref)

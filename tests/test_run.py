@@ -52,7 +52,7 @@ def test_dry_run_plans_every_recipe_without_weights(path):
     assert all(float(p) > float(unpruned.group(1)) for p in pruned)  # pruning shrinks the quantized file
 
 
-def test_interrupted_run_resumes_without_recalibrating(tmp_path, tiny_qwen3moe, monkeypatch):
+def test_interrupted_run_resumes_without_recalibrating(tmp_path, tiny_qwen3moe, monkeypatch, capsys):
     import moe2gguf.exporter.export as export_mod
     import moe2gguf.prune.calibrate as calibrate_mod
     from moe2gguf.run import run
@@ -68,6 +68,7 @@ def test_interrupted_run_resumes_without_recalibrating(tmp_path, tiny_qwen3moe, 
     monkeypatch.setattr(export_mod, "export", killed)
     with pytest.raises(KeyboardInterrupt):
         run(str(recipe), output=str(out), quiet=True)
+    assert "layer/s" not in capsys.readouterr().err  # --quiet: no calibrate/probe progress bars
     assert (out / "calib" / "imatrix.gguf").is_file()
     assert not list(out.glob("pruned-*.gguf"))
     assert not [p for p in out.iterdir() if "partial" in p.name]  # nothing half-written is left
