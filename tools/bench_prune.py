@@ -2,6 +2,7 @@
 
     python tools/bench_prune.py                      # bundled model, R = 0.25 and 0.5
     python tools/bench_prune.py --ablations          # + coverage variants (score, normalisation, refit)
+    python tools/bench_prune.py --methods coverage --deployable   # the cost of the llama.cpp layout
 
 Calibrates once on calib.txt, prunes with every method into a temporary folder, and scores
 each with moe2gguf.protocol on eval.txt (ctx 256, the first --chunks windows, second halves).
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--tokens", type=int, default=65536, help="calibration tokens")
     ap.add_argument("--ablations", action="store_true", help="also coverage with abs scores / no normalisation / no refit")
+    ap.add_argument("--deployable", action="store_true", help="also coverage in the llama.cpp layout, with and without --reconstruct")
     a = ap.parse_args(argv)
     model = pathlib.Path(a.model)
     calib_text = a.calib_text or str(model / "calib.txt")
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                 ("coverage", {"min_width": 8}),
                 ("coverage", {"min_width": 32}),
             ]
+        if a.deployable:
+            variants += [("coverage", {"layout": "llama.cpp"}), ("coverage", {"layout": "llama.cpp", "reconstruct": False})]
         for r in a.ratios:
             for method, kw in variants:
                 out = tmp / "pruned"
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 _, s = evaluate(out, base)
                 name = method + "".join(f" {k}={v}" for k, v in kw.items())
+                if "deployable" in rep:
+                    name += f" ({rep['deployable']['experts']}x{rep['deployable']['width']})"
                 rows.append((name, r, rep["ratio_achieved"], rep["coverage"], rep["experts_kept"], s))
                 print(f"{name} R={r}: ppl {s.ppl:.3f}", file=sys.stderr)
 
