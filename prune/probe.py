@@ -111,7 +111,7 @@ def shape_klds(
     KLD is taken on the odd ones, so that a shape is not credited for fitting its own test tokens."""
     from moe2gguf.modeling import build_model, load_weights
     from moe2gguf.prune.calibrate import catch_layer_inputs
-    from moe2gguf.prune.reconstruct import BlockFit, joint_fits
+    from moe2gguf.prune.reconstruct import BlockFit
     from moe2gguf.prune.rewrite import pruned_config, pruned_layer
 
     model = build_model(arch)
@@ -148,8 +148,7 @@ def shape_klds(
             tensors, _ = pruned_layer(ckpt, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
             load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32)
             oblock = arch.moe_block(model, bid)
-            if reconstruct and joint_fits(s.experts * s.width):  # measured as prune will write it
-                # the unpruned block's output on the pruned stream is the fit's target
+            if reconstruct:  # the unpruned block's output on the pruned stream is the fit's target
                 fit = BlockFit(block, arch.hidden_size)
 
                 def swap_and_fit(_m, args, out, block=block, fit=fit):  # noqa: ANN001, ANN202

@@ -276,6 +276,4 @@ def prune_cmd(
             click.echo(f"note: width {d['width']} is not a multiple of 256: {name} falls back {fb['wanted']} -> {fb['used']} (+{fb['extra_bytes']:,} bytes)")
     if target_size is not None:
         click.echo(f"predicted GGUF at {r['quant']}: {r['predicted_bytes']:,} bytes for target {r['target_size']:,} ({100 * r['predicted_bytes'] / r['target_size']:.2f}%)")
-    if isinstance(r["reconstruct"], dict) and "skipped" in r["reconstruct"]:
-        click.echo(f"note: --reconstruct skipped: {r['reconstruct']['skipped']}")
     click.echo(f"wrote {output}: {r['method']} ratio {r['ratio_achieved']:.4f}, coverage {r['coverage']:.4f}, experts kept {r['experts_kept']}")

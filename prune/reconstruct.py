@@ -40,12 +40,14 @@ from moe2gguf.checkpoint import Checkpoint
 F64 = torch.float64
 RIDGE = 1e-3
 # The joint system of a layer has (K*W)^2 float64 entries: 2.4 MB on the bundled model, but
-# 43 GB for Qwen3-30B-A3B at 96 experts x 768. Above this the re-fit is skipped (and said).
+# 43 GB for Qwen3-30B-A3B at 96 experts x 768. Above this limit the same least-squares problem
+# is solved matrix-free (`Blockwise`: per-expert blocks + the features, conjugate gradients).
 JOINT_LIMIT = 4 << 30
+CG_ITERS, CG_TOL = 50, 1e-6
 
 
 def joint_fits(n_features: int) -> bool:
-    """Whether a layer with this many kept channels (K*W) can be re-fit within JOINT_LIMIT."""
+    """Whether a layer with this many kept channels (K*W) gets the dense joint solve."""
     return 8 * n_features**2 <= JOINT_LIMIT
 
 
@@ -83,6 +85,84 @@ def solve_down(eq: Normal, down0: torch.Tensor, ridge: float = RIDGE) -> torch.T
     return torch.linalg.solve(a, eq.B + lam * d0.T).T
 
 
+class Blockwise:
+    """The same least squares as `Normal` + `solve_down` without the (K*W)^2 matrix: per expert
+    only its diagonal block A_e = sum f_e f_e^T, B_e = sum y f_e^T and its features f_e on the
+    tokens routed to it (tokens x top-k x W floats in all). The ridge system
+    D (A + lam I) = B + lam D0 is solved by conjugate gradients, applying A through the features
+    (D A)_e = sum_x (sum_e' D_e' f_e'(x)) f_e(x)^T, preconditioned by the blocks (A_e + lam I)^-1."""
+
+    def __init__(self, widths: list[int], hidden: int):
+        self.A = [torch.zeros(w, w, dtype=F64) for w in widths]
+        self.B = [torch.zeros(hidden, w, dtype=F64) for w in widths]
+        self.feats: list[list[torch.Tensor]] = [[] for _ in widths]
+        self.tokens: list[list[torch.Tensor]] = [[] for _ in widths]
+        self.hidden, self.yy, self.n = hidden, 0.0, 0
+
+    def add(self, parts: list[tuple[int, torch.Tensor, torch.Tensor]], target: torch.Tensor) -> None:
+        """parts: (expert, token rows in this batch, p'_e h_e on them) for every selected expert."""
+        y = target.to(F64)
+        for xid, tok, f in parts:
+            f64 = f.to(F64)
+            self.A[xid] += f64.T @ f64
+            self.B[xid] += y[tok].T @ f64
+            self.feats[xid].append(f.float())
+            self.tokens[xid].append(tok + self.n)
+        self.yy += float((y * y).sum())
+        self.n += y.shape[0]
+
+    def _cat(self) -> None:
+        self.feats = [[torch.cat(f)] if len(f) > 1 else f for f in self.feats]
+        self.tokens = [[torch.cat(t)] if len(t) > 1 else t for t in self.tokens]
+
+    def apply(self, downs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(D A)_e for stacked-by-expert D, through the stored features."""
+        pred = torch.zeros(self.n, self.hidden, dtype=F64)
+        for d, f, t in zip(downs, self.feats, self.tokens, strict=True):
+            if f:
+                pred.index_add_(0, t[0], f[0].to(F64) @ d.T)
+        return [pred[t[0]].T @ f[0].to(F64) if f else torch.zeros_like(d) for d, f, t in zip(downs, self.feats, self.tokens, strict=True)]
+
+    def error(self, downs: list[torch.Tensor]) -> float:
+        """sum_x ||y - D f||^2 = yy - 2 <D, B> + <D, D A>."""
+        da = self.apply(downs)
+        return self.yy + sum(float((d * (q - 2 * b)).sum()) for d, q, b in zip(downs, da, self.B, strict=True))
+
+    def solve(self, downs0: list[torch.Tensor], ridge: float = RIDGE) -> list[torch.Tensor]:
+        self._cat()
+        d0 = [d.to(F64) for d in downs0]
+        diag = torch.cat([a.diagonal() for a in self.A])
+        lam = ridge * float(diag.mean().clamp_min(1e-30))
+        pre = [torch.linalg.cholesky(a + lam * torch.eye(a.shape[0], dtype=F64)) for a in self.A]
+
+        def op(x: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [q + lam * xi for q, xi in zip(self.apply(x), x, strict=True)]
+
+        def precond(r: list[torch.Tensor]) -> list[torch.Tensor]:  # r_e (A_e + lam)^-1
+            return [torch.cholesky_solve(ri.T, c).T for ri, c in zip(r, pre, strict=True)]
+
+        def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+            return sum(float((x * y).sum()) for x, y in zip(a, b, strict=True))
+
+        x = [d.clone() for d in d0]
+        r = [b + lam * d - q for b, d, q in zip(self.B, d0, op(x), strict=True)]
+        z = precond(r)
+        p, rz = [zi.clone() for zi in z], dot(r, z)
+        r0 = dot(r, r) ** 0.5
+        for _ in range(CG_ITERS):
+            if dot(r, r) ** 0.5 <= CG_TOL * max(r0, 1e-300):
+                break
+            q = op(p)
+            alpha = rz / max(dot(p, q), 1e-300)
+            x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
+            r = [ri - alpha * qi for ri, qi in zip(r, q, strict=True)]
+            z = precond(r)
+            rz_new = dot(r, z)
+            p = [zi + (rz_new / rz) * pi for zi, pi in zip(z, p, strict=True)]
+            rz = rz_new
+        return x
+
+
 def features(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """[tokens, sum widths]: p'_e(x) h_e(x) in expert e's block where e is selected, else 0."""
     widths = [e.down_proj.in_features for e in experts]
@@ -97,6 +177,15 @@ def features(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, e
     return f
 
 
+def expert_features(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """`features` kept sparse: (expert, its tokens, p'_e h_e on them) per selected expert."""
+    out = []
+    for xid in index.unique().tolist():
+        token, slot = torch.where(index == xid)
+        out.append((xid, token, experts[xid].intermediate(hidden[token]).float() * weights[token, slot].unsqueeze(-1).float()))
+    return out
+
+
 # ----- one block ---------------------------------------------------------------------------------
 
 
@@ -108,7 +197,8 @@ class BlockFit:
     def __init__(self, block: nn.Module, hidden: int):
         self.block, self.experts = block, block.experts
         self.widths = [e.down_proj.in_features for e in self.experts]
-        self.eq = Normal(sum(self.widths), hidden)
+        self.joint = joint_fits(sum(self.widths))
+        self.eq = Normal(sum(self.widths), hidden) if self.joint else Blockwise(self.widths, hidden)
         self.got: dict = {}
 
     @contextlib.contextmanager
@@ -120,7 +210,7 @@ class BlockFit:
 
         def routed(_m, args, kw, out):  # noqa: ANN001, ANN202
             h, idx, w = args if len(args) == 3 else (args[0], kw["top_k_index"], kw["top_k_weights"])
-            got["feat"] = features(h, idx, w, self.experts)
+            got["feat"] = features(h, idx, w, self.experts) if self.joint else expert_features(h, idx, w, self.experts)
             got["routed"] = out
 
         hs = [self.block.register_forward_hook(post), self.experts.register_forward_hook(routed, with_kwargs=True)]
@@ -138,15 +228,17 @@ class BlockFit:
 
     def solve(self, ridge: float = RIDGE) -> tuple[list[torch.Tensor], dict]:
         """Write the re-fit down_proj into the block; returns them and the relative errors."""
-        d0 = torch.cat([e.down_proj.weight.double() for e in self.experts], dim=1)
-        d = solve_down(self.eq, d0, ridge)
-        err = {"rel_err_before": block_error(self.eq, d0) / self.eq.yy, "rel_err_after": block_error(self.eq, d) / self.eq.yy}
-        out, off = [], 0
-        for e, w in zip(self.experts, self.widths, strict=True):
-            e.down_proj.weight.copy_(d[:, off : off + w].float())
-            out.append(d[:, off : off + w])
-            off += w
-        return out, err
+        d0 = [e.down_proj.weight.double() for e in self.experts]
+        if self.joint:
+            d = solve_down(self.eq, torch.cat(d0, dim=1), ridge)
+            before, after = block_error(self.eq, torch.cat(d0, dim=1)), block_error(self.eq, d)
+            out = list(torch.split(d, self.widths, dim=1))
+        else:
+            out = self.eq.solve(d0, ridge)
+            before, after = self.eq.error(d0), self.eq.error(out)
+        for e, d in zip(self.experts, out, strict=True):
+            e.down_proj.weight.copy_(d.float())
+        return out, {"rel_err_before": before / self.eq.yy, "rel_err_after": after / self.eq.yy, "solver": "joint" if self.joint else "blockwise CG"}
 
 
 def _output(out):  # noqa: ANN001, ANN202
@@ -160,15 +252,12 @@ def _output(out):  # noqa: ANN001, ANN202
 def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windows, batch: int = 8, ridge: float = RIDGE) -> dict:  # noqa: ANN001
     """Re-fit the down_proj of every kept expert in the pruned checkpoint `pruned_dir` (written
     by the rewrite) in place. Returns per MoE layer the relative block-output error on the
-    calibration tokens before and after, or {"skipped": why} when a layer's system is too large."""
+    calibration tokens before and after."""
     from moe2gguf.modeling import build_model, load_weights
     from moe2gguf.prune.calibrate import catch_layer_inputs
 
     pck = Checkpoint(pruned_dir)
     parch = arch_for_config(pck.config)
-    widest = max(sum(w) for w in parch.expert_widths())
-    if not joint_fits(widest):
-        return {"skipped": f"{widest} kept channels per layer need a {8 * widest**2 / 2**30:.0f} GiB joint system (limit {JOINT_LIMIT / 2**30:.0f} GiB)"}
     model, omodel = build_model(parch), build_model(arch)
     layers, olayers = model.get_submodule(parch.layers_attr), omodel.get_submodule(arch.layers_attr)
     hidden, kwargs, _ = catch_layer_inputs(model, parch, pck, windows, batch)
