@@ -1,6 +1,6 @@
 """Quality vs GGUF size on the bundled model: pruned + quantized against plain quantization.
 
-    python tools/bench_size.py -o docs/bench            # ~17 min on 2 cores
+    python tools/bench_size.py -o docs/bench            # ~16 min on 2 cores
     python tools/bench_size.py -o /tmp/b --chunks 10    # quicker, noisier
 
 Every point is a real GGUF measured with moe2gguf.exporter.check.check (llama-cpp-python,
