@@ -318,6 +318,8 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
         from moe2gguf.prune.probe import PROBE_TOKENS, candidates, probe_windows, shape_klds
 
         cands = candidates(fit, attr, groups, probe)
+        if len(cands) == 1:  # e.g. --experts given: nothing to compare
+            return cands[0], shape_coverage(attr, cands[0], groups)
         # the re-fit needs as many tokens as prune's own (prune/probe.py); the plain probe far fewer
         tokens = cal.info["tokens"] if reconstruct else PROBE_TOKENS
         measured.update(shape_klds(ckpt, arch, cands, attr, groups, probe_windows(ckpt.path, cal.info, tokens), cal.grams if refit else None, reconstruct))

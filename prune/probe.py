@@ -31,7 +31,9 @@ the 32,768 calibration tokens it ranks 7x224 < 6x256 < 8x192 as eval.txt does (6
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -66,17 +68,38 @@ def candidates(fit: list[Shape], scores: list[torch.Tensor], groups: list[int], 
     return ranked[:n]
 
 
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
 def _final_head(model: nn.Module, arch: MoEArch, ckpt: Checkpoint) -> tuple[nn.Module, torch.Tensor]:
-    """The final norm (materialised) and the output projection's weight (tied or not)."""
+    """The final norm (materialised) and the output projection's weight: the model's own, or
+    the input embedding's where the config ties them (every family here calls it `model.norm`)."""
     from moe2gguf.modeling import load_weights
 
     base_name = arch.layers_attr.rpartition(".")[0]
     norm = model.get_submodule(base_name).norm
     load_weights(norm, f"{base_name}.norm.", ckpt, torch.float32)
-    if "lm_head.weight" in ckpt:
-        return norm, ckpt.tensor("lm_head.weight").float()
-    embed = model.get_input_embeddings()
-    return norm, ckpt.tensor(next(n for n, m in model.named_modules() if m is embed) + ".weight").float()
+    head = f"{_name_of(model, model.get_output_embeddings())}.weight"
+    if head in ckpt:
+        return norm, ckpt.tensor(head).float()
+    if not getattr(arch.hf_config, "tie_word_embeddings", False):
+        raise RuntimeError(f"{ckpt.path} has no {head} and does not tie it to the embeddings")
+    return norm, ckpt.tensor(f"{_name_of(model, model.get_input_embeddings())}.weight").float()
+
+
+@contextlib.contextmanager
+def _swapped(parent: nn.Module, old: nn.Module, new: nn.Module) -> Iterator[None]:
+    """`new` in place of the submodule `old` of `parent` (the candidate's MoE block in the
+    unpruned decoder layer), so the unpruned block does not also run."""
+    path = _name_of(parent, old)
+    owner = parent.get_submodule(path.rpartition(".")[0]) if "." in path else parent
+    attr = path.rpartition(".")[2]
+    setattr(owner, attr, new)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, old)
 
 
 def _kld_sum(ref: torch.Tensor, got: torch.Tensor, norm: nn.Module, head: torch.Tensor, chunk: int = 1024) -> float:
@@ -108,12 +131,16 @@ def shape_klds(
     runs the unpruned stream and, with its MoE block's output replaced by the shape's pruned
     block, every shape's own stream. With `reconstruct`, each pruned block is first re-fit as
     `prune --reconstruct` does (prune/reconstruct.py) on the even batches of windows, and the
-    KLD is taken on the odd ones, so that a shape is not credited for fitting its own test tokens."""
+    KLD is taken on the odd ones, so that a shape is not credited for fitting its own test tokens
+    (a single window is both). The KLD is before quantization: under `--target-size` the shapes
+    then get different bytes left for type upgrades, which the probe does not see."""
     from moe2gguf.modeling import build_model, load_weights
     from moe2gguf.prune.calibrate import catch_layer_inputs
     from moe2gguf.prune.reconstruct import BlockFit
     from moe2gguf.prune.rewrite import pruned_config, pruned_layer
 
+    if reconstruct:  # at least two batches: one to fit on, one to measure on
+        batch = max(1, min(batch, len(windows) // 2))
     model = build_model(arch)
     layers = model.get_submodule(arch.layers_attr)
     ref, kwargs, _ = catch_layer_inputs(model, arch, ckpt, windows, batch)
@@ -144,7 +171,7 @@ def shape_klds(
                 continue
             parch, pmodel = pruned[s]
             block = parch.moe_block(pmodel, bid)
-            name = next(n for n, m in pmodel.named_modules() if m is block)
+            name = _name_of(pmodel, block)
             tensors, _ = pruned_layer(ckpt, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
             load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32)
             oblock = arch.moe_block(model, bid)
@@ -163,11 +190,8 @@ def shape_klds(
                 finally:
                     hook.remove()
                 fit.solve()
-            hook = oblock.register_forward_hook(lambda _m, args, _out, block=block: block(*args))
-            try:
+            with _swapped(layer, oblock, block):
                 streams[s][:] = run(layer, streams[s])
-            finally:
-                hook.remove()
             block.to("meta")
         layer.to("meta")
     norm, head = _final_head(model, arch, ckpt)

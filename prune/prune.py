@@ -250,7 +250,7 @@ def prune(
 @click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute contribution.")
 @click.option("--min-width", default=0, show_default=True, help="coverage: channels every expert keeps at least (0 lets experts be removed).")
 @click.option("--refit/--no-refit", default=True, show_default=True, help="Least-squares refit of kept down_proj columns on calibration activations.")
-@click.option("--reconstruct/--no-reconstruct", default=None, help="Re-fit kept experts' down_proj per layer so the pruned block, under its new routing, reproduces the unpruned block's output on the calibration text.  [default: on with --layout llama.cpp or --target-size, off otherwise]")
+@click.option("--reconstruct/--no-reconstruct", default=None, help="Re-fit kept experts' down_proj per layer so the pruned block, under its new routing, reproduces the unpruned block's output on the calibration text.  [default: on for --method coverage with --layout llama.cpp or --target-size, off otherwise]")
 def prune_cmd(
     model: str, calib: str, ratio: float | None, output: str, method: str, layout: str, target_size: str | None, quant: str,
     width: int | None, experts: int | None, probe: int, score: str, min_width: int, refit: bool, reconstruct: bool | None,

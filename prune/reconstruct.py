@@ -44,6 +44,7 @@ RIDGE = 1e-3
 # is solved matrix-free (`Blockwise`: per-expert blocks + the features, conjugate gradients).
 JOINT_LIMIT = 4 << 30
 CG_ITERS, CG_TOL = 50, 1e-6
+STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # safetensors dtype names
 
 
 def joint_fits(n_features: int) -> bool:
@@ -88,9 +89,12 @@ def solve_down(eq: Normal, down0: torch.Tensor, ridge: float = RIDGE) -> torch.T
 class Blockwise:
     """The same least squares as `Normal` + `solve_down` without the (K*W)^2 matrix: per expert
     only its diagonal block A_e = sum f_e f_e^T, B_e = sum y f_e^T and its features f_e on the
-    tokens routed to it (tokens x top-k x W floats in all). The ridge system
-    D (A + lam I) = B + lam D0 is solved by conjugate gradients, applying A through the features
-    (D A)_e = sum_x (sum_e' D_e' f_e'(x)) f_e(x)^T, preconditioned by the blocks (A_e + lam I)^-1."""
+    tokens routed to it (tokens x top-k x W floats). The ridge system D (A + lam I) = B + lam D0
+    is solved by conjugate gradients, applying A through the features
+    (D A)_e = sum_x (sum_e' D_e' f_e'(x)) f_e(x)^T, preconditioned by the blocks (A_e + lam I)^-1.
+    Memory: the features, K*W^2 for the blocks and about eight float64 copies of D (hidden x
+    K*W; for Qwen3-30B-A3B at 96x768 that is ~1.2 GB each); each iteration costs one pass of
+    the features through D in float64."""
 
     def __init__(self, widths: list[int], hidden: int):
         self.A = [torch.zeros(w, w, dtype=F64) for w in widths]
@@ -98,6 +102,7 @@ class Blockwise:
         self.feats: list[list[torch.Tensor]] = [[] for _ in widths]
         self.tokens: list[list[torch.Tensor]] = [[] for _ in widths]
         self.hidden, self.yy, self.n = hidden, 0.0, 0
+        self.iters, self.residual = 0, 0.0  # of the last solve
 
     def add(self, parts: list[tuple[int, torch.Tensor, torch.Tensor]], target: torch.Tensor) -> None:
         """parts: (expert, token rows in this batch, p'_e h_e on them) for every selected expert."""
@@ -149,9 +154,9 @@ class Blockwise:
         z = precond(r)
         p, rz = [zi.clone() for zi in z], dot(r, z)
         r0 = dot(r, r) ** 0.5
-        for _ in range(CG_ITERS):
-            if dot(r, r) ** 0.5 <= CG_TOL * max(r0, 1e-300):
-                break
+        self.iters = 0
+        while self.iters < CG_ITERS and dot(r, r) ** 0.5 > CG_TOL * max(r0, 1e-300):
+            self.iters += 1
             q = op(p)
             alpha = rz / max(dot(p, q), 1e-300)
             x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
@@ -160,6 +165,7 @@ class Blockwise:
             rz_new = dot(r, z)
             p = [zi + (rz_new / rz) * pi for zi, pi in zip(z, p, strict=True)]
             rz = rz_new
+        self.residual = dot(r, r) ** 0.5 / max(r0, 1e-300)  # reported: 1e-6 when converged
         return x
 
 
@@ -238,7 +244,10 @@ class BlockFit:
             before, after = self.eq.error(d0), self.eq.error(out)
         for e, d in zip(self.experts, out, strict=True):
             e.down_proj.weight.copy_(d.float())
-        return out, {"rel_err_before": before / self.eq.yy, "rel_err_after": after / self.eq.yy, "solver": "joint" if self.joint else "blockwise CG"}
+        rep = {"rel_err_before": before / self.eq.yy, "rel_err_after": after / self.eq.yy, "solver": "joint" if self.joint else "blockwise CG"}
+        if not self.joint:
+            rep.update(cg_iterations=self.eq.iters, cg_relative_residual=self.eq.residual)
+        return out, rep
 
 
 def _output(out):  # noqa: ANN001, ANN202
@@ -284,7 +293,8 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
                 grab.remove()
             downs, report[str(bid)] = fit.solve(ridge)
             for xid, d in enumerate(downs):
-                new[parch.expert_name(bid, xid, "down")] = d
+                name = parch.expert_name(bid, xid, "down")
+                new[name] = d.to(STORED.get(pck.dtype(name), torch.float32))  # not float64 over all layers
             olayer.to("meta")
         for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
             hidden[i] = _output(layer(h, **kw))
