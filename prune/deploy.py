@@ -303,9 +303,12 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     if not shapes:
         raise UserError(f"--width {width} with --experts {experts} is the unpruned model; give a smaller one")
     base = predict_size(ckpt, quant)
-    sized = {s: predict_layout_bytes(ckpt, arch, s, quant) for s in shapes}
+    # one llama.cpp dry run per shape: every shape under a size target, only the ones reported
+    # under --ratio (there are thousands on a 128-expert model)
+    sized: dict[Shape, object] = {}
     if target_size is not None:  # every shape from the same floor of types; upgrades come after the choice
         for s in shapes:
+            sized[s] = predict_layout_bytes(ckpt, arch, s, quant)
             ov = lean_down_types(sized[s])
             if ov:
                 sized[s] = predict_layout_bytes(ckpt, arch, s, quant, ov)
@@ -354,6 +357,9 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
         shape, cov = choose(fit)
         types, _ = plan_tensor_types(sized[shape], target_size - MARGIN - sized[shape].total_bytes)
         budget_ragged = shape_params(shape, cost)
+    for s in {shape, *measured}:
+        if s not in sized:
+            sized[s] = predict_layout_bytes(ckpt, arch, s, quant)
     plan = sized[shape]
     floor = A.keep_every_expert_if_grouped(A.top_expert_floor([s.sum(1) for s in attr], k_min), groups)
     ragged = A.allocate(attr, cost, budget_ragged, A.LAYOUTS["ragged"], floor)
@@ -369,7 +375,7 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
         "predicted_bytes_at_quant": plan.total_bytes,
         "ffn_down_exps_fallback": fallback,
         "shapes_considered": [
-            {"experts": s.experts, "width": s.width, "coverage": shape_coverage(attr, s, groups), "quality": shape_quality(attr, s, groups=groups), "params": shape_params(s, cost), "bytes": sized[s].total_bytes,
+            {"experts": s.experts, "width": s.width, "coverage": shape_coverage(attr, s, groups), "quality": shape_quality(attr, s, groups=groups), "params": shape_params(s, cost), **({"bytes": sized[s].total_bytes} if s in sized else {}),
              **({"probe_kld": measured[s]} if s in measured else {})}
             for s in shapes
         ],
