@@ -69,6 +69,11 @@ class ExpertList(nn.ModuleList):
         return out
 
 
+def hidden_of(out: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states of a decoder layer's or MoE block's output (some return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def build_model(arch: MoEArch, widths: list[list[int]] | None = None) -> nn.Module:
     """The HF model on the meta device with `ExpertList` experts; no memory for weights."""
     with torch.device("meta"):

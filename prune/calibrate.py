@@ -28,7 +28,7 @@ from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir
 from moe2gguf.exporter.imatrix import write_imatrix
-from moe2gguf.modeling import build_model, load_weights
+from moe2gguf.modeling import build_model, hidden_of, load_weights
 from moe2gguf.protocol import read_text
 from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, weight_norms
 from moe2gguf.progress import bar
@@ -123,6 +123,14 @@ def spread_windows(ids: list[np.ndarray], names: list[str], tokens: int, ctx: in
     return np.concatenate(out)
 
 
+def calibration_windows(model_dir: str | pathlib.Path, info: dict, tokens: int | None = None) -> np.ndarray:
+    """Windows of the texts a calibration ran on (calib.json `info`), as it cut them: `tokens`
+    of them (default: as many as it used) at its context length."""
+    texts = info["texts"]
+    n = info["tokens"] if tokens is None else min(tokens, info["tokens"])
+    return spread_windows(tokenize(model_dir, texts), texts, n, info["ctx"])
+
+
 def _materialised_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type != "meta")
 
@@ -186,8 +194,7 @@ class Calibration:
                 experts.observer = stats.add_batch
             try:
                 for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-                    out = layer(h, **kw)
-                    out = out[0] if isinstance(out, tuple) else out
+                    out = hidden_of(layer(h, **kw))
                     scale.add_batch(out)
                     hidden[i] = out
             finally:

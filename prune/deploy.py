@@ -316,16 +316,17 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     measured: dict[Shape, float] = {}
 
     def choose(fit: list[Shape]) -> tuple[Shape, float]:
-        if probe <= 0 or len(fit) == 1:
+        if probe <= 0:
             return best_shape(attr, fit, groups)
-        from moe2gguf.prune.probe import PROBE_TOKENS, candidates, probe_windows, shape_klds
+        from moe2gguf.prune.calibrate import calibration_windows
+        from moe2gguf.prune.probe import PROBE_TOKENS, candidates, shape_klds
 
         cands = candidates(fit, attr, groups, probe)
         if len(cands) == 1:  # e.g. --experts given: nothing to compare
             return cands[0], shape_coverage(attr, cands[0], groups)
         # the re-fit needs as many tokens as prune's own (prune/probe.py); the plain probe far fewer
         tokens = cal.info["tokens"] if reconstruct else PROBE_TOKENS
-        measured.update(shape_klds(ckpt, arch, cands, attr, groups, probe_windows(ckpt.path, cal.info, tokens), cal.grams if refit else None, reconstruct))
+        measured.update(shape_klds(ckpt, arch, cands, attr, groups, calibration_windows(ckpt.path, cal.info, tokens), cal.grams if refit else None, reconstruct))
         best = min(cands, key=lambda s: (measured[s], s.experts * s.width))
         return best, shape_coverage(attr, best, groups)
 

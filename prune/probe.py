@@ -32,7 +32,6 @@ the 32,768 calibration tokens it ranks 7x224 < 6x256 < 8x192 as eval.txt does (6
 from __future__ import annotations
 
 import contextlib
-import pathlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -134,7 +133,7 @@ def shape_klds(
     KLD is taken on the odd ones, so that a shape is not credited for fitting its own test tokens
     (a single window is both). The KLD is before quantization: under `--target-size` the shapes
     then get different bytes left for type upgrades, which the probe does not see."""
-    from moe2gguf.modeling import build_model, load_weights
+    from moe2gguf.modeling import build_model, hidden_of, load_weights
     from moe2gguf.prune.calibrate import catch_layer_inputs
     from moe2gguf.prune.reconstruct import BlockFit
     from moe2gguf.prune.rewrite import pruned_config, pruned_layer
@@ -152,13 +151,12 @@ def shape_klds(
         parch = arch_for_config(pruned_config(arch, ckpt.config, widths))
         pruned[s] = (parch, build_model(parch))
     moe_index = {b: i for i, b in enumerate(arch.moe_layers)}
-    fit_batches = range(0, len(ref), 2) if len(ref) > 1 else range(len(ref))
+    fit_batches = range(0, len(ref), 2)
 
     def run(layer: nn.Module, hidden: list[torch.Tensor], batches: range | None = None) -> list[torch.Tensor]:
         out = []
         for i in batches if batches is not None else range(len(hidden)):
-            y = layer(hidden[i], **kwargs[i])
-            out.append(y[0] if isinstance(y, tuple) else y)
+            out.append(hidden_of(layer(hidden[i], **kwargs[i])))
         return out
 
     for bid in bar(range(arch.n_layers), desc="probe shapes", unit="layer"):
@@ -180,7 +178,7 @@ def shape_klds(
 
                 def swap_and_fit(_m, args, out, block=block, fit=fit):  # noqa: ANN001, ANN202
                     y = block(*args)
-                    fit.add(out[0] if isinstance(out, tuple) else out)
+                    fit.add(hidden_of(out))
                     return y
 
                 hook = oblock.register_forward_hook(swap_and_fit)
@@ -198,12 +196,3 @@ def shape_klds(
     test = range(1, len(ref), 2) if reconstruct and len(ref) > 1 else range(len(ref))
     n = sum(ref[i].shape[0] * ref[i].shape[1] for i in test)
     return {s: sum(_kld_sum(ref[i], streams[s][i], norm, head) for i in test) / n for s in shapes}
-
-
-def probe_windows(model: str | pathlib.Path, info: dict, tokens: int = PROBE_TOKENS) -> np.ndarray:
-    """Windows of the calibration texts (calib.json) for the probe: `tokens` of them at the
-    calibration's context, spread over the texts as calibrate spreads its own."""
-    from moe2gguf.prune.calibrate import spread_windows, tokenize
-
-    texts = info["texts"]
-    return spread_windows(tokenize(model, texts), texts, min(tokens, info["tokens"]), info["ctx"])

@@ -200,12 +200,10 @@ def prune(
         shapes = write_pruned(ckpt, arch, alloc, tmp, grams)
         recon = None
         if reconstruct:
-            from moe2gguf.prune.calibrate import spread_windows, tokenize
+            from moe2gguf.prune.calibrate import calibration_windows
             from moe2gguf.prune.reconstruct import reconstruct as run_reconstruct
 
-            texts = cal.info["texts"]
-            wins = spread_windows(tokenize(model, texts), texts, cal.info["tokens"], cal.info["ctx"])
-            recon = run_reconstruct(ckpt, arch, tmp, wins)
+            recon = run_reconstruct(ckpt, arch, tmp, calibration_windows(model, cal.info))
         new_arch = arch_for_config(json.loads((tmp / "config.json").read_text()))
         after = routed_params(new_arch, shapes)
         report = {

@@ -36,6 +36,7 @@ from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.modeling import hidden_of
 
 F64 = torch.float64
 RIDGE = 1e-3
@@ -177,14 +178,11 @@ class Blockwise:
 
 def features(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """[tokens, sum widths]: p'_e(x) h_e(x) in expert e's block where e is selected, else 0."""
-    widths = [e.down_proj.in_features for e in experts]
     offs = [0]
-    for w in widths:
-        offs.append(offs[-1] + w)
+    for e in experts:
+        offs.append(offs[-1] + e.down_proj.in_features)
     f = hidden.new_zeros(hidden.shape[0], offs[-1], dtype=torch.float32)
-    for xid in index.unique().tolist():
-        token, slot = torch.where(index == xid)
-        h = experts[xid].intermediate(hidden[token]).float() * weights[token, slot].unsqueeze(-1).float()
+    for xid, token, h in expert_features(hidden, index, weights, experts):
         f[token, offs[xid] : offs[xid + 1]] += h
     return f
 
@@ -218,7 +216,7 @@ class BlockFit:
         got = self.got
 
         def post(_m, _args, out):  # noqa: ANN001, ANN202
-            got["block"] = out[0] if isinstance(out, tuple) else out
+            got["block"] = hidden_of(out)
 
         def routed(_m, args, kw, out):  # noqa: ANN001, ANN202
             h, idx, w = args if len(args) == 3 else (args[0], kw["top_k_index"], kw["top_k_weights"])
@@ -256,10 +254,6 @@ class BlockFit:
         return out, rep
 
 
-def _output(out):  # noqa: ANN001, ANN202
-    return out[0] if isinstance(out, tuple) else out
-
-
 # ----- the layer-by-layer pass ------------------------------------------------------------------
 
 
@@ -294,7 +288,7 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
                 with fit.observe():
                     for h, kw in zip(hidden, kwargs, strict=True):
                         layer(h, **kw)
-                        fit.add(_output(oblock(x_in.pop())))
+                        fit.add(hidden_of(oblock(x_in.pop())))
             finally:
                 grab.remove()
             downs, report[str(bid)] = fit.solve(ridge)
@@ -303,7 +297,7 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
                 new[name] = d.to(STORED.get(pck.dtype(name), torch.float32))  # not float64 over all layers
             olayer.to("meta")
         for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-            hidden[i] = _output(layer(h, **kw))
+            hidden[i] = hidden_of(layer(h, **kw))
         layer.to("meta")
     _rewrite_tensors(pathlib.Path(pruned_dir), new)
     return report

@@ -52,6 +52,21 @@ def tiny_qwen3moe_config(**overrides):
     return Qwen3MoeConfig(**kw)
 
 
+def calibrated_tiny_qwen3moe(d: pathlib.Path, seed: int, tokens: int, ctx: int, **overrides) -> tuple[pathlib.Path, pathlib.Path]:
+    """A tiny Qwen3-MoE saved under d/model and its calibration d/calib on 20k characters of the
+    bundled calib.txt (for module-scoped fixtures: calibration is the slow part)."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from moe2gguf.prune.calibrate import calibrate
+
+    torch.manual_seed(seed)
+    model = save_tiny(Qwen3MoeForCausalLM(tiny_qwen3moe_config(**overrides)), d / "model")
+    text = d / "calib.txt"
+    text.write_text((REFERENCE / "calib.txt").read_text()[:20000])
+    calibrate(str(model), [str(text)], str(d / "calib"), tokens=tokens, ctx=ctx)
+    return model, d / "calib"
+
+
 @pytest.fixture
 def tiny_qwen3moe(tmp_path: pathlib.Path) -> pathlib.Path:
     from transformers import Qwen3MoeForCausalLM

@@ -11,14 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import REFERENCE, save_tiny, tiny_qwen3moe_config
+from conftest import calibrated_tiny_qwen3moe
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.cli import cli
 from moe2gguf.exporter.export import export
 from moe2gguf.exporter.sizing import predict_size
 from moe2gguf.exporter.writer import plan_export
 from moe2gguf.prune.allocate import LAYOUTS
-from moe2gguf.prune.calibrate import calibrate
 from moe2gguf.prune.deploy import Shape, allocate_shape, best_shape, feasible_shapes, shape_coverage
 from moe2gguf.prune.prune import prune
 
@@ -26,15 +25,7 @@ from moe2gguf.prune.prune import prune
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
     """A tiny Qwen3-MoE whose experts are 256 wide (so Q4_K fits and 32-steps exist) + its calibration."""
-    from transformers import Qwen3MoeForCausalLM
-
-    d = tmp_path_factory.mktemp("wide")
-    torch.manual_seed(0)
-    model = save_tiny(Qwen3MoeForCausalLM(tiny_qwen3moe_config(moe_intermediate_size=256)), d / "model")
-    text = d / "calib.txt"
-    text.write_text((REFERENCE / "calib.txt").read_text()[:20000])
-    calibrate(str(model), [str(text)], str(d / "calib"), tokens=512, ctx=64)
-    return model, d / "calib"
+    return calibrated_tiny_qwen3moe(tmp_path_factory.mktemp("wide"), seed=0, tokens=512, ctx=64, moe_intermediate_size=256)
 
 
 def test_the_layout_is_data() -> None:

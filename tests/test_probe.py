@@ -8,28 +8,20 @@ import pathlib
 import pytest
 import torch
 
-from conftest import REFERENCE, save_tiny, tiny_qwen3moe_config
+from conftest import REFERENCE, calibrated_tiny_qwen3moe
 from moe2gguf.arch import arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.modeling import load_model
-from moe2gguf.prune.calibrate import calibrate
+from moe2gguf.prune.calibrate import calibration_windows
 from moe2gguf.prune.deploy import Shape, lean_down_types, predict_layout_bytes
-from moe2gguf.prune.probe import candidates, probe_windows, shape_klds
+from moe2gguf.prune.probe import PROBE_TOKENS, candidates, shape_klds
 from moe2gguf.prune.prune import Calib, prune
 
 
 @pytest.fixture(scope="module")
 def model64(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
     """A tiny Qwen3-MoE with experts 64 wide (widths 32 and 64 in the layout) + its calibration."""
-    from transformers import Qwen3MoeForCausalLM
-
-    d = tmp_path_factory.mktemp("probe")
-    torch.manual_seed(1)
-    model = save_tiny(Qwen3MoeForCausalLM(tiny_qwen3moe_config(moe_intermediate_size=64)), d / "model")
-    text = d / "calib.txt"
-    text.write_text((REFERENCE / "calib.txt").read_text()[:20000])
-    calibrate(str(model), [str(text)], str(d / "calib"), tokens=1024, ctx=64)
-    return model, d / "calib"
+    return calibrated_tiny_qwen3moe(tmp_path_factory.mktemp("probe"), seed=1, tokens=1024, ctx=64, moe_intermediate_size=64)
 
 
 def _kld(pruned: pathlib.Path, base: pathlib.Path, windows) -> float:  # noqa: ANN001
@@ -46,7 +38,7 @@ def test_probe_kld_is_the_kld_of_the_written_checkpoint(model64, tmp_path: pathl
     arch = arch_for_config(ckpt.config)
     cal = Calib(calib_dir, arch, ckpt)
     attr = cal.attribution()
-    windows = probe_windows(model, cal.info)
+    windows = calibration_windows(model, cal.info, PROBE_TOKENS)
     shapes = [Shape(6, 64), Shape(8, 32), Shape(3, 64)]
     got = shape_klds(ckpt, arch, shapes, attr, [1, 1], windows, cal.grams)
     for s in shapes:
