@@ -38,12 +38,12 @@ def backend_of(path: str | pathlib.Path) -> str:
 def tokenize(path: str, backend: str, text: str) -> list[int]:
     """The model's own tokenizer: llama.cpp's for a GGUF, the HF one for a checkpoint."""
     if backend == "llama.cpp":
-        import llama_cpp
-
         from llama_cpp._utils import suppress_stdout_stderr
 
+        from moe2gguf.llama_runtime import open_llama
+
         with suppress_stdout_stderr(disable=False):  # its default (True) suppresses nothing
-            llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+            llm = open_llama(path, vocab_only=True, verbose=False)
         # BOS only if the model asks for it, as llama-perplexity does
         return llm.tokenize(text.encode("utf-8"), add_bos=llm._model.add_bos_token(), special=False)
     from transformers import AutoTokenizer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import resource
+import sys
 import time
 
 import numpy as np
@@ -38,11 +39,14 @@ def _peak_rss() -> int:
 def run_llama(gguf_path: str, wins: np.ndarray, out_dir: str, kv_type: str, threads: int) -> dict:
     import llama_cpp
 
+    from moe2gguf.llama_runtime import extra_bufts_in_use, open_llama
+
     ctx = wins.shape[1]
     half = ctx // 2
     kv = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv_type]
-    llm = llama_cpp.Llama(
-        gguf_path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
+    # the parent decided (and said) whether extra buffer types run here; see run_in_child
+    llm = open_llama(
+        gguf_path, announce=False, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
         n_threads=threads, n_threads_batch=threads, type_k=kv, type_v=kv,
     )
     n_vocab = llm.n_vocab()
@@ -75,6 +79,7 @@ def run_llama(gguf_path: str, wins: np.ndarray, out_dir: str, kv_type: str, thre
         "prompt_tokens_per_s": wins.size / t_eval,
         "decode_tokens_per_s": DECODE_TOKENS / t_dec,
         "peak_rss_bytes": _peak_rss(),
+        "llama_extra_bufts": extra_bufts_in_use(llm),
     }
 
 
@@ -156,24 +161,40 @@ def main(argv: list[str]) -> None:
     (pathlib.Path(out_dir) / "result.json").write_text(json.dumps(res))
 
 
+def child_command(backend: str, path: str, out_dir: str, kv_type: str, threads: int) -> list[str]:
+    return [sys.executable, "-m", "moe2gguf.exporter.runner", backend, path, out_dir, kv_type, str(threads)]
+
+
 def run_in_child(backend: str, path: str, wins: np.ndarray, out_dir: str, kv_type: str = "f16", threads: int = 0) -> tuple[np.ndarray, dict]:
     """(logprobs [n*ctx/2, V] memory-mapped, measurements) from a fresh interpreter, so
     nothing the parent imported (torch for a GGUF run) counts in the model's peak RSS."""
     import json
     import os
+    import signal
     import subprocess
-    import sys
 
     from moe2gguf.errors import UserError
+    from moe2gguf.subproc import failure
 
     threads = threads or os.cpu_count() or 1
     np.save(pathlib.Path(out_dir) / "windows.npy", wins)
-    cmd = [sys.executable, "-m", "moe2gguf.exporter.runner", backend, path, out_dir, kv_type, str(threads)]
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = None
+    extra_bufts = False
+    if backend == "llama.cpp":
+        from moe2gguf import llama_runtime
+
+        # decided (probed, announced) here, where stderr reaches the user; the child obeys
+        extra_bufts = llama_runtime.extra_bufts_verdict().extra_bufts
+        env = {**os.environ, llama_runtime.ENV: "1" if extra_bufts else "0"}
+    cmd = child_command(backend, path, out_dir, kv_type, threads)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     res_file = pathlib.Path(out_dir) / "result.json"
     if proc.returncode != 0 or not res_file.is_file():
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        raise UserError(f"{backend} could not run {path}: {tail[0]}")
+        why = failure(proc) if proc.returncode != 0 else "it ended without a result"
+        hint = ""
+        if extra_bufts and proc.returncode == -signal.SIGILL:
+            hint = f"; if this CPU cannot run llama.cpp's AMX/repacked kernels, run again with {llama_runtime.ENV}=0"
+        raise UserError(f"{backend} could not run {path}: {why}{hint}")
     res = json.loads(res_file.read_text())
     if "error" in res:
         raise UserError(f"{backend} could not run {path}: {res['error']}")
@@ -181,6 +202,4 @@ def run_in_child(backend: str, path: str, wins: np.ndarray, out_dir: str, kv_typ
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

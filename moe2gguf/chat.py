@@ -23,10 +23,10 @@ def open_gguf(path: str, n_ctx: int, seed: int):
     p = pathlib.Path(path)
     if not p.is_file():
         raise UserError(f"{p} does not exist; pass a .gguf file written by `moe2gguf export`")
-    from llama_cpp import Llama
+    from moe2gguf.llama_runtime import open_llama
 
     try:
-        return Llama(model_path=str(p), n_ctx=n_ctx, seed=seed, verbose=False)
+        return open_llama(p, n_ctx=n_ctx, seed=seed, verbose=False)
     except ValueError as e:
         raise UserError(f"llama.cpp could not load {p} ({e}); is it a GGUF file?") from None
 

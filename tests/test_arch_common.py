@@ -75,9 +75,9 @@ def prune_flow(folder: pathlib.Path, tmp: pathlib.Path, ratio: float = 0.3, layo
 
 def load_in_llama_cpp(path: pathlib.Path) -> None:
     """Stock llama.cpp (llama-cpp-python) loads the file and produces finite logits."""
-    import llama_cpp
+    from moe2gguf.llama_runtime import open_llama
 
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
+    llm = open_llama(path, n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
     llm.eval([1, 2, 3, 4])
     assert np.isfinite(np.array(llm.scores[:4])).all()
 

@@ -21,10 +21,10 @@ TEXT = "The quick brown fox jumps over the lazy dog. " * 12
 
 
 def llama_logits(path: pathlib.Path, ids: list[int]) -> np.ndarray:
-    import llama_cpp
+    from moe2gguf.llama_runtime import open_llama
 
     # F32 KV cache: the default F16 cache alone costs ~1e-3 of the logit range
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
+    llm = open_llama(path, n_ctx=256, n_batch=256, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)])
 

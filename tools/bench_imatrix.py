@@ -24,6 +24,7 @@ import tempfile
 from moe2gguf.exporter.check import check
 from moe2gguf.exporter.export import export
 from moe2gguf.prune.calibrate import calibrate
+from moe2gguf.subproc import run_checked
 
 REF = pathlib.Path(__file__).resolve().parent.parent / "moe2gguf" / "data" / "reference-moe"
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(cmd: list) -> None:
-    subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
+    run_checked(cmd, stdout=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import subprocess
 import sys
 import tarfile
 import tempfile
 
 import numpy as np
+
+from moe2gguf.subproc import run_checked
 
 BOOT = """
 import sys
@@ -34,10 +35,7 @@ runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
 
 
 def fetch_llama_cpp(tmp: pathlib.Path) -> pathlib.Path:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "llama-cpp-python==0.3.36", "-d", str(tmp)],
-        check=True,
-    )
+    run_checked([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "llama-cpp-python==0.3.36", "-d", str(tmp)])
     sdist = next(tmp.glob("llama_cpp_python-*.tar.gz"))
     with tarfile.open(sdist) as tf:
         tf.extractall(tmp, filter="data")
@@ -52,9 +50,9 @@ def tensors(path: pathlib.Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def logits(path: pathlib.Path, ids: list[int]) -> np.ndarray:
-    import llama_cpp
+    from moe2gguf.llama_runtime import open_llama
 
-    llm = llama_cpp.Llama(str(path), n_ctx=len(ids), n_batch=len(ids), logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm = open_llama(path, n_ctx=len(ids), n_batch=len(ids), logits_all=True, verbose=False, type_k=0, type_v=0)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)])
 
@@ -72,7 +70,7 @@ def main() -> None:
         root = a.llama_cpp or fetch_llama_cpp(tmp)
         up = tmp / "upstream-f32.gguf"
         ours = tmp / "ours-f32.gguf"
-        subprocess.run([sys.executable, "-c", BOOT, str(root), str(a.model), str(up)], check=True)
+        run_checked([sys.executable, "-c", BOOT, str(root), str(a.model), str(up)])
         export(str(a.model), str(ours), "F32", progress=False)
         tu, to = tensors(up), tensors(ours)
         only = sorted(set(tu) ^ set(to))
