@@ -46,21 +46,19 @@ def add_sentencepiece_tokenizer(writer: gguf.GGUFWriter, model_dir: pathlib.Path
         types.append(ttype)
     if len(tokens) > vocab_size:
         raise UserError(f"tokenizer.model has {len(tokens)} tokens but config vocab_size is {vocab_size}; the tokenizer belongs to another model")
-    for i in range(len(tokens), vocab_size):
+    for i in range(len(tokens), vocab_size):  # the values convert_hf_to_gguf pads with
         tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
+        scores.append(-10000.0)
         types.append(gguf.TokenType.UNUSED)
-    # HF's added tokens: special ones are control tokens; the others are user-defined pieces
-    # llama.cpp matches verbatim in the raw text, so their SentencePiece spaces become spaces.
-    # Ids the SentencePiece model itself types (unknown, control, byte) keep their type.
+    # HF's added tokens, as convert_hf_to_gguf types them: special ones are control tokens
+    # (Mixtral's <unk>, <s>, </s> included), the others user-defined pieces llama.cpp matches
+    # verbatim in the raw text, so their SentencePiece spaces become spaces; all score -1000.
     cfg_file = model_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
     for key, added in (cfg.get("added_tokens_decoder") or {}).items():
         i, content = int(key), added["content"]
         if i >= vocab_size:
             raise UserError(f"tokenizer_config.json adds token id {i} but config vocab_size is {vocab_size}; the tokenizer belongs to another model")
-        if types[i] not in (gguf.TokenType.NORMAL, gguf.TokenType.UNUSED, gguf.TokenType.USER_DEFINED):
-            continue
         if added.get("special"):
             tokens[i], types[i] = content.encode("utf-8"), gguf.TokenType.CONTROL
         else:

@@ -191,6 +191,7 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
         itemsize = 2 if p.dtype == gguf.GGMLQuantizationType.F16 else 4
         n = int(np.prod(p.shape))
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float16 if itemsize == 2 else np.float32), n * itemsize)
+    add_general_metadata(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -204,6 +205,15 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
         writer.write_tensor_data(_to_numpy(data, p.dtype))
         del data
     writer.close()
+
+
+def add_general_metadata(writer: gguf.GGUFWriter) -> None:
+    """The general.* keys convert_hf_to_gguf writes besides name/type/file_type: the size class
+    of the tensors written (e.g. "8x1.2B", gguf-py's rule) and ggml's quantization version.
+    Needs the tensor infos already added."""
+    total, shared, experts, count = writer.get_total_parameter_count()
+    writer.add_size_label(gguf.size_label(total, shared, experts, count))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _skip_data(writer: gguf.GGUFWriter, plan: ExportPlan) -> None:

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moe2gguf.errors import UserError
+from moe2gguf.fp8 import SCALE_SUFFIX, dequantize_block_fp8, hide_scales
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -28,6 +29,9 @@ class Checkpoint:
 
     # False for a checkpoint known by shapes only (sizing plans made from public numbers)
     has_files = True
+    # block-FP8 weights (moe2gguf/fp8.py): block size and {scale_inv name: file}
+    _fp8_block: tuple[int, ...] | None = None
+    _fp8_scales: dict[str, str] = {}
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
@@ -82,6 +86,7 @@ class Checkpoint:
                 self._shapes[key] = tuple(sl.get_shape())
                 self._dtypes[key] = sl.get_dtype()
         self._files = files
+        self._fp8_block, self._fp8_scales = hide_scales(self.config, self._files, self._shapes, self._dtypes)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -105,7 +110,10 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._files:
             raise UserError(f"{self.path} lacks tensor {name}; the checkpoint does not match its config.json")
-        return self._open(self._files[name]).get_tensor(name)
+        t = self._open(self._files[name]).get_tensor(name)
+        if (scale := name + SCALE_SUFFIX) in self._fp8_scales:
+            t = dequantize_block_fp8(t, self._open(self._fp8_scales[scale]).get_tensor(scale), self._fp8_block)
+        return t
 
     @cached_property
     def weight_bytes(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 from collections import Counter
 
 import click
@@ -11,9 +12,28 @@ from moe2gguf.arch import arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError
 
+# what a folder holding weights has (safetensors, or .bin/.pt that Checkpoint asks to convert)
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def _open_checkpoint(model: str) -> Checkpoint:
+    """The checkpoint; a folder holding config.json and no weight files at all is answered
+    from the config alone: shapes from the model built on the meta device, as `run --dry-run`
+    plans a model it has no weights of."""
+    path = pathlib.Path(model)
+    if not path.is_dir() or not (path / "config.json").is_file() or any(p for pat in WEIGHT_FILES for p in path.glob(pat)):
+        return Checkpoint(model)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError:
+        return Checkpoint(model)  # says what is wrong with it
+    from moe2gguf.exporter.sizing import ShapeCheckpoint
+
+    return ShapeCheckpoint(config, model)
+
 
 def inspect_model(model: str) -> dict:
-    ckpt = Checkpoint(model)
+    ckpt = _open_checkpoint(model)
     arch = arch_for_config(ckpt.config)
     widths = arch.expert_widths()
     shapes = {n: ckpt.shape(n) for n in ckpt.tensor_names}
@@ -45,7 +65,8 @@ def inspect_model(model: str) -> dict:
         # multi-token-prediction layers (DeepSeek-V3): stored, but llama.cpp drops them
         "params_mtp_not_exported": counts.mtp,
         "bytes_bf16": 2 * counts.total,
-        "file_bytes": ckpt.weight_bytes,
+        "file_bytes": ckpt.weight_bytes if ckpt.has_files else 0,
+        "weights_read": ckpt.has_files,  # False: answered from config.json alone
     }
 
 
@@ -90,7 +111,7 @@ def inspect_cmd(model: str, as_json: bool) -> None:
         ("params active / token", _fmt(info["params_active_per_token"])),
         *([("MTP (not exported)", _fmt(info["params_mtp_not_exported"]))] if info["params_mtp_not_exported"] else []),
         ("bytes at bf16", f"{info['bytes_bf16'] / 2**20:.1f} MiB"),
-        ("weights on disk", f"{info['file_bytes'] / 2**20:.1f} MiB"),
+        ("weights on disk", f"{info['file_bytes'] / 2**20:.1f} MiB" if info["weights_read"] else "none: answered from config.json alone, no weights were read"),
     ]
     for k, v in rows:
         click.echo(f"{k:<24}{v}")

@@ -14,6 +14,7 @@ from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Conf
 from moe2gguf.arch import register
 from moe2gguf.arch.base import MoEArch
 from moe2gguf.errors import UserError
+from moe2gguf.fp8 import is_block_fp8
 
 _SHARED = re.compile(r"\.mlp\.shared_experts\.(gate|up|down)_proj\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -64,8 +65,8 @@ class DeepseekV2(MoEArch):
         rope = c.rope_parameters or {}
         if rope.get("rope_type", "default") not in ("default", "yarn"):
             raise UserError(f"config flag rope_type={rope['rope_type']!r} is not handled by the deepseek2 export; default and yarn are")
-        if raw.get("quantization_config"):
-            raise UserError("config flag quantization_config is set (FP8 weights): dequantize the checkpoint to bf16 first")
+        if (q := raw.get("quantization_config")) and not is_block_fp8(q):  # block FP8 is read (moe2gguf/fp8.py)
+            raise UserError(f"config flag quantization_config (quant_method={q.get('quant_method')!r}) is not block FP8 (quant_method 'fp8' with weight_block_size): dequantize the checkpoint to bf16 first")
 
     def install_experts(self, model: nn.Module, widths: list[list[int]]) -> None:
         super().install_experts(model, widths)
