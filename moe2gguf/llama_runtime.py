@@ -8,9 +8,8 @@ advertise AMX but cannot execute it: every quantized GGUF then dies by SIGILL in
 So once per machine a tiny quantized model (one dense llama block with rows of 256, written by
 gguf-py and quantized to Q4_K_M by llama.cpp's quantizer) is loaded with llama.cpp's defaults in a
 child process, which evaluates a prompt batch (AMX tiles) and decodes a few tokens (the
-single-row kernels). If the child dies,
-every GGUF is loaded without extra buffer types and one line on stderr says so; if it lives,
-nothing changes and the repacked/AMX speed is kept. The verdict is cached in the user cache
+single-row kernels). If the child dies, every GGUF is loaded without extra buffer types and one
+line on stderr says so; if it lives, nothing changes and the repacked/AMX speed is kept. The verdict is cached in the user cache
 folder, keyed by the llama-cpp-python build and the CPU's flags, so another machine or another
 build probes again.
 
