@@ -18,7 +18,7 @@ import tempfile
 import click
 import numpy as np
 
-from moe2gguf.errors import UserError, atomic_file
+from moe2gguf.errors import UserError, atomic_file, check_output
 
 KV_TYPES = ("f16", "f32", "q8_0")
 
@@ -83,7 +83,7 @@ def base_logprobs(base: str, text: str, ctx: int, chunks: int | None, kv_type: s
     with tempfile.TemporaryDirectory(prefix="moe2gguf-base-") as d:
         lp, _ = run_in_child(backend, str(p), wins, d, kv_type, threads)
         lp = np.array(lp)
-    with atomic_file(f) as tmp:
+    with atomic_file(f, "cache") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, windows=wins, logprobs=lp)
     return wins, lp
@@ -220,7 +220,7 @@ def table(r: dict) -> str:
 @click.option("--base", type=click.Path(), help="Reference (GGUF or checkpoint) for KL-divergence and top-1; its log-probs are cached.")
 @click.option("--ctx", default=256, show_default=True, help="Window length in tokens; the second half of each window is scored.")
 @click.option("--chunks", type=int, help="Score only the first N windows (default: all).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
+@click.option("--json", "json_out", type=click.Path(), help="Also write the report as JSON here (an existing file only if it is such a report).")
 @click.option("--kv-type", type=click.Choice(KV_TYPES), default="f16", show_default=True, help="llama.cpp KV-cache type (f32 for exact parity with PyTorch).")
 @click.option("--threads", type=int, default=0, help="CPU threads (default: all cores).")
 def check_cmd(model: str, text: str, base: str | None, ctx: int, chunks: int | None, json_out: str | None, kv_type: str, threads: int) -> None:
@@ -231,8 +231,10 @@ def check_cmd(model: str, text: str, base: str | None, ctx: int, chunks: int | N
     perplexity protocol as llama-perplexity (non-overlapping windows of --ctx tokens,
     second half scored), so numbers from both backends compare directly.
     """
+    if json_out:  # before the measurement, not after it
+        check_output(json_out, "check", [model, text, base], folder=False)
     r = check(model, text, base, ctx, chunks, kv_type, threads)
     if json_out:
-        with atomic_file(json_out) as tmp:
+        with atomic_file(json_out, "check", [model, text, base]) as tmp:
             tmp.write_text(json.dumps(r, indent=2) + "\n")
     click.echo(table(r))

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-import tempfile
 
 import click
 import gguf
 
-from moe2gguf.errors import UserError, atomic_file, output_parent
+from moe2gguf.errors import UserError, atomic_file, check_output, temp_dir
 from moe2gguf.exporter.quantize import DEFAULT_QUANT, QUANT_TYPES, ftype_of, quantize
 from moe2gguf.exporter.writer import ExportPlan, plan_export, write_gguf
 
@@ -28,9 +27,7 @@ def export(
     (as llama_model_tensor_override entries), any other DEFAULT_QUANT."""
     quant, overrides = planned_types(model, quant, overrides)
     out = pathlib.Path(output)
-    if out.is_dir():
-        raise UserError(f"-o {out} is a folder; give a file name such as {out}/model.gguf")
-    output_parent(out)
+    check_output(out, "export", [model, imatrix], folder=False)  # before the work, not after it
     ftype = ftype_of(quant)
     plan = plan_export(model)
     imat = None
@@ -45,13 +42,13 @@ def export(
             f"({plan.stored_expert_params:,} expert parameters stored for {plan.kept_expert_params:,} kept)",
             err=True,
         )
-    with atomic_file(out) as tmp:
+    with atomic_file(out, "export", [model, imatrix]) as tmp:
         if quant.upper() == "F32":
             write_gguf(plan, tmp, ftype, progress=progress)
         else:
             # gguf-py writes exact F32 next to the output; llama.cpp quantizes from it
-            with tempfile.TemporaryDirectory(prefix=".moe2gguf-f32-", dir=out.resolve().parent) as d:
-                f32 = pathlib.Path(d) / "model-f32.gguf"
+            with temp_dir(out, "f32") as d:
+                f32 = d / "model-f32.gguf"
                 write_gguf(plan, f32, gguf.LlamaFileType.ALL_F32, progress=progress)
                 if progress:
                     click.echo(f"quantizing to {quant.upper()} with llama.cpp{' and the importance matrix' if imat else ''} ...", err=True)
@@ -75,7 +72,7 @@ def planned_types(model: str, quant: str | None, overrides: list[tuple[str, str]
 
 @click.command("export")
 @click.argument("model", type=click.Path(file_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="GGUF file to write (atomically).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="GGUF file to write (atomically; an existing one only if it is a GGUF).")
 @click.option(
     "--quant",
     default=None,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
 
 from moe2gguf import __version__
-from moe2gguf.errors import UserError
+from moe2gguf.errors import UserError, one_line, os_error
 from moe2gguf.inspect import inspect_cmd
 from moe2gguf.prune.calibrate import calibrate_cmd
 from moe2gguf.prune.prune import prune_cmd
@@ -17,6 +18,8 @@ from moe2gguf.run import run_cmd
 from moe2gguf.chat import chat_cmd
 from moe2gguf.demo import demo_cmd
 
+# click >= 8.2 raises this for a bare group; older versions print the help themselves
+NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 VERBS = [inspect_cmd, calibrate_cmd, prune_cmd, export_cmd, check_cmd, run_cmd, chat_cmd, demo_cmd]
 
 
@@ -35,21 +38,54 @@ for verb in VERBS:
     cli.add_command(verb)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so every `with` block removes its temporaries.
+    A BaseException, like KeyboardInterrupt: no `except Exception` may swallow it."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise Terminated
+
+
+def usage_line(e: click.UsageError) -> str:
+    """Click's three-line usage error as one line, with where to find the right usage."""
+    where = e.ctx.command_path if e.ctx is not None else "moe2gguf"
+    return f"error: {one_line(e.format_message())} (see `{where} --help`)"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: UserError is one line and exit code 2; Ctrl-C exits quietly with 130."""
+    """Entry point: bad input (a usage error, a UserError, a failing disk) is one line and exit
+    code 2; Ctrl-C exits quietly with 130, SIGTERM with 143, both after removing temporaries."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, prog_name="moe2gguf", standalone_mode=False)  # the hints name the command, not `python -m ...`
+    except NO_ARGS_HELP as e:  # bare `moe2gguf` or a bare group: the help, not an error line
+        e.show()
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        click.echo(usage_line(e), err=True)
+        sys.exit(2)
     except UserError as e:
         e.show()
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(143)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except OSError as e:  # a file system failing under a verb (disk full, read-only, ...) is not a bug of ours
+        err = os_error(e)
+        if err is None:
+            raise
+        err.show()
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     ax.set_title("reference MoE: quality vs size (llama.cpp)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
+    with atomic_file(path, "run") as tmp:  # the plot is a file of the run folder
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
 @click.command("demo")
-@click.option("-o", "--output", default="moe2gguf-demo", show_default=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("-o", "--output", default="moe2gguf-demo", show_default=True, type=click.Path(), help="Run folder: new, empty or an earlier run's.")
 @click.option("--quiet", is_flag=True, help="Only the final table.")
 def demo_cmd(output: str, quiet: bool) -> None:
     """Calibrate, prune (25%, the layout stock llama.cpp runs), export to Q4_K_M and check

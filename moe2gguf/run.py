@@ -19,7 +19,7 @@ import click
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
-from moe2gguf.errors import UserError, atomic_file
+from moe2gguf.errors import UserError, atomic_file, claim_dir
 from moe2gguf.progress import silenced
 from moe2gguf.recipe import Recipe, load_recipe, parse_size
 
@@ -85,7 +85,7 @@ class Run:
         self.say(f"[{step.name}] -> {step.output}")
         step.make()
         self.state[step.name] = step.fingerprint
-        with atomic_file(self.state_path) as tmp:
+        with atomic_file(self.state_path, "run") as tmp:
             tmp.write_text(json.dumps(self.state, indent=1) + "\n")
 
     # --- the flow ------------------------------------------------------------------------
@@ -157,10 +157,10 @@ class Run:
         for label, path in self.rows():
             rep = check(str(path), str(text), base=base, ctx=c.ctx, chunks=c.chunks)
             rows.append({"label": label, **rep})
-        with atomic_file(report_path) as tmp:
+        with atomic_file(report_path, "run") as tmp:
             tmp.write_text(json.dumps({"recipe": str(self.recipe.source), "rows": rows}, indent=1) + "\n")
         self.state["check"] = fp
-        with atomic_file(self.state_path) as tmp:
+        with atomic_file(self.state_path, "run") as tmp:
             tmp.write_text(json.dumps(self.state, indent=1) + "\n")
         return rows
 
@@ -183,7 +183,8 @@ def run(recipe_file: str, model: str | None = None, output: str | None = None, q
         raise UserError(f"recipe {recipe_file} names no local model path; pass the checkpoint folder with --model")
     out = pathlib.Path(output) if output else pathlib.Path("runs") / recipe.model.name
     runner = Run(recipe, model_dir, out, quiet)  # validates before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    # the run folder is run's own output: new, empty or an earlier run's (to resume), never a user's
+    claim_dir(out, "run", [model_dir, *(recipe.resolve(t) for t in (*recipe.calibration.texts, recipe.check.text) if t)])
     with silenced(quiet):
         for step in runner.steps():
             runner.do(step)
@@ -245,7 +246,7 @@ def deployable_shapes(arch: MoEArch, ratio: float) -> list[tuple[str, tuple[int,
 @click.command("run")
 @click.option("--recipe", "recipe_file", required=True, type=click.Path(dir_okay=False), help="Recipe YAML (see recipes/).")
 @click.option("--model", type=click.Path(file_okay=False), help="Checkpoint folder (default: the recipe's model.path).")
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Run folder (default: runs/<model name>).")
+@click.option("-o", "--output", type=click.Path(), help="Run folder (default: runs/<model name>); new, empty or an earlier run's.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and predicted GGUF sizes; needs no weights.")
 @click.option("--quiet", is_flag=True, help="Only the final table.")
 def run_cmd(recipe_file: str, model: str | None, output: str | None, dry_run: bool, quiet: bool) -> None:

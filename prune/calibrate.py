@@ -26,7 +26,7 @@ from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
-from moe2gguf.errors import UserError, atomic_dir
+from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.modeling import build_model, hidden_of, load_weights
 from moe2gguf.protocol import read_text
@@ -294,9 +294,10 @@ def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens
     texts = [str(pathlib.Path(t).resolve()) for t in text]  # absolute: later steps (reconstruct) re-read them from elsewhere
     if not texts:
         raise UserError("no calibration text; pass --text FILE (several allowed)")
+    check_output(output, "calibrate", [model, *texts], folder=True)  # before the work, not after it
     wins = spread_windows(tokenize(model, texts), texts, tokens, ctx)
     cal = Calibration(ckpt, arch, wins, batch=batch)
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, "calibrate", [model, *texts]) as tmp:
         cal.run()
         cal.save(tmp, texts)
     return cal

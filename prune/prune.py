@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
-from moe2gguf.errors import UserError, atomic_dir
+from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.calibrate import CALIB_JSON, SCORES
 from moe2gguf.prune.deploy import PROBE_SHAPES
@@ -175,6 +175,7 @@ def prune(
         raise UserError(f"--layout {layout} is not available; use --layout ragged or llama.cpp")
     if reconstruct is None:  # on where it measurably pays (prune/reconstruct.py): removed experts' tokens are re-routed
         reconstruct = layout == "llama.cpp" and method == "coverage"
+    check_output(output, "prune", [model, calib], folder=True)  # before the work, not after it
     ckpt = Checkpoint(model)
     arch = arch_for_config(ckpt.config)
     if ckpt.expert_widths is not None:
@@ -196,7 +197,7 @@ def prune(
     alloc = A.Allocation(per_layer)
     grams = cal.grams if refit else None
     before = routed_params(arch, {n: ckpt.shape(n) for n in ckpt.tensor_names})
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, "prune", [model, calib]) as tmp:
         shapes = write_pruned(ckpt, arch, alloc, tmp, grams)
         recon = None
         if reconstruct:
