@@ -130,7 +130,8 @@ def read_vocab(vocab_gguf: pathlib.Path, *str_keys: str) -> dict:
         out = {"tokens": strings("tokenizer.ggml.tokens"), "types": types, "merges": strings("tokenizer.ggml.merges")}
         for name in ("bos_token_id", "eos_token_id"):
             out[name] = lib.gguf_get_val_u32(ctx, k) if (k := key(f"tokenizer.ggml.{name}")) >= 0 else None
-        out["add_bos_token"] = bool(lib.gguf_get_val_bool(ctx, k)) if (k := key("tokenizer.ggml.add_bos_token")) >= 0 else False
+        for name in ("add_bos_token", "add_eos_token"):
+            out[name] = bool(lib.gguf_get_val_bool(ctx, k)) if (k := key(f"tokenizer.ggml.{name}")) >= 0 else None
         for name in str_keys:
             out[name] = lib.gguf_get_val_str(ctx, k).decode() if (k := key(name)) >= 0 else None
         return out
@@ -150,7 +151,7 @@ def published_tokenizer_json(vocab_gguf: pathlib.Path, definition: dict) -> tupl
     ]
     tok = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": definition["normalizer"], "pre_tokenizer": definition["pre_tokenizer"], "post_processor": None,
+        "normalizer": definition["normalizer"], "pre_tokenizer": definition["pre_tokenizer"], "post_processor": definition.get("post_processor"),
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None, "end_of_word_suffix": None,
                   "fuse_unk": False, "byte_fallback": False, "ignore_merges": definition.get("ignore_merges", False),
@@ -161,7 +162,7 @@ def published_tokenizer_json(vocab_gguf: pathlib.Path, definition: dict) -> tupl
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # runs tokenizer.json as it is
         "bos_token": tokens[bos] if bos is not None else None, "eos_token": tokens[eos] if eos is not None else None,
-        "add_bos_token": v["add_bos_token"], "add_eos_token": False,
+        "add_bos_token": bool(v["add_bos_token"]), "add_eos_token": False,
         "model_max_length": 16384,
     }
     return tok, config
@@ -273,7 +274,9 @@ def test_real_tokenizer_json_exports_and_tokenizes_like_hf(family, checkpoint, v
     save_tokenizer(folder, tok, config)
     out = tmp_path / f"{checkpoint}.gguf"
     export(str(folder), str(out), "F32", progress=False)
-    assert read_vocab(out, "tokenizer.ggml.pre")["tokenizer.ggml.pre"] == d["llama_cpp"]
+    r = read_vocab(out, "tokenizer.ggml.pre")
+    assert r["tokenizer.ggml.pre"] == d["llama_cpp"]
+    assert (r["add_bos_token"], r["add_eos_token"]) == (False, False)  # Qwen's ByteLevel post-processor, as upstream reads it
     check_vectors(folder, out, vectors(vocab_dir, d["vocab"]))
 
 
