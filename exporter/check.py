@@ -14,25 +14,31 @@ import math
 import os
 import pathlib
 import tempfile
+import zipfile
 
 import click
 import numpy as np
 
 from moe2gguf.errors import UserError, atomic_file, check_output
+from moe2gguf.inputs import hf_tokenizer, regular_file, require_gguf
 
 KV_TYPES = ("f16", "f32", "q8_0")
+MAX_CTX = 1 << 20  # a window this long needs more KV cache than any machine has
 
 
 def backend_of(path: str | pathlib.Path) -> str:
     p = pathlib.Path(path)
     if p.is_dir():
+        from moe2gguf.checkpoint import Checkpoint
+
+        Checkpoint(p)  # config and weights checked before a tokenizer or a child reads them
         return "torch"
-    if p.is_file():
-        with open(p, "rb") as f:
-            if f.read(4) == b"GGUF":
-                return "llama.cpp"
-        raise UserError(f"{p} is neither a GGUF file nor a checkpoint folder; pass a .gguf or a Hugging Face model folder")
-    raise UserError(f"{p} does not exist; pass a .gguf file or a Hugging Face model folder")
+    regular_file(p, "model", "pass a .gguf file or a Hugging Face model folder")
+    with open(p, "rb") as f:
+        if f.read(4) == b"GGUF":
+            require_gguf(p)
+            return "llama.cpp"
+    raise UserError(f"{p} is neither a GGUF file nor a checkpoint folder; pass a .gguf or a Hugging Face model folder")
 
 
 def tokenize(path: str, backend: str, text: str) -> list[int]:
@@ -46,10 +52,7 @@ def tokenize(path: str, backend: str, text: str) -> list[int]:
             llm = open_llama(path, vocab_only=True, verbose=False)
         # BOS only if the model asks for it, as llama-perplexity does
         return llm.tokenize(text.encode("utf-8"), add_bos=llm._model.add_bos_token(), special=False)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.model_max_length = 1 << 62  # the whole text is tokenized once, then windowed
+    tok = hf_tokenizer(path)  # the whole text is tokenized once, then windowed
     return list(tok(text, add_special_tokens=True)["input_ids"])
 
 
@@ -77,8 +80,11 @@ def base_logprobs(base: str, text: str, ctx: int, chunks: int | None, kv_type: s
     ).hexdigest()[:24]
     f = cache_dir() / f"base-{key}.npz"
     if f.is_file():
-        z = np.load(f)
-        return z["windows"], z["logprobs"]
+        try:
+            with np.load(f) as z:
+                return z["windows"], z["logprobs"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged cache entry (a full disk, a kill) is computed again
     wins = windows(tokenize(str(p), backend, text), ctx, chunks)
     with tempfile.TemporaryDirectory(prefix="moe2gguf-base-") as d:
         lp, _ = run_in_child(backend, str(p), wins, d, kv_type, threads)
@@ -218,11 +224,11 @@ def table(r: dict) -> str:
 @click.argument("model", metavar="MODEL_OR_GGUF", type=click.Path())
 @click.option("--text", required=True, type=click.Path(), help="UTF-8 text to score (e.g. the bundled eval.txt).")
 @click.option("--base", type=click.Path(), help="Reference (GGUF or checkpoint) for KL-divergence and top-1; its log-probs are cached.")
-@click.option("--ctx", default=256, show_default=True, help="Window length in tokens; the second half of each window is scored.")
-@click.option("--chunks", type=int, help="Score only the first N windows (default: all).")
+@click.option("--ctx", default=256, show_default=True, type=click.IntRange(4, MAX_CTX), help="Window length in tokens; the second half of each window is scored.")
+@click.option("--chunks", type=click.IntRange(1), help="Score only the first N windows (default: all).")
 @click.option("--json", "json_out", type=click.Path(), help="Also write the report as JSON here (an existing file only if it is such a report).")
 @click.option("--kv-type", type=click.Choice(KV_TYPES), default="f16", show_default=True, help="llama.cpp KV-cache type (f32 for exact parity with PyTorch).")
-@click.option("--threads", type=int, default=0, help="CPU threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(0, 4096), default=0, help="CPU threads (default: all cores).")
 def check_cmd(model: str, text: str, base: str | None, ctx: int, chunks: int | None, json_out: str | None, kv_type: str, threads: int) -> None:
     """Measure a GGUF or checkpoint: PPL, KLD/top-1 vs --base, memory, tokens/s.
 

@@ -9,8 +9,9 @@ import click
 import gguf
 
 from moe2gguf.errors import UserError, atomic_file, check_output, temp_dir
-from moe2gguf.exporter.quantize import DEFAULT_QUANT, QUANT_TYPES, ftype_of, quantize
+from moe2gguf.exporter.quantize import DEFAULT_QUANT, QUANT_TYPES, check_override, ftype_of, quantize
 from moe2gguf.exporter.writer import ExportPlan, plan_export, write_gguf
+from moe2gguf.inputs import read_json_object
 
 
 def export(
@@ -62,7 +63,10 @@ def planned_types(model: str, quant: str | None, overrides: list[tuple[str, str]
     import json
 
     rep = pathlib.Path(model) / "prune_report.json"
-    planned = json.loads(rep.read_text()) if rep.is_file() else {}
+    fix = "prune the model again to rewrite it, or pass --quant"
+    planned = read_json_object(rep, "prune report", fix) if rep.exists() else {}
+    if planned.get("tensor_types") and not (isinstance(planned["tensor_types"], dict) and isinstance(planned.get("quant"), str)):
+        raise UserError(f"prune report {rep}: tensor_types/quant are damaged; {fix}")
     if not planned.get("tensor_types"):
         return DEFAULT_QUANT, overrides
     from moe2gguf.prune.deploy import overrides_of
@@ -99,6 +103,7 @@ def export_cmd(model: str, output: str, quant: str | None, imatrix: str | None, 
         if "=" not in tt:
             raise UserError(f"--tensor-type {tt!r} must look like REGEX=TYPE, e.g. ffn_down_exps=Q6_K")
         pat, typ = tt.rsplit("=", 1)
+        check_override(pat, typ)
         overrides.append((pat, typ))
     plan = export(model, output, quant, imatrix, overrides or None, verbose=verbose)
     size = pathlib.Path(output).stat().st_size

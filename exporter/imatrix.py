@@ -10,7 +10,6 @@ model's GGUF tensor names.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ import gguf
 import numpy as np
 
 from moe2gguf.errors import UserError
+from moe2gguf.inputs import first_line, read_json_object, require_fields
 
 SUMS = ".in_sum2"
 COUNTS = ".counts"
@@ -87,16 +87,32 @@ def resolve(src: str | pathlib.Path) -> tuple[pathlib.Path, dict | None]:
     if not f.is_file():
         raise UserError(f"--imatrix {src}: no {IMATRIX_FILE} found; pass a `moe2gguf calibrate` folder or an imatrix .gguf")
     cj = f.parent / CALIB_JSON
-    calib = json.loads(cj.read_text()) if cj.is_file() else None
+    calib = read_calib_json(cj) if cj.exists() else None
     return f, calib
+
+
+def read_calib_json(path: pathlib.Path) -> dict:
+    """calib.json, with the fields later steps read checked for type and range."""
+    fix = f"run `moe2gguf calibrate` again to rewrite {path.parent}"
+    info = read_json_object(path, "calibration record", fix)
+    require_fields(info, {"architectures": list, "n_layers": int, "hidden_size": int, "n_experts": int, "expert_width": int, "tokens": int, "ctx": int, "texts": list}, str(path), fix)
+    if info["tokens"] < 1 or info["ctx"] < 2 or not info["texts"] or not all(isinstance(t, str) for t in info["texts"]):
+        raise UserError(f"{path}: tokens {info['tokens']}, ctx {info['ctx']} or texts {str(info['texts'])[:60]} are out of range; {fix}")
+    return info
 
 
 def read_imatrix(src: str | pathlib.Path) -> Imatrix:
     f, calib = resolve(src)
     try:
-        r = gguf.GGUFReader(f)
-    except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError/struct errors on junk
-        raise UserError(f"--imatrix {f} is not a GGUF file ({e}); pass the imatrix.gguf that calibrate wrote") from None
+        return _read_imatrix(f, calib)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError/struct/index errors on a damaged file
+        raise UserError(f"--imatrix {f} is truncated or not a GGUF file ({first_line(e)}); pass the imatrix.gguf that calibrate wrote, or calibrate again") from None
+
+
+def _read_imatrix(f: pathlib.Path, calib: dict | None) -> Imatrix:
+    r = gguf.GGUFReader(f)
 
     def field_val(key: str):
         fld = r.get_field(key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pathlib
+import re
 
 import llama_cpp
 import numpy as np
@@ -40,6 +41,16 @@ def ggml_type_of(name: str) -> int:
         return int(gguf.GGMLQuantizationType[name.upper()])
     except KeyError:
         raise UserError(f"unknown tensor type {name!r}; choose one of {', '.join(t.name for t in gguf.GGMLQuantizationType)}") from None
+
+
+def check_override(pattern: str, tname: str) -> None:
+    """A per-tensor type override llama.cpp can apply: a regular expression that compiles (a
+    bad one would abort inside llama.cpp's std::regex) and a ggml type it knows."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"tensor-type pattern {pattern!r} is not a valid regular expression ({e}); fix the pattern") from None
+    ggml_type_of(tname)
 
 
 def quantize(

@@ -13,8 +13,11 @@ from collections.abc import Iterator
 import click
 
 from moe2gguf.errors import UserError
+from moe2gguf.inputs import FiniteFloatRange, require_gguf
 
 EXIT_WORDS = {"/exit", "/quit"}
+MAX_LINE_BYTES = 1 << 20  # one message; a longer "line" is a stream without newlines
+MAX_CTX = 1 << 20
 # For a GGUF without tokenizer.chat_template: a plain transcript the model can continue.
 PLAIN_TEMPLATE = "{history}User: {message}\nAssistant:"
 
@@ -49,33 +52,78 @@ def reply_stream(llm, messages: list[dict], max_tokens: int, temperature: float)
 @click.command("chat")
 @click.argument("gguf", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--system", default=None, help="System message put before the conversation.")
-@click.option("--max-tokens", default=256, show_default=True, help="Longest reply, in tokens.")
-@click.option("--temperature", default=0.7, show_default=True, help="Sampling temperature (0 = greedy).")
-@click.option("--ctx", "n_ctx", default=2048, show_default=True, help="Context length in tokens.")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed, for repeatable replies.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, MAX_CTX), help="Longest reply, in tokens.")
+@click.option("--temperature", default=0.7, show_default=True, type=FiniteFloatRange(0.0, 100.0), help="Sampling temperature (0 = greedy).")
+@click.option("--ctx", "n_ctx", default=2048, show_default=True, type=click.IntRange(16, MAX_CTX), help="Context length in tokens.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Sampling seed, for repeatable replies.")
 def chat_cmd(gguf: str, system: str | None, max_tokens: int, temperature: float, n_ctx: int, seed: int) -> None:
     """Chat with a GGUF using its own chat template (a plain User/Assistant transcript when
     it has none). Type a message and press Enter; `/exit` or end of input stops. Piped
     stdin works too: every line is one user turn."""
+    if max_tokens >= n_ctx:
+        raise UserError(f"--max-tokens {max_tokens} leaves no room for the prompt in --ctx {n_ctx}; lower --max-tokens or raise --ctx")
+    require_gguf(gguf)  # a damaged file is named here, before llama.cpp loads it
     llm = open_gguf(gguf, n_ctx, seed)
     interactive = sys.stdin.isatty()
+    stdin = getattr(sys.stdin, "buffer", None)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    lineno = 0
     while True:
         if interactive:
             click.echo("> ", nl=False)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        text = line.strip()
-        if text in EXIT_WORDS:
-            break
-        if not text:
+        lineno += 1
+        try:
+            line = read_line(stdin, lineno) if stdin is not None else sys.stdin.readline()
+            if not line:
+                break
+            text = line.strip()
+            if text in EXIT_WORDS:
+                break
+            if not text:
+                continue
+            check_fits(llm, text, lineno, max_tokens, n_ctx)
+        except UserError as e:
+            if not interactive:  # a script gets one line and exit code 2
+                raise
+            click.echo(f"note: {e.message}; the line was skipped", err=True)  # a person just retypes
             continue
         messages.append({"role": "user", "content": text})
         reply = []
-        for piece in reply_stream(llm, messages, max_tokens, temperature):
-            reply.append(piece)
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
+        try:
+            for piece in reply_stream(llm, messages, max_tokens, temperature):
+                reply.append(piece)
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+        except ValueError as e:  # llama-cpp-python: "Requested tokens (...) exceed context window of ..."
+            if "context window" not in str(e):
+                raise
+            full = UserError(f"the conversation has outgrown --ctx {n_ctx} tokens at line {lineno}; raise --ctx or start a new chat")
+            if not interactive:
+                raise full from None
+            click.echo(f"\nnote: {full.message}; earlier turns are forgotten", err=True)
+            messages = [m for m in messages if m["role"] == "system"]
+            continue
         click.echo()
         messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def read_line(stdin, lineno: int) -> str:  # noqa: ANN001 - a binary stream
+    """One input line as text ('' at the end), bounded and UTF-8: a stream without newlines
+    (/dev/zero) or another encoding ends in one line naming it, never a hang or a traceback."""
+    raw = stdin.readline(MAX_LINE_BYTES + 1)
+    if len(raw) > MAX_LINE_BYTES:  # (a terminal's lines are far shorter: only a pipe or file gets here)
+        raise UserError(f"input line {lineno} is longer than {MAX_LINE_BYTES:,} bytes; send shorter messages")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"input line {lineno} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); send UTF-8 (e.g. through iconv -t UTF-8)") from None
+
+
+def check_fits(llm, text: str, lineno: int, max_tokens: int, n_ctx: int) -> None:  # noqa: ANN001 - llama_cpp.Llama
+    """A message must leave room for the reply inside the context window."""
+    n = len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+    if n + max_tokens > n_ctx:
+        raise UserError(
+            f"input line {lineno} has {n:,} tokens; with --max-tokens {max_tokens} at most {n_ctx - max_tokens:,} fit in --ctx {n_ctx}; "
+            "raise --ctx or send a shorter message"
+        )

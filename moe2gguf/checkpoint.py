@@ -6,7 +6,6 @@ once on a 60 GB checkpoint; tensors are loaded one at a time on request (memory-
 
 from __future__ import annotations
 
-import json
 import pathlib
 from functools import cached_property
 
@@ -15,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from moe2gguf.errors import UserError
 from moe2gguf.fp8 import SCALE_SUFFIX, dequantize_block_fp8, hide_scales
+from moe2gguf.inputs import read_json_object
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -22,6 +22,8 @@ INDEX = "model.safetensors.index.json"
 
 # moe2gguf's own keys in a pruned checkpoint's config.json (everything else is stock HF).
 EXPERT_WIDTHS_KEY = "moe2gguf_expert_widths"
+# safetensors dtypes of weights we read (integer ones are quantized, or not weights at all)
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
 class Checkpoint:
@@ -34,24 +36,38 @@ class Checkpoint:
     _fp8_scales: dict[str, str] = {}
 
     def __init__(self, path: str | pathlib.Path):
+        from moe2gguf.arch import arch_for_config
+
         self.path = pathlib.Path(path)
         if not self.path.is_dir():
             raise UserError(f"{self.path} is not a folder; pass a Hugging Face model folder (config.json + *.safetensors)")
         cfg = self.path / CONFIG
-        if not cfg.is_file():
+        if not cfg.exists():
             raise UserError(f"{self.path} has no config.json; pass the folder of a Hugging Face checkpoint")
-        try:
-            self.config: dict = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{cfg} is not valid JSON ({e.msg} at line {e.lineno}); restore the original file") from None
+        self.config: dict = read_json_object(cfg, "config", "restore the original config.json of the checkpoint")
+        # the one place a checkpoint's config is validated (types, ranges, sizes that fit:
+        # MoEArch.__init__), before any tensor is read or anything allocated
+        arch = arch_for_config(self.config)
         self._files = self._index()
         self._handles: dict[str, object] = {}
         self._headers()
+        self._check_experts(arch)
 
     def _index(self) -> dict[str, str]:
         """tensor name -> safetensors file name."""
-        if (self.path / INDEX).is_file():
-            weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+        index = self.path / INDEX
+        if index.exists():
+            fix = "restore the original model.safetensors.index.json (or delete it if the weights are one model.safetensors)"
+            weight_map = read_json_object(index, "shard index", fix).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserError(f"shard index {index} has no weight_map object; {fix}")
+            for name, fname in weight_map.items():
+                # shard names are plain file names inside the model folder, nothing else
+                if not isinstance(fname, str) or not fname.endswith(".safetensors") or fname != pathlib.PurePath(fname).name or fname.startswith("."):
+                    raise UserError(f"shard index {index} maps {name} to {fname!r}, not a .safetensors file name in the folder; {fix}")
+            for fname in sorted(set(weight_map.values())):
+                if not (self.path / fname).is_file():
+                    raise UserError(f"shard index {index} names {fname}, which is missing from {self.path}; copy every shard of the checkpoint")
             return dict(weight_map)
         if (self.path / SINGLE).is_file():
             return {}  # filled from the header in _headers
@@ -88,6 +104,24 @@ class Checkpoint:
         self._files = files
         self._fp8_block, self._fp8_scales = hide_scales(self.config, self._files, self._shapes, self._dtypes)
 
+    def _check_experts(self, arch) -> None:  # noqa: ANN001 - MoEArch (import cycle)
+        """Every routed-expert tensor the config implies is stored, as floats. Counted first, so
+        a config claiming more experts than the files hold is refused before any name is made."""
+        implied = 3 * sum(len(w) for w in arch.expert_widths())
+        if implied > len(self._files):
+            raise UserError(
+                f"{self.path / CONFIG} implies {implied:,} routed-expert tensors, the safetensors hold {len(self._files):,} "
+                "tensors in all; the config does not belong to these weights, restore the original config.json"
+            )
+        for name in sorted(arch.expert_tensor_names()):
+            if name not in self._files:
+                raise UserError(f"{self.path} lacks tensor {name}; the checkpoint's tensors disagree with its config.json")
+            if self._dtypes[name] not in FLOAT_DTYPES:
+                raise UserError(
+                    f"{self.path}: expert tensor {name} is stored as {self._dtypes[name]}, not as floats; moe2gguf reads "
+                    "F32/F16/BF16 (or block-FP8) weights: dequantize the checkpoint first"
+                )
+
     @property
     def tensor_names(self) -> list[str]:
         return list(self._files)
@@ -110,9 +144,18 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._files:
             raise UserError(f"{self.path} lacks tensor {name}; the checkpoint does not match its config.json")
-        t = self._open(self._files[name]).get_tensor(name)
+        try:
+            t = self._open(self._files[name]).get_tensor(name)
+        except SafetensorError as e:
+            raise UserError(f"{self.path / self._files[name]}: tensor {name} is unreadable ({e}); the file is corrupt, copy it again") from None
         if (scale := name + SCALE_SUFFIX) in self._fp8_scales:
             t = dequantize_block_fp8(t, self._open(self._fp8_scales[scale]).get_tensor(scale), self._fp8_block)
+        # checked as they stream by: NaN/Inf weights would otherwise flow silently through
+        # calibration and pruning into the GGUF
+        if not t.is_floating_point():
+            raise UserError(f"{self.path}: tensor {name} is stored as {self._dtypes[name]}, not as floats; dequantize the checkpoint first")
+        if not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):
+            raise UserError(f"{self.path}: tensor {name} holds NaN or Inf values; the weights are damaged, restore the original checkpoint")
         return t
 
     @cached_property

@@ -8,20 +8,13 @@ from its prefix inside the window). KL-divergence and top-1 agreement use the sa
 from __future__ import annotations
 
 import math
-import pathlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from moe2gguf.errors import UserError
-
-
-def read_text(path: str | pathlib.Path) -> str:
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise UserError(f"text file {p} does not exist; pass a UTF-8 text file")
-    return p.read_text(encoding="utf-8", errors="replace")
+from moe2gguf.inputs import read_text  # noqa: F401 - texts are read here by both backends' callers
 
 
 def windows(ids: list[int] | np.ndarray, ctx: int, chunks: int | None) -> np.ndarray:

@@ -20,6 +20,7 @@ import click
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_file, claim_dir
+from moe2gguf.inputs import read_json_object
 from moe2gguf.progress import silenced
 from moe2gguf.recipe import Recipe, load_recipe, parse_size
 
@@ -55,6 +56,28 @@ def check_recipe_matches(recipe: Recipe, arch: MoEArch, model_dir: pathlib.Path)
             raise UserError(f"{model_dir} has {what} {b}, the recipe says {a}; pass the recipe's model with --model")
 
 
+def load_state(path: pathlib.Path) -> dict[str, str]:
+    """run.json of an earlier run: {step: fingerprint}. A damaged one is refused by name (it
+    decides which outputs are kept, so it is never guessed at)."""
+    if not path.exists():
+        return {}
+    fix = f"delete {path} to start the run over (steps already done are redone)"
+    state = read_json_object(path, "run record", fix)
+    odd = next((k for k, v in state.items() if not isinstance(v, str)), None)
+    if odd is not None:
+        raise UserError(f"run record {path}: step {odd!r} has no fingerprint text; {fix}")
+    return state
+
+
+def cached_rows(path: pathlib.Path) -> list[dict] | None:
+    """The rows of an earlier report.json, or None when it is missing or damaged (then measured again)."""
+    try:
+        rows = read_json_object(path, "report", "").get("rows")
+    except UserError:
+        return None
+    return rows if isinstance(rows, list) and all(isinstance(r, dict) for r in rows) else None
+
+
 @dataclass
 class Step:
     name: str
@@ -72,7 +95,7 @@ class Run:
         self.arch = arch_for_config(self.ckpt.config)
         check_recipe_matches(recipe, self.arch, model_dir)
         self.state_path = out / STATE
-        self.state: dict = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.state: dict = load_state(self.state_path)
 
     def say(self, msg: str) -> None:
         if not self.quiet:
@@ -149,9 +172,10 @@ class Run:
         base = str(self.out / "unpruned-F32.gguf")
         fp = _fingerprint(self.state.get("export"), self.state.get("export-unpruned-f32"), self.state.get(f"export-unpruned-{self.recipe.export.quant.upper()}"), c.model_dump(), str(text))
         report_path = self.out / REPORT
-        if report_path.is_file() and self.state.get("check") == fp:
+        rows = cached_rows(report_path) if self.state.get("check") == fp else None
+        if rows is not None:
             self.say(f"[check] done before, kept: {report_path}")
-            return json.loads(report_path.read_text())["rows"]
+            return rows
         self.say("[check] measuring every row against the unpruned F32 GGUF ...")
         rows = []
         for label, path in self.rows():
@@ -181,6 +205,7 @@ def run(recipe_file: str, model: str | None = None, output: str | None = None, q
     model_dir = pathlib.Path(model) if model else recipe.resolve(recipe.model.path)
     if model_dir is None:
         raise UserError(f"recipe {recipe_file} names no local model path; pass the checkpoint folder with --model")
+    recipe.check_files()  # every input of every step, before the first one runs
     out = pathlib.Path(output) if output else pathlib.Path("runs") / recipe.model.name
     runner = Run(recipe, model_dir, out, quiet)  # validates before anything is written
     # the run folder is run's own output: new, empty or an earlier run's (to resume), never a user's

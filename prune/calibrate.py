@@ -15,6 +15,7 @@ CALIB/ holds
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
+from moe2gguf.inputs import hf_tokenizer
 from moe2gguf.modeling import build_model, hidden_of, load_weights
 from moe2gguf.protocol import read_text
 from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, weight_norms
@@ -90,13 +92,7 @@ def catch_layer_inputs(model: nn.Module, arch: MoEArch, ckpt: Checkpoint, window
 
 
 def tokenize(model_dir: str | pathlib.Path, texts: list[str]) -> list[np.ndarray]:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{model_dir} has no usable tokenizer ({e.__class__.__name__}); copy the tokenizer files next to config.json") from None
-    tok.model_max_length = 1 << 62  # whole texts are tokenized once, then cut into windows
+    tok = hf_tokenizer(model_dir)
     return [np.asarray(tok(read_text(t))["input_ids"], dtype=np.int64) for t in texts]
 
 
@@ -288,12 +284,31 @@ class Calibration:
         (out / CALIB_JSON).write_text(json.dumps(info, indent=1))
 
 
+def check_fits(arch: MoEArch, tokens: int, ctx: int) -> None:
+    """Refuse a window longer than the model was trained for, or more tokens than this machine
+    can hold the hidden states of (they are all kept, float32, plus one layer's outputs),
+    before anything is tokenized or allocated."""
+    if tokens < 1 or ctx < 2:
+        raise UserError(f"--tokens {tokens} and --ctx {ctx} must be at least 1 and 2")
+    longest = getattr(arch.hf_config, "max_position_embeddings", None)
+    if isinstance(longest, int) and ctx > longest:
+        raise UserError(f"--ctx {ctx} is longer than the {longest} positions the model was trained for (max_position_embeddings); lower --ctx")
+    need = 2 * tokens * arch.hidden_size * 4
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if ram and need > ram:
+        raise UserError(
+            f"--tokens {tokens:,} needs {need / 2**30:,.1f} GiB for the hidden states (hidden size {arch.hidden_size}), "
+            f"more than this machine's {ram / 2**30:,.1f} GiB of memory; lower --tokens"
+        )
+
+
 def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens: int = 32768, ctx: int = 512, batch: int = 8) -> Calibration:
     ckpt = Checkpoint(model)
     arch = arch_for_config(ckpt.config)
     texts = [str(pathlib.Path(t).resolve()) for t in text]  # absolute: later steps (reconstruct) re-read them from elsewhere
     if not texts:
         raise UserError("no calibration text; pass --text FILE (several allowed)")
+    check_fits(arch, tokens, ctx)
     check_output(output, "calibrate", [model, *texts], folder=True)  # before the work, not after it
     wins = spread_windows(tokenize(model, texts), texts, tokens, ctx)
     cal = Calibration(ckpt, arch, wins, batch=batch)
@@ -307,8 +322,8 @@ def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens
 @click.argument("model", type=click.Path(file_okay=False, path_type=str))
 @click.option("--text", "text", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=str), help="Calibration text (repeatable; windows are shared evenly).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output folder CALIB/.")
-@click.option("--tokens", default=32768, show_default=True, help="Calibration tokens in all.")
-@click.option("--ctx", default=512, show_default=True, help="Tokens per window.")
+@click.option("--tokens", default=32768, show_default=True, type=click.IntRange(1), help="Calibration tokens in all.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(2), help="Tokens per window (at most the model's max_position_embeddings).")
 def calibrate_cmd(model: str, text: tuple[str, ...], output: str, tokens: int, ctx: int) -> None:
     """Run calibration text through MODEL layer by layer and write CALIB/: per-channel
     attribution scores of every expert, routing statistics and a llama.cpp imatrix."""

@@ -18,11 +18,13 @@ import pathlib
 
 import click
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
+from moe2gguf.exporter.imatrix import read_calib_json
+from moe2gguf.inputs import FiniteFloatRange
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.calibrate import CALIB_JSON, SCORES
 from moe2gguf.prune.deploy import PROBE_SHAPES
@@ -31,6 +33,7 @@ from moe2gguf.prune.scores import SCORE_KINDS, channel_scores, normalise_layers
 
 METHODS = ("coverage", "uniform", "magnitude", "expert-drop")
 REPORT = "prune_report.json"
+MAX_PROBE = 64  # candidate shapes built and measured: each is a pruned model run on calibration tokens
 
 
 class Calib:
@@ -41,7 +44,8 @@ class Calib:
         info_f = self.path / CALIB_JSON
         if not info_f.is_file() or not (self.path / SCORES).is_file():
             raise UserError(f"{self.path} is not a calibration folder (no {CALIB_JSON}/{SCORES}); run `moe2gguf calibrate MODEL -o {self.path}` first")
-        self.info = json.loads(info_f.read_text())
+        self.info = read_calib_json(info_f)
+        again = f"run `moe2gguf calibrate {ckpt.path} -o {self.path}` again"
         want = {
             "architectures": list(arch.hf_architectures[:1]),
             "n_layers": arch.n_layers,
@@ -55,16 +59,27 @@ class Calib:
                     f"{self.path} was calibrated on another model ({k} {self.info.get(k)} vs {v} in {ckpt.path}); "
                     f"run `moe2gguf calibrate {ckpt.path}` and pass that folder"
                 )
-        with safe_open(self.path / SCORES, framework="pt") as f:
-            self.t = {k: f.get_tensor(k) for k in f.keys()}
-        shape = (arch.n_experts, arch.expert_width)
+        try:
+            with safe_open(self.path / SCORES, framework="pt") as f:
+                self.t = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{self.path / SCORES} is truncated or corrupt ({e}); {again}") from None
+        E, W = arch.n_experts, arch.expert_width
+        shapes = {"sq_act": (E, W), "abs_act": (E, W), "down_norm": (E, W), "magnitude": (E, W), "freq": (E,), "mass": (E,), "resid_mean_sq": (1,)}
         for bid in arch.moe_layers:
-            got = self.t.get(f"layers.{bid}.sq_act")
-            if got is None or tuple(got.shape) != shape:
-                raise UserError(
-                    f"{self.path}: scores of layer {bid} have shape {None if got is None else tuple(got.shape)}, "
-                    f"{ckpt.path} needs {shape}; recalibrate on this model"
-                )
+            for what, shape in shapes.items():
+                got = self.t.get(f"layers.{bid}.{what}")
+                if got is None or tuple(got.shape) != shape:
+                    raise UserError(
+                        f"{self.path}: scores of layer {bid} ({what}) have shape {None if got is None else tuple(got.shape)}, "
+                        f"{ckpt.path} needs {shape}; recalibrate on this model"
+                    )
+            gram = self.t.get(f"layers.{bid}.gram")
+            if gram is not None and tuple(gram.shape) != (E, W, W):
+                raise UserError(f"{self.path}: gram of layer {bid} has shape {tuple(gram.shape)}, {ckpt.path} needs {(E, W, W)}; {again}")
+        for k, v in self.t.items():
+            if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+                raise UserError(f"{self.path / SCORES}: {k} holds NaN/Inf or non-float values; the calibration is damaged, {again}")
         self.layers = arch.moe_layers
 
     def attribution(self, kind: str = "energy", normalise: bool = True) -> list[torch.Tensor]:
@@ -121,6 +136,8 @@ def plan(
     attr = calib.attribution(score, normalise)
     cost = channel_cost(ckpt, arch)
     budget = (1.0 - ratio) * sum(c * arch.n_experts * arch.expert_width for c in cost)
+    if min_width > arch.expert_width:
+        raise UserError(f"--min-width {min_width} is wider than the experts themselves ({arch.expert_width} channels); give 0..{arch.expert_width}")
     if method == "coverage":
         floor = A.top_expert_floor([s.sum(1) for s in attr], arch.n_used)
         if min_width:  # every expert keeps at least min_width channels (none is removed)
@@ -237,17 +254,17 @@ def prune(
 @click.command("prune")
 @click.argument("model", type=click.Path(file_okay=False, path_type=str))
 @click.option("--calib", required=True, type=click.Path(file_okay=False, path_type=str), help="Folder written by `moe2gguf calibrate`.")
-@click.option("--ratio", type=float, help="Fraction of routed-expert parameters to remove, 0 < R < 1.")
+@click.option("--ratio", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True), help="Fraction of routed-expert parameters to remove, 0 < R < 1.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output checkpoint folder.")
 @click.option("--method", type=click.Choice(METHODS), default="coverage", show_default=True, help="coverage: channels of all experts chosen jointly by attribution; uniform/magnitude: one width, channels by attribution/weight norm; expert-drop: whole experts by router-weighted frequency (REAP).")
 @click.option("--layout", type=click.Choice(["ragged", "llama.cpp"]), default="ragged", show_default=True, help="Widths/counts the target allows (llama.cpp: one width, one expert count).")
 @click.option("--target-size", type=str, help="GGUF size to land at or under (12GB, 11.5GiB, bytes); picks ratio, width, expert count and tensor types.")
 @click.option("--quant", default="Q4_K_M", show_default=True, help="llama.cpp file type the target size and width alignment are planned for.")
-@click.option("--width", type=int, help="llama.cpp layout: force this expert width (a multiple of 32).")
-@click.option("--experts", type=int, help="llama.cpp layout: force this expert count per layer.")
-@click.option("--probe", default=PROBE_SHAPES, show_default=True, help="llama.cpp layout: measure this many candidate shapes (expert count x width) as pruned models on calibration tokens and keep the one of least KL-divergence; 0 ranks shapes by attribution alone.")
+@click.option("--width", type=click.IntRange(1), help="llama.cpp layout: force this expert width (a multiple of 32).")
+@click.option("--experts", type=click.IntRange(1), help="llama.cpp layout: force this expert count per layer.")
+@click.option("--probe", default=PROBE_SHAPES, show_default=True, type=click.IntRange(0, MAX_PROBE), help="llama.cpp layout: measure this many candidate shapes (expert count x width) as pruned models on calibration tokens and keep the one of least KL-divergence; 0 ranks shapes by attribution alone.")
 @click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute contribution.")
-@click.option("--min-width", default=0, show_default=True, help="coverage: channels every expert keeps at least (0 lets experts be removed).")
+@click.option("--min-width", default=0, show_default=True, type=click.IntRange(0), help="coverage: channels every expert keeps at least (0 lets experts be removed).")
 @click.option("--refit/--no-refit", default=True, show_default=True, help="Least-squares refit of kept down_proj columns on calibration activations.")
 @click.option("--reconstruct/--no-reconstruct", default=None, help="Re-fit kept experts' down_proj per layer so the pruned block, under its new routing, reproduces the unpruned block's output on the calibration text.  [default: on for --method coverage with --layout llama.cpp or --target-size, off otherwise]")
 def prune_cmd(

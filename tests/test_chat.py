@@ -39,11 +39,15 @@ def test_each_line_is_one_turn_and_exit_stops(monkeypatch, tmp_path):
     class FakeLlama:
         metadata = {"tokenizer.chat_template": "x"}
 
+        def tokenize(self, text: bytes, add_bos: bool = False, special: bool = False) -> list[int]:
+            return list(text)  # a message must fit the context: one token per byte here
+
     def fake_stream(llm, messages, max_tokens, temperature):
         turns.append([dict(m) for m in messages])
         yield f"reply {len(turns)}"
 
     monkeypatch.setattr(chat_mod, "open_gguf", lambda *a: FakeLlama())
+    monkeypatch.setattr(chat_mod, "require_gguf", lambda p: p)  # the file below is a stand-in
     monkeypatch.setattr(chat_mod, "reply_stream", fake_stream)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")

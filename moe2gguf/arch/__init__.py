@@ -27,7 +27,11 @@ def supported() -> list[str]:
 
 def arch_for_config(config: dict) -> MoEArch:
     """The registered architecture of a config.json; UserError naming what is supported."""
+    if not isinstance(config, dict):
+        raise UserError(f"config is a {type(config).__name__}, not a mapping of keys to values; restore the original config.json")
     names = config.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(config.get("model_type", ""), str):
+        raise UserError("config keys architectures (a list of class names) or model_type (a name) have the wrong type; restore the original config.json")
     cls = next((_REGISTRY[n] for n in names if n in _REGISTRY), None)
     if cls is None:
         cls = _BY_MODEL_TYPE.get(config.get("model_type", ""))

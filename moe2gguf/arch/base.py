@@ -8,6 +8,7 @@ rewriting and export are written once against this contract.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,9 +18,55 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from moe2gguf.checkpoint import EXPERT_WIDTHS_KEY
 from moe2gguf.errors import UserError
+from moe2gguf.inputs import first_line
 
 EXPERT_PARTS = ("gate", "up", "down")
+
+# config.json keys that are sizes or counts, in whichever family has them: whole numbers of at
+# least this (null allowed: transformers fills its default). Checked before transformers sees
+# the config, so "256" or -5 is named here instead of failing deep inside a model class.
+SIZE_KEYS: dict[str, int] = {
+    "vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "moe_intermediate_size": 1,
+    "shared_expert_intermediate_size": 0, "num_hidden_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "head_dim": 1, "max_position_embeddings": 1, "num_experts": 0,
+    "num_local_experts": 0, "n_routed_experts": 0, "num_experts_per_tok": 1, "n_shared_experts": 0,
+    "first_k_dense_replace": 0, "decoder_sparse_step": 1, "moe_layer_freq": 1, "kv_lora_rank": 1,
+    "q_lora_rank": 0, "qk_rope_head_dim": 1, "qk_nope_head_dim": 1, "v_head_dim": 1, "n_group": 1,
+    "topk_group": 1, "num_nextn_predict_layers": 0,
+}
+# What moe2gguf plans for, far above every published MoE (the counts in PUBLISHED): a config
+# beyond them is a typo or a hostile file, refused before a model skeleton, a name list or a
+# size plan is built from it.
+MAX_LAYERS = 1 << 10
+MAX_EXPERTS = 1 << 12  # routed experts per layer
+# MoE layers x experts: sizing builds one module per expert on the meta device (minutes at
+# this bound on a small machine), inspect and export name each one
+MAX_EXPERT_MATRICES = 1 << 15
+MAX_DIM = 1 << 20  # hidden size, expert width
+MAX_PARAMS = 1 << 43  # about 8.8e12
+PUBLISHED = {"layers": "at most 128", "hidden size": "at most 16,384", "routed experts": "at most 512"}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _require_int(key: str, v: object, lo: int) -> None:
+    if not _is_int(v):
+        raise UserError(f"config key {key} = {json.dumps(v, default=str)[:60]} is not a whole number; write a number >= {lo} in config.json")
+    if v < lo:
+        raise UserError(f"config key {key} = {v} is below {lo}; fix config.json")
+
+
+def check_size_keys(raw: dict, extra: tuple[str, ...] = ()) -> None:
+    """Type and range of every size key present in a config (the family's own count and width
+    keys in `extra`)."""
+    for key in (*SIZE_KEYS, *extra):
+        v = raw.get(key)
+        if v is not None:
+            _require_int(key, v, SIZE_KEYS.get(key, 0))
 
 
 @dataclass(frozen=True)
@@ -63,9 +110,69 @@ class MoEArch:
 
     def __init__(self, config: dict):
         self.raw = dict(config)
+        check_size_keys(self.raw, (self.n_experts_key, self.expert_width_key))
+        for alias, key in getattr(self.config_class, "attribute_map", {}).items():
+            if alias in self.raw and key in self.raw and self.raw[alias] != self.raw[key]:
+                raise UserError(f"config keys {alias} = {self.raw[alias]!r} and {key} = {self.raw[key]!r} name the same number and disagree; keep one in config.json")
         known = {k: v for k, v in config.items() if not k.startswith("moe2gguf_")}
-        self.hf_config = self.config_class.from_dict(known)
-        self.check_supported()
+        try:
+            self.hf_config = self.config_class.from_dict(known)
+        except Exception as e:  # noqa: BLE001 - transformers raises anything on a malformed config
+            raise UserError(f"config does not load as transformers' {self.config_class.__name__} ({first_line(e)}); restore the original config.json") from None
+        try:
+            self.check_supported()
+            self._check_sizes()
+        except (TypeError, AttributeError, KeyError, ValueError, ZeroDivisionError) as e:
+            raise UserError(f"config has a value of the wrong type or shape ({first_line(e)}); restore the original config.json") from None
+
+    def _key(self, name: str) -> str:
+        """The config key as this config.json spells it (transformers maps aliases such as
+        Qwen3-MoE's num_local_experts onto num_experts)."""
+        amap = getattr(self.config_class, "attribute_map", {})
+        spellings = (name, amap.get(name), *(alias for alias, key in amap.items() if key == name))
+        return next((k for k in spellings if k is not None and k in self.raw), name)
+
+    def _check_sizes(self) -> None:
+        """The numbers every verb builds on, as this family reads them: whole, in range, and
+        small enough to plan (layers x experts) and to hold (parameters) before anything is
+        allocated. Refused with the reason, never a MemoryError or a hang later."""
+        n_experts_key, width_key = self._key(self.n_experts_key), self._key(self.expert_width_key)
+        for what, key, v, lo, hi in (
+            ("layers", "num_hidden_layers", self.n_layers, 1, MAX_LAYERS),
+            ("hidden size", "hidden_size", self.hidden_size, 1, MAX_DIM),
+            ("routed experts", n_experts_key, self.n_experts, 0, MAX_EXPERTS),
+        ):
+            _require_int(key, v, lo)
+            if v > hi:
+                raise UserError(f"config key {key} = {v:,} is beyond what moe2gguf plans for ({what}: at most {hi:,}; published MoEs have {PUBLISHED[what]}); fix config.json")
+        if not self.n_experts or not self.moe_layers:
+            return  # a dense model: arch_for_config refuses it by name
+        _require_int("num_experts_per_tok", self.n_used, 1)
+        _require_int(width_key, self.expert_width, 1)
+        if self.n_used > self.n_experts:
+            raise UserError(f"config key num_experts_per_tok = {self.n_used} exceeds the {self.n_experts} routed experts ({n_experts_key}); top-k must be 1..{self.n_experts}, fix config.json")
+        matrices = len(self.moe_layers) * self.n_experts
+        if matrices > MAX_EXPERT_MATRICES:
+            raise UserError(
+                f"config has {len(self.moe_layers):,} MoE layers x {self.n_experts:,} experts = {matrices:,} experts in all, more than moe2gguf "
+                f"plans for (at most {MAX_EXPERT_MATRICES:,}; DeepSeek-V3 has 14,848); fix config.json"
+            )
+        stored = self.raw.get(EXPERT_WIDTHS_KEY)
+        if stored is not None:
+            ok = isinstance(stored, list) and len(stored) == self.n_layers and all(
+                isinstance(layer, list) and len(layer) <= self.n_experts and all(_is_int(w) and 0 <= w <= MAX_DIM for w in layer) for layer in stored
+            )
+            if not ok:
+                raise UserError(f"config key {EXPERT_WIDTHS_KEY} is not {self.n_layers} lists of expert widths; the pruned checkpoint's config.json is damaged, prune again")
+        widths = self.expert_widths()
+        params = 3 * self.hidden_size * sum(sum(w) for w in widths)
+        vocab = getattr(self.hf_config, "vocab_size", 0) or 0
+        params += 2 * vocab * self.hidden_size + 4 * self.n_layers * self.hidden_size**2
+        if params > MAX_PARAMS:
+            raise UserError(
+                f"config implies about {params:.3g} parameters, more than moe2gguf plans for (at most {MAX_PARAMS:.3g}; the largest "
+                "published MoEs have about 1e12); fix the sizes in config.json"
+            )
 
     # --- hyper-parameters (override where the HF config names differ) -----------------
     @property
@@ -112,8 +219,6 @@ class MoEArch:
 
     def expert_widths(self) -> list[list[int]]:
         """Per layer, the width of every stored routed expert ([] for a dense layer)."""
-        from moe2gguf.checkpoint import EXPERT_WIDTHS_KEY
-
         stored = self.raw.get(EXPERT_WIDTHS_KEY)
         if stored is not None:
             return [list(w) for w in stored]
