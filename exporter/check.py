@@ -130,21 +130,39 @@ def exps_down_name() -> str:
 
 def check(
     model: str,
-    text: str,
+    text: str | None,
     base: str | None = None,
     ctx: int = 256,
     chunks: int | None = None,
     kv_type: str = "f16",
     threads: int = 0,
+    task: str | None = None,
+    task_format: str | None = None,
+    n_tasks: int | None = None,
 ) -> dict:
-    """The report dict (DESIGN.md keys) for MODEL on TEXT, against BASE if given."""
+    """The report dict (DESIGN.md keys) for MODEL on TEXT and/or the multiple-choice TASK file,
+    against BASE if given."""
     import torch
 
+    from moe2gguf.exporter import tasks as T
     from moe2gguf.exporter.runner import run_in_child
     from moe2gguf.protocol import read_text, score_logprobs, targets_of, windows
 
     path = pathlib.Path(model).resolve()
     backend = backend_of(path)
+    if text is None and task is None:
+        raise UserError("nothing to measure; pass --text FILE (perplexity, KLD) and/or --task FILE (task accuracy)")
+    # a bad task file fails here, before any model runs
+    job = T.read_tasks(task, task_format, n_tasks) if task is not None else None
+    if text is None:
+        assert job is not None and task is not None
+        return {
+            "backend": backend,
+            "model": str(path),
+            **task_report(path, backend, task, *job, base, kv_type, threads),
+            "file_bytes": _file_bytes(path, backend),
+            "params_experts": params_experts(path, backend),
+        }
     body = read_text(text)
     base_wins = base_lp = None
     if base is not None:
@@ -180,7 +198,44 @@ def check(
     report["params_experts"] = params_experts(path, backend)
     report.update(measured)
     report["kv_type"] = kv_type if backend == "llama.cpp" else "f32"
+    if job is not None and task is not None:
+        report.update(task_report(path, backend, task, *job, base, kv_type, threads))
     return report
+
+
+def task_report(path: pathlib.Path, backend: str, task: str, fmt: str, items: list, base: str | None, kv_type: str, threads: int) -> dict:
+    """Task accuracy (exporter/tasks.py keys), and with BASE the agreement of chosen answers."""
+    from moe2gguf.exporter import tasks as T
+    from moe2gguf.exporter.task_runner import run_tasks_in_child
+
+    scored = run_tasks_in_child(backend, str(path), fmt, items, kv_type, threads, label=f"{fmt} {path.name}")
+    out = {"task": str(pathlib.Path(task).resolve()), "task_format": fmt, **T.summary(fmt, scored)}
+    if base is not None:
+        same = pathlib.Path(base).resolve() == path
+        out["agree"] = T.agreement(scored, scored if same else base_task_results(base, task, fmt, items, kv_type, threads))
+    return out
+
+
+def base_task_results(base: str, task: str, fmt: str, items: list, kv_type: str, threads: int) -> list:
+    """The base's outcome on each task, from the cache or computed once (key: base path +
+    mtime + task file hash + format + the tasks chosen + KV type)."""
+    from moe2gguf.exporter import tasks as T
+    from moe2gguf.exporter.task_runner import run_tasks_in_child
+
+    p = pathlib.Path(base).resolve()
+    backend = backend_of(p)
+    digest = hashlib.sha256(pathlib.Path(task).read_bytes()).hexdigest()
+    key = hashlib.sha256(json.dumps([str(p), _mtime(p), digest, fmt, [t.index for t in items], kv_type]).encode()).hexdigest()[:24]
+    f = cache_dir() / f"base-tasks-{key}.npz"
+    fields = list(T.Scored.__dataclass_fields__)
+    if f.is_file():
+        z = np.load(f)
+        return [T.Scored(**{k: z[k][i].item() for k in fields}) for i in range(len(z["index"]))]
+    scored = run_tasks_in_child(backend, str(p), fmt, items, kv_type, threads, label=f"{fmt} {p.name} (base)")
+    with atomic_file(f, "cache") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **{k: np.array([getattr(s, k) for s in scored]) for k in fields})
+    return scored
 
 
 def _file_bytes(path: pathlib.Path, backend: str) -> int:
@@ -191,6 +246,18 @@ def _file_bytes(path: pathlib.Path, backend: str) -> int:
     return Checkpoint(path).weight_bytes
 
 
+def task_rows(r: dict) -> list[tuple[str, str]]:
+    rows = [
+        ("task", f"{pathlib.Path(r['task']).name} ({r['task_format']}, {r['tasks']} tasks, chance {100 * r['task_chance']:.1f} %)"),
+        ("accuracy (acc)", f"{100 * r['acc']:.2f} ± {100 * r['acc_se']:.2f} %"),
+    ]
+    if "acc_norm" in r:
+        rows.append(("acc_norm (llama-perplexity)", f"{100 * r['acc_norm']:.2f} ± {100 * r['acc_norm_se']:.2f} %"))
+    if "agree" in r:
+        rows.append(("answers as --base", f"{100 * r['agree']:.2f} %"))
+    return rows
+
+
 def _human(n: float) -> str:
     for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= div:
@@ -199,48 +266,60 @@ def _human(n: float) -> str:
 
 
 def table(r: dict) -> str:
-    rows = [
-        ("backend", r["backend"]),
-        ("model", r["model"]),
-        ("tokens scored", f"{r['tokens_scored']} ({r['chunks']} x {r['ctx'] // 2} of ctx {r['ctx']})"),
-        ("perplexity", f"{r['ppl']:.4f} ± {r['ppl_se']:.4f}"),
-    ]
+    rows = [("backend", r["backend"]), ("model", r["model"])]
+    if "ppl" in r:
+        rows += [
+            ("tokens scored", f"{r['tokens_scored']} ({r['chunks']} x {r['ctx'] // 2} of ctx {r['ctx']})"),
+            ("perplexity", f"{r['ppl']:.4f} ± {r['ppl_se']:.4f}"),
+        ]
     if "kld" in r:
         rows += [("KL-divergence", f"{r['kld']:.6f} ± {r['kld_se']:.6f}"), ("top-1 agreement", f"{100 * r['top1']:.2f} %")]
-    rows += [
-        ("file", _human(r["file_bytes"])),
-        ("routed-expert params kept", f"{r['params_experts']:,}"),
-        ("model buffer", _human(r["model_buffer_bytes"])),
-        ("KV cache", _human(r["kv_cache_bytes"])),
-        ("peak RSS", _human(r["peak_rss_bytes"])),
-        ("prompt", f"{r['prompt_tokens_per_s']:.1f} tok/s"),
-        ("decode", f"{r['decode_tokens_per_s']:.1f} tok/s"),
-    ]
+    if "acc" in r:
+        rows += task_rows(r)
+    rows += [("file", _human(r["file_bytes"])), ("routed-expert params kept", f"{r['params_experts']:,}")]
+    if "ppl" in r:
+        rows += [
+            ("model buffer", _human(r["model_buffer_bytes"])),
+            ("KV cache", _human(r["kv_cache_bytes"])),
+            ("peak RSS", _human(r["peak_rss_bytes"])),
+            ("prompt", f"{r['prompt_tokens_per_s']:.1f} tok/s"),
+            ("decode", f"{r['decode_tokens_per_s']:.1f} tok/s"),
+        ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
 @click.command("check")
 @click.argument("model", metavar="MODEL_OR_GGUF", type=click.Path())
-@click.option("--text", required=True, type=click.Path(), help="UTF-8 text to score (e.g. the bundled eval.txt).")
+@click.option("--text", type=click.Path(), help="UTF-8 text to score (e.g. the bundled eval.txt).")
 @click.option("--base", type=click.Path(), help="Reference (GGUF or checkpoint) for KL-divergence and top-1; its log-probs are cached.")
 @click.option("--ctx", default=256, show_default=True, type=click.IntRange(4, MAX_CTX), help="Window length in tokens; the second half of each window is scored.")
 @click.option("--chunks", type=click.IntRange(1), help="Score only the first N windows (default: all).")
 @click.option("--json", "json_out", type=click.Path(), help="Also write the report as JSON here (an existing file only if it is such a report).")
 @click.option("--kv-type", type=click.Choice(KV_TYPES), default="f16", show_default=True, help="llama.cpp KV-cache type (f32 for exact parity with PyTorch).")
 @click.option("--threads", type=click.IntRange(0, 4096), default=0, help="CPU threads (default: all cores).")
-def check_cmd(model: str, text: str, base: str | None, ctx: int, chunks: int | None, json_out: str | None, kv_type: str, threads: int) -> None:
-    """Measure a GGUF or checkpoint: PPL, KLD/top-1 vs --base, memory, tokens/s.
+@click.option("--task", type=click.Path(), help="Multiple-choice task file in a llama-perplexity format: accuracy as llama-perplexity scores it.")
+@click.option("--task-format", type=click.Choice(["hellaswag", "winogrande", "multiple-choice"]), help="Format of --task (default: detected).")
+@click.option("--tasks", "n_tasks", type=int, help="Score N tasks, the N llama-perplexity picks with --<format>-tasks N (default: all).")
+def check_cmd(
+    model: str, text: str | None, base: str | None, ctx: int, chunks: int | None, json_out: str | None, kv_type: str, threads: int,
+    task: str | None, task_format: str | None, n_tasks: int | None,
+) -> None:
+    """Measure a GGUF or checkpoint: PPL, KLD/top-1 vs --base, memory, tokens/s, and
+    multiple-choice task accuracy.
 
     \b
     A .gguf runs in llama-cpp-python, a checkpoint folder in PyTorch, with the same
     perplexity protocol as llama-perplexity (non-overlapping windows of --ctx tokens,
     second half scored), so numbers from both backends compare directly.
+    --task scores a llama-perplexity --hellaswag / --winogrande / --multiple-choice file
+    as llama-perplexity does (acc_norm is its number for hellaswag and multiple-choice,
+    acc for winogrande); with --base, the share of tasks where both pick the same answer.
     """
     if json_out:  # before the measurement, not after it
-        check_output(json_out, "check", [model, text, base], folder=False)
-    r = check(model, text, base, ctx, chunks, kv_type, threads)
+        check_output(json_out, "check", [model, text, base, task], folder=False)
+    r = check(model, text, base, ctx, chunks, kv_type, threads, task, task_format, n_tasks)
     if json_out:
-        with atomic_file(json_out, "check", [model, text, base]) as tmp:
+        with atomic_file(json_out, "check", [model, text, base, task]) as tmp:
             tmp.write_text(json.dumps(r, indent=2) + "\n")
     click.echo(table(r))

@@ -45,7 +45,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 def demo_cmd(output: str, quiet: bool) -> None:
     """Calibrate, prune (25%, the layout stock llama.cpp runs), export to Q4_K_M and check
     the bundled reference MoE; print unpruned F32 / unpruned Q4_K_M / pruned Q4_K_M side by
-    side (PPL, KLD, top-1, file size, RAM, tokens/s) and write quality_vs_size.png.
+    side (PPL, KLD, top-1, accuracy on the bundled "finish the line" task, file size, RAM,
+    tokens/s) and write quality_vs_size.png.
     A rerun reuses what is already done."""
     rows = run(str(RECIPE), output=output, quiet=quiet)
     png = pathlib.Path(output) / "quality_vs_size.png"

@@ -129,6 +129,8 @@ class CheckSpec(_Strict):
     text: str | None = None
     ctx: int = Field(256, ge=4, multiple_of=2)
     chunks: int | None = Field(None, gt=0)
+    task: str | None = Field(None, description="multiple-choice task file in a llama-perplexity format")
+    tasks: int | None = Field(None, gt=0, description="score this many of its tasks (default: all)")
 
 
 class Recipe(_Strict):
@@ -159,6 +161,8 @@ class Recipe(_Strict):
         if self.check.text is None:
             raise UserError(f"recipe {self.source} has no check.text; add the evaluation text the run is measured on")
         regular_file(self.resolve(self.check.text), "check.text", fix)
+        if self.check.task is not None:
+            regular_file(self.resolve(self.check.task), "check.task", fix)
 
     def resolve(self, relpath: str | None) -> pathlib.Path | None:
         """Paths in a recipe are relative to the recipe file (symlinks resolved)."""

@@ -170,7 +170,9 @@ class Run:
         if text is None:
             raise UserError("the recipe has no check.text; add the evaluation text to the recipe")
         base = str(self.out / "unpruned-F32.gguf")
-        fp = _fingerprint(self.state.get("export"), self.state.get("export-unpruned-f32"), self.state.get(f"export-unpruned-{self.recipe.export.quant.upper()}"), c.model_dump(), str(text))
+        task = self.recipe.resolve(c.task)
+        task_id = [str(task), task.stat().st_size, int(task.stat().st_mtime)] if task is not None and task.is_file() else str(task)
+        fp = _fingerprint(self.state.get("export"), self.state.get("export-unpruned-f32"), self.state.get(f"export-unpruned-{self.recipe.export.quant.upper()}"), c.model_dump(), str(text), task_id)
         report_path = self.out / REPORT
         rows = cached_rows(report_path) if self.state.get("check") == fp else None
         if rows is not None:
@@ -179,7 +181,7 @@ class Run:
         self.say("[check] measuring every row against the unpruned F32 GGUF ...")
         rows = []
         for label, path in self.rows():
-            rep = check(str(path), str(text), base=base, ctx=c.ctx, chunks=c.chunks)
+            rep = check(str(path), str(text), base=base, ctx=c.ctx, chunks=c.chunks, task=str(task) if task else None, n_tasks=c.tasks)
             rows.append({"label": label, **rep})
         with atomic_file(report_path, "run") as tmp:
             tmp.write_text(json.dumps({"recipe": str(self.recipe.source), "rows": rows}, indent=1) + "\n")
@@ -189,13 +191,31 @@ class Run:
         return rows
 
 
+def task_cell(r: dict) -> str:
+    """The task score llama-perplexity reports for the format (acc_norm, or acc for winogrande)
+    with its standard error, in percent."""
+    key = "acc_norm" if "acc_norm" in r else "acc"
+    return f"{100 * r[key]:.1f} ± {100 * r[key + '_se']:.1f}"
+
+
 def report_table(rows: list[dict]) -> str:
-    head = f"| {'model':<18} | {'PPL':>9} | {'KLD':>9} | {'top-1':>6} | {'file MiB':>8} | {'RAM MiB':>8} | {'prompt t/s':>10} | {'decode t/s':>10} |"
+    tasks = all("acc" in r for r in rows)
+    head = f"| {'model':<18} | {'PPL':>9} | {'KLD':>9} | {'top-1':>6} |"
+    head += f" {'task acc %':>11} | {'same answer':>11} |" if tasks else ""
+    head += f" {'file MiB':>8} | {'RAM MiB':>8} | {'prompt t/s':>10} | {'decode t/s':>10} |"
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
+        task = f" {task_cell(r):>11} | {100 * r.get('agree', 1.0):>10.1f}% |" if tasks else ""
         lines.append(
-            f"| {r['label']:<18} | {r['ppl']:>9.4f} | {r.get('kld', 0.0):>9.5f} | {100 * r.get('top1', 1.0):>5.1f}% | "
+            f"| {r['label']:<18} | {r['ppl']:>9.4f} | {r.get('kld', 0.0):>9.5f} | {100 * r.get('top1', 1.0):>5.1f}% |{task} "
             f"{r['file_bytes'] / 2**20:>8.2f} | {r['peak_rss_bytes'] / 2**20:>8.1f} | {r['prompt_tokens_per_s']:>10.1f} | {r['decode_tokens_per_s']:>10.1f} |"
+        )
+    if tasks:
+        r = rows[0]
+        metric = "acc_norm" if "acc_norm" in r else "acc"
+        lines.append(
+            f"\ntask: {pathlib.Path(r['task']).name}, {r['tasks']} {r['task_format']} tasks, {metric} as llama-perplexity "
+            f"scores it (chance {100 * r['task_chance']:.0f} %); same answer: share of tasks answered as by the unpruned F32"
         )
     return "\n".join(lines)
 

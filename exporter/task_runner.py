@@ -1,0 +1,205 @@
+"""Score multiple-choice tasks (exporter/tasks.py) with one model, in a child process as
+exporter/runner.py runs perplexity, so the model's memory is its own and a crash of llama.cpp
+is reported, not inherited.
+
+Per task the shared prefix of the choices is evaluated once. llama.cpp: as llama-perplexity
+does, in one batch where the prefix tokens belong to every choice's sequence and each
+choice's own tokens to its own sequence (so its numbers are llama-perplexity's). PyTorch:
+the prefix with a KV cache, then each choice's tokens from the cache cropped back to it.
+Module-level imports are numpy only: the llama.cpp child never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from moe2gguf.errors import UserError
+from moe2gguf.exporter import tasks as T
+
+READY, PROGRESS = "@ready", "@task"  # the child's stdout lines: model loaded, one task done
+
+
+def load_llama(path: str, **kw: object):  # noqa: ANN201 - llama_cpp.Llama, imported lazily
+    """The one place this module loads a GGUF: through moe2gguf.llama_runtime, which the parent
+    told (run_tasks_in_child) whether llama.cpp's extra buffer types run on this CPU."""
+    from moe2gguf.llama_runtime import open_llama
+
+    return open_llama(path, announce=False, verbose=False, **kw)
+
+
+def _logprob(logits: np.ndarray, tok: int) -> float:
+    x = logits.astype(np.float64)
+    m = x.max()
+    return float(x[tok] - m - np.log(np.exp(x - m).sum()))
+
+
+def _row(p: T.Plan, s: int, pos: int) -> tuple[int, int]:
+    """Where a request's logits come from: (-1, pos) in the shared prefix, else (s, pos)."""
+    return (-1, pos) if pos < p.prefix else (s, pos)
+
+
+def _score(fmt: str, items: list[T.Task], plans: list[T.Plan], logits_of: Callable[[T.Plan], dict]) -> list[dict]:
+    """Each task's outcome; logits_of(plan) maps every _row of the plan's requests to logits."""
+    out = []
+    print(READY, flush=True)
+    for t, p in zip(items, plans):
+        rows = logits_of(p)
+        lp = [_logprob(rows[_row(p, s, pos)], tok) for s, pos, tok in p.requests]
+        out.append(T.choose(fmt, t, p, lp).to_json())
+        print(PROGRESS, flush=True)
+    return out
+
+
+def score_llama(path: str, fmt: str, items: list[T.Task], kv_type: str, threads: int) -> list[dict]:
+    """As llama-perplexity evaluates a task: one batch, the shared prefix once with every
+    choice's sequence id, then each choice's own tokens in its own sequence, KV cleared
+    between tasks (a unified KV cache, as llama-perplexity sets for these scores)."""
+    import llama_cpp
+
+    llm = load_llama(path, n_ctx=32, n_batch=32, n_ubatch=32, n_threads=threads, n_threads_batch=threads)
+
+    def tokenize(s: str) -> list[int]:
+        # common_tokenize(ctx, text, add_special = true): BOS/EOS as the model's metadata says
+        return llm.tokenize(s.encode("utf-8"), add_bos=True, special=False)
+
+    plans = [T.plan(fmt, t, [tokenize(s) for s in T.texts(fmt, t)]) for t in items]
+    need = max(p.prefix + sum(len(q) - p.prefix for q in p.seqs) for p in plans)
+    n_seq = max(len(p.seqs) for p in plans)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = -(-need // 256) * 256
+    params.n_ubatch = min(512, params.n_ctx)  # llama-perplexity's default micro-batch
+    params.n_seq_max, params.kv_unified = n_seq, True
+    params.n_threads = params.n_threads_batch = threads
+    params.type_k = params.type_v = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv_type]
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    if not ctx:
+        raise RuntimeError(f"llama.cpp could not make a context of {params.n_ctx} tokens for {n_seq} sequences")
+    batch = llama_cpp.llama_batch_init(params.n_ctx, 0, n_seq)
+    n_vocab = llm.n_vocab()
+
+    def logits_of(p: T.Plan) -> dict:
+        want = {_row(p, s, pos) for s, pos, _ in p.requests}
+        at: dict[tuple[int, int], int] = {}
+        n = 0
+        tokens = [(-1, i, p.seqs[0][i], range(len(p.seqs))) for i in range(p.prefix)]
+        tokens += [(s, i, q[i], (s,)) for s, q in enumerate(p.seqs) for i in range(p.prefix, len(q))]
+        for key_s, pos, tok, seqs in tokens:
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = tok, pos, len(seqs)
+            for j, sid in enumerate(seqs):
+                batch.seq_id[n][j] = sid
+            batch.logits[n] = (key_s, pos) in want
+            if batch.logits[n]:
+                at[(key_s, pos)] = n
+            n += 1
+        batch.n_tokens = n
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        rc = llama_cpp.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} on a batch of {n} tokens")
+        return {k: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for k, i in at.items()}
+
+    try:
+        return _score(fmt, items, plans, logits_of)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+
+
+def score_torch(path: str, fmt: str, items: list[T.Task], threads: int) -> list[dict]:
+    """The shared prefix once with a KV cache, then each choice's own tokens from it (the
+    cache cropped back to the prefix between choices)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from moe2gguf.modeling import load_model
+
+    torch.set_num_threads(threads)
+    model, _arch, _ckpt = load_model(path, torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.model_max_length = 1 << 62
+    plans = [T.plan(fmt, t, [list(tok(s, add_special_tokens=True)["input_ids"]) for s in T.texts(fmt, t)]) for t in items]
+
+    @torch.no_grad()
+    def logits_of(p: T.Plan) -> dict:
+        want = {_row(p, s, pos) for s, pos, _ in p.requests}
+        res = model(torch.tensor([p.seqs[0][: p.prefix]]), use_cache=True)
+        cache = res.past_key_values
+        rows = {(s, pos): res.logits[0, pos].float().numpy() for s, pos in want if s < 0}
+        for s in sorted({s for s, _ in want if s >= 0}):
+            extra = cache.get_seq_length() - p.prefix
+            if extra > 0:
+                cache.crop(-extra)  # back to the shared prefix (transformers 5: tokens to remove)
+            r = model(torch.tensor([p.seqs[s][p.prefix :]]), past_key_values=cache, use_cache=True)
+            rows.update({(c, pos): r.logits[0, pos - p.prefix].float().numpy() for c, pos in want if c == s})
+        return rows
+
+    return _score(fmt, items, plans, logits_of)
+
+
+def main(argv: list[str]) -> None:
+    """python -m moe2gguf.exporter.task_runner BACKEND PATH DIR KV_TYPE THREADS (DIR/tasks.json in,
+    DIR/result.json out)."""
+    backend, path, d, kv_type, threads = argv
+    try:
+        job = json.loads((pathlib.Path(d) / "tasks.json").read_text())
+        items = [T.Task.from_json(x) for x in job["tasks"]]
+        if backend == "llama.cpp":
+            res: dict = {"items": score_llama(path, job["format"], items, kv_type, int(threads))}
+        else:
+            res = {"items": score_torch(path, job["format"], items, int(threads))}
+    except UserError as e:  # a bad task: the parent repeats the message as it is
+        res = {"error": e.message, "user": True}
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+        res = {"error": f"{type(e).__name__}: {e}"}
+    (pathlib.Path(d) / "result.json").write_text(json.dumps(res))
+
+
+def run_tasks_in_child(backend: str, path: str, fmt: str, items: list[T.Task], kv_type: str = "f16", threads: int = 0, label: str = "tasks") -> list[T.Scored]:
+    """Each task's outcome, from a fresh interpreter; a progress bar with ETA meanwhile."""
+    import os
+    import subprocess
+    import tempfile
+
+    from moe2gguf.progress import bar
+    from moe2gguf.subproc import exit_reason
+
+    threads = threads or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="moe2gguf-tasks-") as d:
+        dp = pathlib.Path(d)
+        (dp / "tasks.json").write_text(json.dumps({"format": fmt, "tasks": [t.to_json() for t in items]}))
+        cmd = [sys.executable, "-m", "moe2gguf.exporter.task_runner", backend, path, d, kv_type, str(threads)]
+        env = None
+        if backend == "llama.cpp":
+            from moe2gguf import llama_runtime
+
+            # decided (probed, announced) here, where stderr reaches the user; the child obeys
+            extra = llama_runtime.extra_bufts_verdict().extra_bufts
+            env = {**os.environ, llama_runtime.ENV: "1" if extra else "0"}
+        with open(dp / "stderr.txt", "wb") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            assert proc.stdout is not None
+            progress = None
+            for line in proc.stdout:
+                if line.startswith(READY):  # the bar starts once the model is loaded: a true ETA
+                    progress = iter(bar(range(len(items)), desc=label, unit="task"))
+                    next(progress, None)
+                elif line.startswith(PROGRESS) and progress is not None:
+                    next(progress, None)
+            proc.wait()
+        res_file = dp / "result.json"
+        if proc.returncode != 0 or not res_file.is_file():
+            tail = [ln for ln in (dp / "stderr.txt").read_text(errors="replace").splitlines() if ln.strip()][-1:]
+            raise UserError(f"{backend} could not score {path}: {exit_reason(proc.returncode)}{': ' + tail[0] if tail else ''}")
+        res = json.loads(res_file.read_text())
+    if "error" in res:
+        raise UserError(res["error"] if res.get("user") else f"{backend} could not score {path}: {res['error']}")
+    return [T.Scored(**x) for x in res["items"]]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
