@@ -69,8 +69,9 @@ def add_sentencepiece_tokenizer(writer: gguf.GGUFWriter, model_dir: pathlib.Path
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    # whether the model prepends a space to the text (SentencePiece's dummy prefix), which
-    # llama.cpp must then do too
-    writer.add_add_space_prefix(vocab.sentencepiece_tokenizer.EncodeAsPieces("a")[0].startswith(SPACE))
+    # llama.cpp prepends a space to the text (SentencePiece's dummy prefix) unless told not
+    # to; convert_hf_to_gguf writes the key only for models without it, and so do we
+    if not vocab.sentencepiece_tokenizer.EncodeAsPieces("a")[0].startswith(SPACE):
+        writer.add_add_space_prefix(False)
     gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
     return True

@@ -179,7 +179,6 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
     arch = plan.arch
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(plan.ckpt.path.name)
     writer.add_file_type(file_type)
     padded_widths = [[plan.width] * len(layer) for layer in plan.widths]
     arch.set_gguf_parameters(writer, padded_widths)
@@ -191,7 +190,7 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
         itemsize = 2 if p.dtype == gguf.GGMLQuantizationType.F16 else 4
         n = int(np.prod(p.shape))
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float16 if itemsize == 2 else np.float32), n * itemsize)
-    add_general_metadata(writer)
+    add_general_metadata(writer, plan.ckpt.path if plan.ckpt.has_files else None, plan.ckpt.path.name)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -207,12 +206,17 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
     writer.close()
 
 
-def add_general_metadata(writer: gguf.GGUFWriter) -> None:
-    """The general.* keys convert_hf_to_gguf writes besides name/type/file_type: the size class
-    of the tensors written (e.g. "8x1.2B", gguf-py's rule) and ggml's quantization version.
-    Needs the tensor infos already added."""
+def add_general_metadata(writer: gguf.GGUFWriter, model_dir: pathlib.Path | None, name: str) -> None:
+    """The general.* keys as convert_hf_to_gguf writes them, with gguf-py's own rules: name,
+    basename, size label, ... from the folder, its model card and generation_config.json
+    (`gguf.Metadata`), the size class from the tensors written when nothing names one, and
+    ggml's quantization version. Needs the tensor infos already added."""
     total, shared, experts, count = writer.get_total_parameter_count()
-    writer.add_size_label(gguf.size_label(total, shared, experts, count))
+    meta = gguf.Metadata.load(None, model_dir, None, total)
+    meta.name = meta.name or name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, experts, count)
+    meta.set_gguf_meta_model(writer)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
