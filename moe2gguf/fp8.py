@@ -73,6 +73,9 @@ def hide_scales(config: dict, files: dict[str, str], shapes: dict[str, tuple[int
     if block is None:
         return None, {}
     scales = {n: files[n] for n in list(files) if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in files}
+    unscaled = sorted(n for n, d in dtypes.items() if d in FP8_DTYPES and n + SCALE_SUFFIX not in scales)
+    if unscaled:
+        raise UserError(f"tensor {unscaled[0]} is float8 but the checkpoint has no {unscaled[0]}{SCALE_SUFFIX}; the checkpoint is incomplete: copy it again")
     for n in scales:
         del files[n], shapes[n], dtypes[n]
         weight = n[: -len(SCALE_SUFFIX)]

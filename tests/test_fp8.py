@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from moe2gguf.cli import cli
 from moe2gguf.exporter.export import export
-from moe2gguf.fp8 import dequantize_block_fp8
+from moe2gguf.errors import UserError
+from moe2gguf.fp8 import dequantize_block_fp8, hide_scales
 from moe2gguf.inspect import inspect_model
 from test_arch_deepseek_v3 import add_mtp_layer
 from test_tokenizer_real import PUBLISHED, build_published
@@ -131,6 +132,19 @@ def test_dequantize_block_fp8_with_partial_blocks():
     assert float((got.float() - w).abs().max()) < 0.1 * float(w.abs().max())  # e4m3 keeps 3 mantissa bits
     with pytest.raises(ValueError):
         dequantize_block_fp8(q, s[:, :1], (16, 16))
+
+
+def test_scales_are_hidden_and_a_missing_one_is_refused():
+    q_cfg = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    files = {"a.weight": "f", "a.weight_scale_inv": "f", "norm.weight": "f"}
+    shapes = {"a.weight": (32, 16), "a.weight_scale_inv": (2, 1), "norm.weight": (16,)}
+    dtypes = {"a.weight": "F8_E4M3", "a.weight_scale_inv": "F32", "norm.weight": "BF16"}
+    config = {"quantization_config": q_cfg}
+    block, scales = hide_scales(config, files, shapes, dtypes)
+    assert block == (16, 16) and scales == {"a.weight_scale_inv": "f"} and config == {}
+    assert list(files) == list(shapes) == ["a.weight", "norm.weight"] and dtypes["a.weight"] == "BF16"
+    with pytest.raises(UserError, match="b.weight_scale_inv"):
+        hide_scales({"quantization_config": q_cfg}, {"b.weight": "f"}, {"b.weight": (16, 16)}, {"b.weight": "F8_E4M3"})
 
 
 def logits(path: pathlib.Path, ids: list[int]) -> np.ndarray:
