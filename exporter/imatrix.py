@@ -87,17 +87,23 @@ def resolve(src: str | pathlib.Path) -> tuple[pathlib.Path, dict | None]:
     if not f.is_file():
         raise UserError(f"--imatrix {src}: no {IMATRIX_FILE} found; pass a `moe2gguf calibrate` folder or an imatrix .gguf")
     cj = f.parent / CALIB_JSON
-    calib = read_calib_json(cj) if cj.exists() else None
+    calib = read_calib_json(cj, required=()) if cj.exists() else None  # only what it has is compared
     return f, calib
 
 
-def read_calib_json(path: pathlib.Path) -> dict:
-    """calib.json, with the fields later steps read checked for type and range."""
+# calib.json fields later steps read, with their types
+CALIB_FIELDS: dict[str, type] = {
+    "architectures": list, "n_layers": int, "hidden_size": int, "n_experts": int, "expert_width": int, "tokens": int, "ctx": int, "texts": list,
+}
+
+
+def read_calib_json(path: pathlib.Path, required: tuple[str, ...] = tuple(CALIB_FIELDS)) -> dict:
+    """calib.json, with the `required` fields present and every known field of its type and range."""
     fix = f"run `moe2gguf calibrate` again to rewrite {path.parent}"
     info = read_json_object(path, "calibration record", fix)
-    require_fields(info, {"architectures": list, "n_layers": int, "hidden_size": int, "n_experts": int, "expert_width": int, "tokens": int, "ctx": int, "texts": list}, str(path), fix)
-    if info["tokens"] < 1 or info["ctx"] < 2 or not info["texts"] or not all(isinstance(t, str) for t in info["texts"]):
-        raise UserError(f"{path}: tokens {info['tokens']}, ctx {info['ctx']} or texts {str(info['texts'])[:60]} are out of range; {fix}")
+    require_fields(info, {k: t for k, t in CALIB_FIELDS.items() if k in required or k in info}, str(path), fix)
+    if info.get("tokens", 1) < 1 or info.get("ctx", 2) < 2 or ("texts" in info and not (info["texts"] and all(isinstance(t, str) for t in info["texts"]))):
+        raise UserError(f"{path}: tokens {info.get('tokens')}, ctx {info.get('ctx')} or texts {str(info.get('texts'))[:60]} are out of range; {fix}")
     return info
 
 

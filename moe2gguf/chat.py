@@ -60,6 +60,10 @@ def chat_cmd(gguf: str, system: str | None, max_tokens: int, temperature: float,
     """Chat with a GGUF using its own chat template (a plain User/Assistant transcript when
     it has none). Type a message and press Enter; `/exit` or end of input stops. Piped
     stdin works too: every line is one user turn."""
+    try:
+        (system or "").encode("utf-8")
+    except UnicodeEncodeError:  # undecodable argv bytes reach Python as lone surrogates
+        raise UserError("--system is not UTF-8 text; give the system message in UTF-8") from None
     if max_tokens >= n_ctx:
         raise UserError(f"--max-tokens {max_tokens} leaves no room for the prompt in --ctx {n_ctx}; lower --max-tokens or raise --ctx")
     require_gguf(gguf)  # a damaged file is named here, before llama.cpp loads it
