@@ -18,7 +18,7 @@ from moe2gguf.cli import cli
 from moe2gguf.exporter import tasks as T
 from moe2gguf.exporter.check import check
 from moe2gguf.exporter.export import export
-from moe2gguf.exporter.task_runner import run_tasks_in_child
+from moe2gguf.exporter.task_runner import score_llama, score_torch
 
 REF = pathlib.Path(__file__).resolve().parent.parent / "moe2gguf" / "data" / "reference-moe"
 BUNDLED = REF / "task-line-ending.txt"
@@ -201,14 +201,15 @@ def _direct(model_dir: pathlib.Path, fmt: str, tasks: list[T.Task]) -> list[tupl
 
 def test_scores_equal_a_direct_pytorch_computation(tiny_qwen3moe, tmp_path):
     _, hs = T.read_tasks(hs_file(tmp_path / "hs.txt", HS))
-    got = run_tasks_in_child("torch", str(tiny_qwen3moe), "hellaswag", hs, threads=1)
+    # in this process (the child process itself is exercised on the bundled task below)
+    got = [T.Scored(**d) for d in score_torch(str(tiny_qwen3moe), "hellaswag", hs, threads=1)]
     want = _direct(tiny_qwen3moe, "hellaswag", hs)
     assert [(s.chosen, s.chosen_norm) for s in got] == want
     assert [s.correct_norm for s in got] == [t.correct[w[1]] for t, w in zip(hs, want)]
     f = tmp_path / "wg.csv"
     f.write_text('0,"The _ sat on the mat near the door today.",black cat,old dog,1\n1,"We _ it in the big box by the window.",put,kept,2\n\n')
     _, wg = T.read_tasks(f)
-    got = run_tasks_in_child("torch", str(tiny_qwen3moe), "winogrande", wg, threads=1)
+    got = [T.Scored(**d) for d in score_torch(str(tiny_qwen3moe), "winogrande", wg, threads=1)]
     assert [s.chosen for s in got] == [w[1] for w in _direct(tiny_qwen3moe, "winogrande", wg)]
 
 
@@ -222,7 +223,7 @@ def test_summary_standard_error_is_llama_perplexity_formula():
 
 # --- both backends on the bundled task ----------------------------------------------------
 
-N = 60
+N = 40
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +245,7 @@ def test_bundled_task_backends_agree_and_base_agreement(f32, tmp_path, cache):
     r = json.loads(jf.read_text())
     assert r["task_format"] == "hellaswag" and r["tasks"] == N and "ppl" not in r
     fmt, items = T.read_tasks(BUNDLED, n=N)
-    g = run_tasks_in_child("llama.cpp", str(f32), fmt, items, kv_type="f32", threads=1)
+    g = [T.Scored(**d) for d in score_llama(str(f32), fmt, items, "f32", 1)]  # in this process
     assert len(list(cache.glob("base-tasks-*.npz"))) == 1
     t = base_task_results(str(REF), str(BUNDLED), fmt, items, "f32", 1)  # from the cache
     # the two backends choose the same answers (F32 weights, F32 KV cache)
