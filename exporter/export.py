@@ -28,7 +28,7 @@ def export(
     (as llama_model_tensor_override entries), any other DEFAULT_QUANT."""
     quant, overrides = planned_types(model, quant, overrides)
     out = pathlib.Path(output)
-    check_output(out, "export", [model, imatrix], folder=False)  # before the work, not after it
+    check_output(output, "export", [model, imatrix], folder=False)  # before the work, not after it
     ftype = ftype_of(quant)
     plan = plan_export(model)
     imat = None

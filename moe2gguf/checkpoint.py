@@ -97,6 +97,10 @@ class Checkpoint:
         for fname in names:
             h = self._open(fname)
             for key in h.keys():
+                if key in files:
+                    # which copy a loader would take is arbitrary: a real checkpoint stores each tensor once
+                    raise UserError(f"{self.path}: tensor {key} is stored in both {files[key]} and {fname}; the shards do not belong "
+                                    "together, copy the checkpoint again")
                 files[key] = fname
                 sl = h.get_slice(key)
                 self._shapes[key] = tuple(sl.get_shape())
@@ -107,20 +111,30 @@ class Checkpoint:
     def _check_experts(self, arch) -> None:  # noqa: ANN001 - MoEArch (import cycle)
         """Every routed-expert tensor the config implies is stored, as floats. Counted first, so
         a config claiming more experts than the files hold is refused before any name is made."""
+        from moe2gguf.arch.base import EXPERT_PARTS
+
         implied = 3 * sum(len(w) for w in arch.expert_widths())
         if implied > len(self._files):
             raise UserError(
                 f"{self.path / CONFIG} implies {implied:,} routed-expert tensors, the safetensors hold {len(self._files):,} "
                 "tensors in all; the config does not belong to these weights, restore the original config.json"
             )
-        for name in sorted(arch.expert_tensor_names()):
-            if name not in self._files:
-                raise UserError(f"{self.path} lacks tensor {name}; the checkpoint's tensors disagree with its config.json")
-            if self._dtypes[name] not in FLOAT_DTYPES:
-                raise UserError(
-                    f"{self.path}: expert tensor {name} is stored as {self._dtypes[name]}, not as floats; moe2gguf reads "
-                    "F32/F16/BF16 (or block-FP8) weights: dequantize the checkpoint first"
-                )
+        for bid, widths in enumerate(arch.expert_widths()):
+            for xid, width in enumerate(widths):
+                for part in EXPERT_PARTS:
+                    name = arch.expert_name(bid, xid, part)
+                    if name not in self._files:
+                        raise UserError(f"{self.path} lacks tensor {name}; the checkpoint's tensors disagree with its config.json")
+                    if self._dtypes[name] not in FLOAT_DTYPES:
+                        raise UserError(
+                            f"{self.path}: expert tensor {name} is stored as {self._dtypes[name]}, not as floats; moe2gguf reads "
+                            "F32/F16/BF16 (or block-FP8) weights: dequantize the checkpoint first"
+                        )
+                    # from the header, so inspect and prune refuse it too, not only the verbs that build a model
+                    want = (arch.hidden_size, width) if part == "down" else (width, arch.hidden_size)
+                    if self._shapes[name] != want:
+                        raise UserError(f"{self.path}: tensor {name} has shape {self._shapes[name]}, config implies {want}; "
+                                        "the checkpoint's tensors disagree with its config.json")
 
     @property
     def tensor_names(self) -> list[str]:

@@ -181,6 +181,9 @@ def check_output(path: PathLike, verb: str, inputs: Iterable[PathLike | None] = 
 
 
 def _check_output(path: PathLike, verb: str, inputs: Iterable[PathLike | None], folder: bool, parents: bool) -> pathlib.Path:
+    if not folder and os.fspath(path).endswith(os.sep):
+        # pathlib drops the slash, which would write a file where the user named a folder
+        raise UserError(f"-o {path} ends in {os.sep!r}, which names a folder, not a file; give a file name, e.g. -o {os.fspath(path).rstrip(os.sep) or 'out'}")
     target = output_target(path)
     _check_inputs(target, inputs, path)
     parent = target.parent
@@ -476,3 +479,17 @@ def claim_dir(path: PathLike, verb: str, inputs: Iterable[PathLike | None] = ())
             write_marker(target, verb)
         sweep_stale(target)
     return target
+
+
+def release_dir(path: PathLike, verb: str) -> None:
+    """Undo `claim_dir` for a folder it created when the verb failed before writing anything
+    into it: a refused input leaves nothing at the output path. A folder holding any step's
+    output (or not `verb`'s) is kept, to be resumed."""
+    target = output_target(path)
+    if marked_verb(target) != verb:
+        return
+    sweep_stale(target)
+    if [e.name for e in os.scandir(target)] == [MARKER]:
+        with contextlib.suppress(OSError):
+            (target / MARKER).unlink()
+            target.rmdir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import click
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_file, claim_dir
+from moe2gguf.outputs import release_dir
 from moe2gguf.inputs import read_json_object
 from moe2gguf.progress import silenced
 from moe2gguf.recipe import Recipe, load_recipe, parse_size
@@ -229,11 +231,17 @@ def run(recipe_file: str, model: str | None = None, output: str | None = None, q
     out = pathlib.Path(output) if output else pathlib.Path("runs") / recipe.model.name
     runner = Run(recipe, model_dir, out, quiet)  # validates before anything is written
     # the run folder is run's own output: new, empty or an earlier run's (to resume), never a user's
+    fresh = not os.path.lexists(out)
     claim_dir(out, "run", [model_dir, *(recipe.resolve(t) for t in (*recipe.calibration.texts, recipe.check.text) if t)])
-    with silenced(quiet):
-        for step in runner.steps():
-            runner.do(step)
-        return runner.check_all()
+    try:
+        with silenced(quiet):
+            for step in runner.steps():
+                runner.do(step)
+            return runner.check_all()
+    except BaseException:
+        if fresh:  # failed before the first step wrote anything: leave no folder behind
+            release_dir(out, "run")
+        raise
 
 
 def plan_text(recipe_file: str) -> str:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REFERENCE, calibrated_tiny_qwen3moe
 
 EXPERT = "model.layers.1.mlp.experts.3.up_proj.weight"
+DOWN = "model.layers.0.mlp.experts.5.down_proj.weight"
 DEL = object()  # config value meaning: remove the key
 HANG_LIMIT_S = 120  # a row that takes longer hangs (the alias bomb and huge configs did)
 
@@ -388,6 +389,15 @@ CASES: list[Case] = [
     Case("chat-gguf-truncated", lambda E, w: chat(E, w, gguf=E.file(w, "m.gguf", E.gguf_bytes(300))), "truncated", stdin=b""),
     Case("chat-gguf-dev-null", lambda E, w: chat(E, w, gguf="/dev/null"), "/dev/null is a device", stdin=b""),
     Case("chat-gguf-not-gguf", lambda E, w: chat(E, w, gguf=E.file(w, "m.gguf", b"hello")), "is not a GGUF file", stdin=b""),
+    # --- found by an independent sweep: shards and shapes that disagree, a tokenizer of another model --
+    Case("inspect-shards-duplicate-tensor", lambda E, w: ["inspect", str(_duplicate_shards(E, w))], "is stored in both model-00001-of-00002"),
+    Case("export-shards-duplicate-tensor", lambda E, w: export(E, w, model=_duplicate_shards(E, w)), "is stored in both"),
+    Case("inspect-expert-shape-wrong", lambda E, w: ["inspect", str(E.model_with(w, tensors={EXPERT: torch.zeros(16, 64)}))], "has shape (16, 64), config implies (32, 64)"),
+    Case("prune-expert-shape-wrong", lambda E, w: prune(E, w, "--ratio", "0.25", model=E.model_with(w, tensors={EXPERT: torch.zeros(16, 64)})), "config implies (32, 64)"),
+    Case("prune-expert-down-shape-wrong", lambda E, w: prune(E, w, "--ratio", "0.25", model=E.model_with(w, tensors={DOWN: torch.zeros(64, 16)})), "config implies (64, 32)"),
+    Case("calibrate-tokenizer-beyond-vocab", lambda E, w: calibrate(E, w, _small_vocab(E, w)), "the tokenizer gives token id"),
+    # a run refused at its first step leaves no run folder behind (not even the claimed, empty one)
+    Case("run-tokenizer-beyond-vocab", lambda E, w: run(E, w, E.recipe(w), "--model", str(_small_vocab(E, w))), "the tokenizer gives token id"),
 ]
 
 
@@ -405,6 +415,24 @@ def _poisoned(name: str, E: Env, value: float) -> torch.Tensor:
 
 def _nan_model(E: Env, w: pathlib.Path, value: float) -> pathlib.Path:
     return E.model_with(w, tensors={EXPERT: _poisoned(EXPERT, E, value)})
+
+
+def _duplicate_shards(E: Env, w: pathlib.Path) -> pathlib.Path:
+    """Two shards without an index, the last tensor of the first stored again in the second."""
+    from safetensors.torch import save
+
+    t = load_file(E.model / "model.safetensors")
+    names = sorted(t)
+    first, second = names[: len(names) // 2], names[len(names) // 2 - 1 :]
+    return E.model_with(w, drop=("model.safetensors",), files={
+        "model-00001-of-00002.safetensors": save({k: t[k] for k in first}),
+        "model-00002-of-00002.safetensors": save({k: t[k] for k in second}),
+    })
+
+
+def _small_vocab(E: Env, w: pathlib.Path) -> pathlib.Path:
+    """Weights and config of 2048 tokens next to the 4096-token tokenizer of another model."""
+    return E.model_with(w, config={"vocab_size": 2048}, tensors={"model.embed_tokens.weight": torch.zeros(2048, 64), "lm_head.weight": torch.zeros(2048, 64)})
 
 
 def _fifo(w: pathlib.Path) -> pathlib.Path:

@@ -189,6 +189,11 @@ def _name_too_long(w, t):
     return t / ("x" * 300), [], "too long"
 
 
+def _trailing_slash(w, t):
+    # pathlib drops the slash: the file would be written where the user named a folder
+    return f"{t / 'missing'}/", [], "names a folder, not a file"
+
+
 def _a_file_for_a_folder(w, t):
     (t / "file").write_text("x")
     return t / "file", [t / "file"], "existing file"
@@ -226,6 +231,7 @@ REFUSALS = {
     "a name too long": (FOLDER_VERBS + FILE_VERBS, _name_too_long),
     "a file where a folder goes": (FOLDER_VERBS, _a_file_for_a_folder),
     "a folder where a file goes": (FILE_VERBS, _a_folder_for_a_file),
+    "a file name ending in /": (FILE_VERBS, _trailing_slash),
     "a user's file": (FILE_VERBS, _user_file),
     "the source weights": (("export",), _source_weights),
     "CALIB": (("prune", "run"), _the_calib),
@@ -247,7 +253,7 @@ def test_output_that_is_not_the_verbs_own_is_refused_and_left_as_it_was(verb, ca
     if words:
         assert words in err, err
     assert snapshot(*keep) == before
-    if case in ("a missing parent folder", "a name too long"):
+    if case in ("a missing parent folder", "a name too long", "a file name ending in /"):
         assert not os.path.lexists(tmp_path / "missing")
     assert temps(tmp_path) == [] and temps(world.root) == []
 
