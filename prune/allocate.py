@@ -165,14 +165,16 @@ def allocate_expert_drop(
 
 def group_topk(values: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:
     """Indices of the k largest `values`; with groups > 1, k / groups from each of `groups`
-    contiguous equal groups (so the router's grouping survives the removal)."""
+    contiguous equal groups (so the router's grouping survives the removal). Among equal values
+    the lower index wins (a stable sort, where torch.topk leaves ties unspecified), so the
+    allocation and the shape scoring of prune/deploy.py keep the same experts."""
     if groups <= 1:
-        return torch.topk(values, k).indices
+        return torch.argsort(values, descending=True, stable=True)[:k]
     n = values.numel()
     if n % groups or k % groups:
         raise ValueError(f"{k} of {n} experts cannot be kept evenly across {groups} groups")
     size = n // groups
-    idx = torch.topk(values.reshape(groups, size), k // groups, dim=1).indices
+    idx = torch.argsort(values.reshape(groups, size), dim=1, descending=True, stable=True)[:, : k // groups]
     return (idx + torch.arange(groups)[:, None] * size).flatten()
 
 

@@ -5,10 +5,13 @@ count K for the whole model (`LAYOUTS["llama.cpp"]`); which K experts each layer
 W channels each kept expert keeps are free. For a given (K, W) the best choice is exact and
 cheap: per expert its top-W channels by attribution, per layer the K experts whose top-W channels
 hold the most. So the allocation enumerates the feasible (K, W) pairs (K >= top-k, W a multiple of
-the layout's alignment), ranks them by attribution (`shape_quality`), and measures the most
-promising ones as pruned models on calibration tokens (prune/probe.py), keeping the least KLD:
+the layout's alignment), ranks them by attribution (`ShapeScores`: every shape from one sort per
+layer), and measures the most promising ones as pruned models on calibration tokens
+(prune/probe.py), keeping the least KLD:
 
-* under a parameter budget (`--ratio`): K * W * channel cost <= (1 - R) * routed parameters;
+* under a parameter budget (`--ratio`): the shapes that remove within `RATIO_BAND` of R of the
+  routed parameters, or the nearest ones when none does (said on stderr and in the report);
+  a width that is no multiple of 256 costs llama.cpp's type fallback, which the report prices;
 * under a byte budget (`--target-size`): the GGUF size llama.cpp's own dry run predicts for a
   model of K experts of width W (exporter/sizing.py), which prices the type fallback of widths
   that are not multiples of 256 (Q4_K -> Q5_0, Q6_K -> Q8_0 on ffn_down_exps rows). Every
@@ -23,6 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moe2gguf.prune.allocate import Allocation, Layout, coverage, group_topk, min_grouped_experts
@@ -54,28 +58,30 @@ def nearest_widths(w: int, layout: Layout, full: int) -> list[int]:
     return sorted({lo, hi})
 
 
+def _f64(s: torch.Tensor) -> np.ndarray:
+    # numpy, single-threaded: torch's threaded sort and float64 cast of one layer's scores were
+    # 7x slower than this on 2 busy cores (tools/bench_shape_choice.py)
+    return s.detach().cpu().numpy().astype(np.float64)
+
+
+def top_sums(s: torch.Tensor | np.ndarray) -> np.ndarray:
+    """[experts, width + 1] float64: column w holds each expert's top-w channel score (one sort
+    of the layer, summed as prefixes; column 0 is 0)."""
+    a = s if isinstance(s, np.ndarray) else _f64(s)
+    out = np.zeros((a.shape[0], a.shape[1] + 1))
+    np.cumsum(-np.sort(-a, axis=1), axis=1, out=out[:, 1:])
+    return out
+
+
 def allocate_shape(scores: list[torch.Tensor], shape: Shape, groups: list[int] | None = None) -> Allocation:
     """Per layer the K experts with the most top-W score (K / groups per expert group when the
     router groups experts), per kept expert its top-W channels."""
     channels = []
     for s, g in zip(scores, groups or [1] * len(scores), strict=True):
-        s = s.double()
-        order = torch.argsort(s, dim=1, descending=True, stable=True)[:, : shape.width]
-        top = s.gather(1, order).sum(1)
-        keep = set(group_topk(top, shape.experts, g).tolist())
+        order = torch.argsort(s.double(), dim=1, descending=True, stable=True)[:, : shape.width]
+        keep = set(group_topk(torch.from_numpy(top_sums(s)[:, shape.width].copy()), shape.experts, g).tolist())
         channels.append([torch.sort(order[e]).values if e in keep else torch.empty(0, dtype=torch.int64) for e in range(s.shape[0])])
     return Allocation(channels)
-
-
-def shape_coverage(scores: list[torch.Tensor], shape: Shape, groups: list[int] | None = None) -> float:
-    """coverage(allocate_shape(...)) without building the allocation."""
-    total = kept = 0.0
-    for s, g in zip(scores, groups or [1] * len(scores), strict=True):
-        s = s.double()
-        top = torch.sort(s, dim=1, descending=True).values[:, : shape.width].sum(1)
-        kept += float(top[group_topk(top, shape.experts, g)].sum())
-        total += float(s.sum())
-    return kept / total if total > 0 else 1.0
 
 
 # A removed expert costs more than its attribution says: its tokens are re-routed to kept experts
@@ -84,33 +90,81 @@ def shape_coverage(scores: list[torch.Tensor], shape: Shape, groups: list[int] |
 # +3.3% PPL vs (8, 128) +2.4%); counting removed-expert attribution 5x ranks every measured pair right.
 EXPERT_LOSS_WEIGHT = 5.0
 # ...which is why `--layout llama.cpp` measures its candidate shapes instead (prune/probe.py):
-# this many, the most promising by shape_quality; 0 ranks by shape_quality alone
+# this many, the most promising by shape quality; 0 ranks by shape quality alone
 PROBE_SHAPES = 4
 
 
+class ShapeScores:
+    """Coverage and predicted quality of every shape (K, W) of a grid, as `allocate_shape`
+    would keep it. Quality = 1 - (attribution of trimmed channels of kept experts) - weight *
+    (attribution of removed experts), over the total attribution.
+
+    Per layer the channel scores are sorted once and summed as prefixes (`top_sums`: every
+    expert's top-W score for every W is one column); per W the experts are ordered once by that
+    score (within their router group, ties to the lower index as `group_topk` breaks them) and
+    summed as prefixes again, so the K best experts' score is one entry. Every shape is then a
+    lookup: scoring the 2,903 shapes of a 128-expert x 768 model costs one sort of the channels
+    and one of the experts per grid width in each layer, not a sort of the layer per shape
+    (tools/bench_shape_choice.py)."""
+
+    def __init__(self, scores: list[torch.Tensor], widths: list[int], counts: list[int], groups: list[int] | None = None):
+        self.widths, self.counts = sorted(set(widths)), sorted(set(counts))
+        self._w = {w: i for i, w in enumerate(self.widths)}
+        self._k = {k: i for i, k in enumerate(self.counts)}
+        self.kept_top = np.zeros((len(self.counts), len(self.widths)))  # sum of kept experts' top-W scores
+        self.kept_full = np.zeros_like(self.kept_top)  # sum of kept experts' whole scores
+        self.total = 0.0
+        for s, g in zip(scores, groups or [1] * len(scores), strict=True):
+            n, width = s.shape
+            if n % g or any(k % g or not g <= k <= n for k in self.counts) or self.widths[-1] > width:
+                raise ValueError(f"shapes {self.counts} x {self.widths} do not fit {n} experts of width {width} in {g} groups")
+            size = n // g
+            a = _f64(s)
+            top = top_sums(a)[:, self.widths].reshape(g, size, len(self.widths))
+            full = a.sum(1)
+            order = np.argsort(-top, axis=1, kind="stable")  # descending, ties to the lower index
+            at = [k // g - 1 for k in self.counts]  # the best k/g of every group
+            self.kept_top += np.take_along_axis(top, order, 1).cumsum(1)[:, at].sum(0)
+            self.kept_full += np.take_along_axis(np.broadcast_to(full.reshape(g, size, 1), top.shape), order, 1).cumsum(1)[:, at].sum(0)
+            self.total += float(full.sum())
+
+    @classmethod
+    def of(cls, scores: list[torch.Tensor], shapes: list[Shape], groups: list[int] | None = None) -> ShapeScores:
+        return cls(scores, [s.width for s in shapes], [s.experts for s in shapes], groups)
+
+    def _at(self, shape: Shape) -> tuple[float, float]:
+        i, j = self._k[shape.experts], self._w[shape.width]
+        return float(self.kept_top[i, j]), float(self.kept_full[i, j])
+
+    def coverage(self, shape: Shape) -> float:
+        """coverage(allocate_shape(...)) without building the allocation."""
+        return self._at(shape)[0] / self.total if self.total > 0 else 1.0
+
+    def quality(self, shape: Shape, weight: float = EXPERT_LOSS_WEIGHT) -> float:
+        top, full = self._at(shape)
+        return 1.0 - ((full - top) + weight * (self.total - full)) / self.total if self.total > 0 else 1.0
+
+    def best(self, shapes: list[Shape]) -> tuple[Shape, float]:
+        """The shape of best predicted quality (ties: the smaller one), and its coverage."""
+        if not shapes:
+            raise ValueError("no feasible shape")
+        best = min(shapes, key=lambda sh: (-self.quality(sh), sh.experts * sh.width))
+        return best, self.coverage(best)
+
+
+def shape_coverage(scores: list[torch.Tensor], shape: Shape, groups: list[int] | None = None) -> float:
+    """coverage(allocate_shape(...)) without building the allocation."""
+    return ShapeScores.of(scores, [shape], groups).coverage(shape)
+
+
 def shape_quality(scores: list[torch.Tensor], shape: Shape, weight: float = EXPERT_LOSS_WEIGHT, groups: list[int] | None = None) -> float:
-    """Predicted quality of a shape: 1 - (attribution of trimmed channels of kept experts)
-    - weight * (attribution of removed experts)."""
-    total = chan = gone = 0.0
-    for s, g in zip(scores, groups or [1] * len(scores), strict=True):
-        s = s.double()
-        top = torch.sort(s, dim=1, descending=True).values[:, : shape.width].sum(1)
-        keep = group_topk(top, shape.experts, g)
-        mask = torch.zeros(s.shape[0], dtype=torch.bool)
-        mask[keep] = True
-        full = s.sum(1)
-        chan += float((full[mask] - top[mask]).sum())
-        gone += float(full[~mask].sum())
-        total += float(full.sum())
-    return 1.0 - (chan + weight * gone) / total if total > 0 else 1.0
+    """Predicted quality of a shape (`ShapeScores.quality`)."""
+    return ShapeScores.of(scores, [shape], groups).quality(shape, weight)
 
 
 def best_shape(scores: list[torch.Tensor], shapes: list[Shape], groups: list[int] | None = None) -> tuple[Shape, float]:
     """The shape of best predicted quality (ties: the smaller one), and its coverage."""
-    ranked = sorted(shapes, key=lambda sh: (-shape_quality(scores, sh, groups=groups), sh.experts * sh.width))
-    if not ranked:
-        raise ValueError("no feasible shape")
-    return ranked[0], shape_coverage(scores, ranked[0], groups)
+    return ShapeScores.of(scores, shapes, groups).best(shapes)
 
 
 def expert_grouping(arch) -> tuple[list[int], int, int]:  # noqa: ANN001
@@ -125,6 +179,25 @@ def expert_grouping(arch) -> tuple[list[int], int, int]:  # noqa: ANN001
 
 def shape_params(shape: Shape, channel_cost: list[int]) -> int:
     return shape.experts * shape.width * sum(channel_cost)
+
+
+# `--ratio R` lands within this many points of R (routed-expert parameters removed): a shape
+# that removes much more than asked is not a better answer to the question, whatever the probe
+# measures of it (on the tiny DeepSeek model it once picked 2 of 8 experts for R=0.3)
+RATIO_BAND = 0.02
+
+
+def ratio_band(shapes: list[Shape], ratio: float, full_params: int, channel_cost: list[int], band: float = RATIO_BAND) -> tuple[list[Shape], bool]:
+    """(the shapes whose removed fraction of routed parameters is within `band` of `ratio`,
+    True), or, when there is none, (the nearest ones, all at the same least distance, False)."""
+    def dist(s: Shape) -> float:
+        return abs(1.0 - shape_params(s, channel_cost) / full_params - ratio)
+
+    inside = [s for s in shapes if dist(s) <= band + 1e-9]
+    if inside or not shapes:
+        return inside, True
+    near = min(dist(s) for s in shapes)
+    return [s for s in shapes if dist(s) <= near + 1e-9], False
 
 
 # ----- bytes (llama.cpp's own dry run) -------------------------------------------------------
@@ -255,6 +328,25 @@ def _bytes(t: str, shape: tuple[int, ...]) -> int:
     return gguf.GGUFWriter.ggml_pad(_row_bytes(t, shape), 32)
 
 
+def fallback_note(shape: Shape, ratio: float, plan, base, fallback: dict[str, dict], aligned: tuple[Shape, float, int] | None = None) -> list[str]:  # noqa: ANN001
+    """What llama.cpp's type fallback on an unaligned width does to the bytes `--ratio` saves,
+    and the aligned shape of the band (shape, ratio, bytes) that would keep the native types."""
+    if not fallback:
+        return []
+    extra = sum(f["extra_bytes"] for f in fallback.values())
+    moves = ", ".join(sorted({f"{f['wanted']} -> {f['used']}" for f in fallback.values()}))
+    smaller = lambda b: f"{100 * (1 - b / base.total_bytes):.1f}%"  # noqa: E731
+    alt = ""
+    if aligned is not None:
+        a, r, b = aligned
+        alt = f"; {a.experts} x {a.width} (ratio {r:.4f}, --experts {a.experts} --width {a.width}) keeps them: {b:,} bytes, {smaller(b)} smaller"
+    return [
+        f"{shape.experts} experts x width {shape.width} removes {100 * ratio:.1f}% of routed parameters, but the {plan.quant} GGUF is "
+        f"{smaller(plan.total_bytes)} smaller ({smaller(plan.total_bytes - extra)} without the fallback): width {shape.width} is no multiple "
+        f"of 256, so llama.cpp stores ffn_down_exps {moves} (+{extra:,} bytes){alt}; --target-size plans bytes instead"
+    ]
+
+
 def overrides_of(types: dict[str, str]) -> list[tuple[str, str]]:
     """llama_model_tensor_override entries that pin every tensor to its planned type."""
     return [(f"^{re.escape(n)}$", t) for n, t in sorted(types.items())]
@@ -315,33 +407,37 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     types = None
     measured: dict[Shape, float] = {}
 
+    table = ShapeScores.of(attr, shapes, groups)  # every shape's coverage and quality, one sort per layer
+    notes: list[str] = []
+
     def choose(fit: list[Shape]) -> tuple[Shape, float]:
         if probe <= 0:
-            return best_shape(attr, fit, groups)
+            return table.best(fit)
         from moe2gguf.prune.calibrate import calibration_windows
         from moe2gguf.prune.probe import PROBE_TOKENS, candidates, shape_klds
 
-        cands = candidates(fit, attr, groups, probe)
+        cands = candidates(fit, table, probe)
         if len(cands) == 1:  # e.g. --experts given: nothing to compare
-            return cands[0], shape_coverage(attr, cands[0], groups)
+            return cands[0], table.coverage(cands[0])
         # the re-fit needs as many tokens as prune's own (prune/probe.py); the plain probe far fewer
         tokens = cal.info["tokens"] if reconstruct else PROBE_TOKENS
         measured.update(shape_klds(ckpt, arch, cands, attr, groups, calibration_windows(ckpt.path, cal.info, tokens), cal.grams if refit else None, reconstruct))
         best = min(cands, key=lambda s: (measured[s], s.experts * s.width))
-        return best, shape_coverage(attr, best, groups)
+        return best, table.coverage(best)
 
+    band: dict = {}
     if target_size is None:
-        budget = (1.0 - ratio) * total
-        fit = [s for s in shapes if shape_params(s, cost) <= budget + 1e-6]
-        if not fit:
-            small = min(shapes, key=lambda s: shape_params(s, cost))
-            most = 1 - shape_params(small, cost) / total
-            raise UserError(
-                f"--ratio {ratio} leaves no shape llama.cpp runs: the smallest is {small.experts} experts x width {small.width} "
-                f"(ratio {most:.4f}); lower --ratio"
-            )
+        fit, inside = ratio_band(shapes, ratio, total, cost)
         shape, cov = choose(fit)
-        budget_ragged = budget
+        got = 1 - shape_params(shape, cost) / total
+        band = {"requested": ratio, "tolerance": RATIO_BAND, "within": inside, "shapes_in_band": [[s.experts, s.width] for s in fit] if inside else [],
+                **({} if inside else {"nearest_feasible": {"experts": shape.experts, "width": shape.width, "ratio": got}})}
+        if not inside:
+            notes.append(
+                f"--ratio {ratio}: no shape llama.cpp runs removes within {RATIO_BAND:g} of it (one expert count, widths in steps of "
+                f"{layout.align}); nearest feasible: {shape.experts} experts x width {shape.width}, ratio {got:.4f}"
+            )
+        budget_ragged = shape_params(shape, cost)  # ragged at the same parameters: what the layout itself costs
     else:
         if target_size >= base.total_bytes:
             raise UserError(
@@ -366,21 +462,37 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     ragged = A.allocate(attr, cost, budget_ragged, A.LAYOUTS["ragged"], floor)
     ragged_cov = A.coverage(attr, ragged)
     fallback = kquant_fallback(plan, base.tensor_types)
+    aligned = None
+    if target_size is None and fallback:  # the band's best shape that keeps the quant's native types, priced for the user
+        native = [s for s in fit if s.width % layout.kquant_align == 0]
+        if native:
+            a = min(native, key=lambda s: (measured.get(s, float("inf")), -table.quality(s)))
+            if a not in sized:
+                sized[a] = predict_layout_bytes(ckpt, arch, a, quant)
+            aligned = (a, 1 - shape_params(a, cost) / total, sized[a].total_bytes)
+        notes += fallback_note(shape, 1 - shape_params(shape, cost) / total, plan, base, fallback, aligned)
     entries = {
-        "deployable": {"experts": shape.experts, "width": shape.width, "coverage": cov, "quality": shape_quality(attr, shape, groups=groups),
+        "deployable": {"experts": shape.experts, "width": shape.width, "coverage": cov, "quality": table.quality(shape),
                        "chosen_by": "probe KLD on calibration tokens" if measured else "attribution quality"},
         "ragged": {"widths": ragged.widths, "experts_kept": [sum(1 for w in l if w) for l in ragged.widths], "coverage": ragged_cov,
                    "ratio": 1 - ragged.kept_params(cost) / total},
         "coverage_lost": ragged_cov - cov,
         "quant": quant.upper(),
         "predicted_bytes_at_quant": plan.total_bytes,
+        "unpruned_bytes_at_quant": base.total_bytes,
+        "bytes_ratio_at_quant": 1 - plan.total_bytes / base.total_bytes,
         "ffn_down_exps_fallback": fallback,
+        "fallback_bytes": sum(f["extra_bytes"] for f in fallback.values()),
+        **({"aligned_alternative": {"experts": aligned[0].experts, "width": aligned[0].width, "ratio": aligned[1], "bytes_at_quant": aligned[2]}} if aligned else {}),
+        "notes": notes,
         "shapes_considered": [
-            {"experts": s.experts, "width": s.width, "coverage": shape_coverage(attr, s, groups), "quality": shape_quality(attr, s, groups=groups), "params": shape_params(s, cost), **({"bytes": sized[s].total_bytes} if s in sized else {}),
+            {"experts": s.experts, "width": s.width, "coverage": table.coverage(s), "quality": table.quality(s), "params": shape_params(s, cost), **({"bytes": sized[s].total_bytes} if s in sized else {}),
              **({"probe_kld": measured[s]} if s in measured else {})}
             for s in shapes
         ],
     }
+    if band:
+        entries["ratio_band"] = band
     if target_size is not None:
         entries["target_size"] = target_size
         entries["tensor_types"] = types
@@ -402,10 +514,13 @@ def finish_target(out, report: dict, target_size: int) -> dict:  # noqa: ANN001
 
 __all__ = [
     "plan_deployable",
+    "RATIO_BAND",
     "Shape",
+    "ShapeScores",
     "allocate_shape",
     "best_shape",
     "coverage",
+    "fallback_note",
     "feasible_shapes",
     "kquant_fallback",
     "lean_down_types",
@@ -413,6 +528,7 @@ __all__ = [
     "overrides_of",
     "plan_tensor_types",
     "predict_layout_bytes",
+    "ratio_band",
     "shape_coverage",
     "shape_params",
 ]

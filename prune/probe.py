@@ -40,7 +40,7 @@ from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
-from moe2gguf.prune.deploy import Shape, allocate_shape, shape_quality
+from moe2gguf.prune.deploy import Shape, ShapeScores, allocate_shape
 from moe2gguf.progress import bar
 
 PROBE_TOKENS = 8192  # calibration tokens the shapes are measured on
@@ -56,14 +56,14 @@ class _Overlay:
         return self.tensors[name] if name in self.tensors else self.ckpt.tensor(name)
 
 
-def candidates(fit: list[Shape], scores: list[torch.Tensor], groups: list[int], n: int) -> list[Shape]:
+def candidates(fit: list[Shape], table: ShapeScores, n: int) -> list[Shape]:
     """The widest fitting width per expert count (a narrower one with the same count only
     loses channels), ranked by attribution quality, the first `n`."""
     widest: dict[int, Shape] = {}
     for s in fit:
         if s.experts not in widest or s.width > widest[s.experts].width:
             widest[s.experts] = s
-    ranked = sorted(widest.values(), key=lambda s: -shape_quality(scores, s, groups=groups))
+    ranked = sorted(widest.values(), key=lambda s: -table.quality(s))
     return ranked[:n]
 
 

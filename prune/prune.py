@@ -205,6 +205,8 @@ def prune(
 
         ftype_of(quant)
         layer_alloc, cov, deploy_entries = plan_deployable(cal, ckpt, arch, ratio, target_size, quant.upper(), score, normalise, width, experts, probe, refit, reconstruct)
+        for note in deploy_entries["notes"]:  # the ratio band missed, bytes lost to the type fallback
+            click.echo(f"note: {note}", err=True)
     else:
         layer_alloc, cov = plan(cal, ckpt, arch, ratio, method, layout, score, normalise, min_width)
     # the allocation is per MoE layer; the rewrite wants every layer ([] for dense ones)
