@@ -150,6 +150,15 @@ def hf_tokenizer(model_dir: str | os.PathLike):  # noqa: ANN201 - a transformers
     except Exception as e:  # noqa: BLE001 - transformers/tokenizers raise anything on damaged files
         raise UserError(f"{model_dir}: the tokenizer files do not load ({first_line(e)}); copy the tokenizer files of the original model again") from None
     tok.model_max_length = 1 << 62  # whole texts are tokenized once, then cut into windows
+    cfg = pathlib.Path(model_dir) / "config.json"
+    if cfg.is_file():
+        from moe2gguf.arch import arch_for_config
+
+        vocab_size = arch_for_config(read_json_object(cfg, "config", "restore the original config.json")).hf_config.vocab_size
+        top = max(tok.get_vocab().values(), default=-1)
+        if top >= vocab_size:  # the embedding would be indexed out of range (an IndexError deep in torch)
+            raise UserError(f"{model_dir}: the tokenizer gives token id {top}, the model has {vocab_size} embeddings (vocab_size); "
+                            "the tokenizer files belong to another model, copy the original model's tokenizer files")
     return tok
 
 

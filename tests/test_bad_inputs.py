@@ -396,6 +396,7 @@ CASES: list[Case] = [
     Case("prune-expert-shape-wrong", lambda E, w: prune(E, w, "--ratio", "0.25", model=E.model_with(w, tensors={EXPERT: torch.zeros(16, 64)})), "config implies (32, 64)"),
     Case("prune-expert-down-shape-wrong", lambda E, w: prune(E, w, "--ratio", "0.25", model=E.model_with(w, tensors={DOWN: torch.zeros(64, 16)})), "config implies (64, 32)"),
     Case("calibrate-tokenizer-beyond-vocab", lambda E, w: calibrate(E, w, _small_vocab(E, w)), "the tokenizer gives token id"),
+    Case("check-tokenizer-beyond-vocab", lambda E, w: check(E, w, _small_vocab(E, w)), "the tokenizer gives token id"),
     # a run refused at its first step leaves no run folder behind (not even the claimed, empty one)
     Case("run-tokenizer-beyond-vocab", lambda E, w: run(E, w, E.recipe(w), "--model", str(_small_vocab(E, w))), "the tokenizer gives token id"),
 ]
