@@ -211,19 +211,19 @@ def task_report(path: pathlib.Path, backend: str, task: str, fmt: str, items: li
     scored = run_tasks_in_child(backend, str(path), fmt, items, kv_type, threads, label=f"{fmt} {path.name}")
     out = {"task": str(pathlib.Path(task).resolve()), "task_format": fmt, **T.summary(fmt, scored)}
     if base is not None:
-        same = pathlib.Path(base).resolve() == path
-        out["agree"] = T.agreement(scored, scored if same else base_task_results(base, task, fmt, items, kv_type, threads))
+        if pathlib.Path(base).resolve() == path:  # its own base (run's first row): cached for the next rows
+            base_task_results(base, task, fmt, items, kv_type, threads, scored)
+        out["agree"] = T.agreement(scored, base_task_results(base, task, fmt, items, kv_type, threads))
     return out
 
 
-def base_task_results(base: str, task: str, fmt: str, items: list, kv_type: str, threads: int) -> list:
+def base_task_results(base: str, task: str, fmt: str, items: list, kv_type: str, threads: int, known: list | None = None) -> list:
     """The base's outcome on each task, from the cache or computed once (key: base path +
-    mtime + task file hash + format + the tasks chosen + KV type)."""
+    mtime + task file hash + format + the tasks chosen + KV type); `known`: already scored."""
     from moe2gguf.exporter import tasks as T
     from moe2gguf.exporter.task_runner import run_tasks_in_child
 
     p = pathlib.Path(base).resolve()
-    backend = backend_of(p)
     digest = hashlib.sha256(pathlib.Path(task).read_bytes()).hexdigest()
     key = hashlib.sha256(json.dumps([str(p), _mtime(p), digest, fmt, [t.index for t in items], kv_type]).encode()).hexdigest()[:24]
     f = cache_dir() / f"base-tasks-{key}.npz"
@@ -231,7 +231,7 @@ def base_task_results(base: str, task: str, fmt: str, items: list, kv_type: str,
     if f.is_file():
         z = np.load(f)
         return [T.Scored(**{k: z[k][i].item() for k in fields}) for i in range(len(z["index"]))]
-    scored = run_tasks_in_child(backend, str(p), fmt, items, kv_type, threads, label=f"{fmt} {p.name} (base)")
+    scored = known or run_tasks_in_child(backend_of(p), str(p), fmt, items, kv_type, threads, label=f"{fmt} {p.name} (base)")
     with atomic_file(f, "cache") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **{k: np.array([getattr(s, k) for s in scored]) for k in fields})

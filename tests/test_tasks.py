@@ -257,3 +257,9 @@ def test_bundled_task_backends_agree_and_base_agreement(f32, tmp_path, cache):
     # the report: llama.cpp's numbers, and --base agreement equal to the task-by-task share
     assert r["acc_norm"] == sg["acc_norm"] and r["acc"] == sg["acc"] and r["acc_se"] > 0
     assert r["agree"] == same
+    # a model that is its own base (run's first row) agrees fully and leaves its outcomes
+    # cached for the rows measured against it
+    own = check(str(f32), None, base=str(f32), kv_type="f32", threads=1, task=str(BUNDLED), n_tasks=N)
+    assert own["agree"] == 1.0 and own["acc_norm"] == sg["acc_norm"]
+    assert len(list(cache.glob("base-tasks-*.npz"))) == 2
+    assert base_task_results(str(f32), str(BUNDLED), fmt, items, "f32", 1) == g
