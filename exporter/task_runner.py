@@ -3,9 +3,11 @@ exporter/runner.py runs perplexity, so the model's memory is its own and a crash
 is reported, not inherited.
 
 Per task the shared prefix of the choices is evaluated once. llama.cpp: as llama-perplexity
-does, in one batch where the prefix tokens belong to every choice's sequence and each
-choice's own tokens to its own sequence (so its numbers are llama-perplexity's). PyTorch:
-the prefix with a KV cache, then each choice's tokens from the cache cropped back to it.
+does, consecutive tasks share one batch, where a task's prefix tokens belong to every one of
+its choices' sequences and each choice's own tokens to its own sequence (so the numbers are
+llama-perplexity's; batching many tasks also keeps small models from spending their time
+in thread synchronisation). PyTorch: the prefix with a KV cache, then each choice's tokens
+from the cache cropped back to it.
 Module-level imports are numpy only: the llama.cpp child never imports torch.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -22,6 +24,8 @@ from moe2gguf.errors import UserError
 from moe2gguf.exporter import tasks as T
 
 READY, PROGRESS = "@ready", "@task"  # the child's stdout lines: model loaded, one task done
+PARALLEL = 32  # sequences per llama.cpp batch, as `llama-perplexity -np 32` (context 32 x 512 tokens)
+BATCH = 2048  # tokens per llama_decode call (llama-perplexity's n_batch)
 
 
 def load_llama(path: str, **kw: object):  # noqa: ANN201 - llama_cpp.Llama, imported lazily
@@ -43,22 +47,24 @@ def _row(p: T.Plan, s: int, pos: int) -> tuple[int, int]:
     return (-1, pos) if pos < p.prefix else (s, pos)
 
 
-def _score(fmt: str, items: list[T.Task], plans: list[T.Plan], logits_of: Callable[[T.Plan], dict]) -> list[dict]:
-    """Each task's outcome; logits_of(plan) maps every _row of the plan's requests to logits."""
+def _score(fmt: str, items: list[T.Task], plans: list[T.Plan], rows: Iterator[tuple[int, dict]]) -> list[dict]:
+    """Each task's outcome; `rows` yields, task after task, (i, logits of every _row its
+    plan's requests read)."""
     out = []
     print(READY, flush=True)
-    for t, p in zip(items, plans):
-        rows = logits_of(p)
-        lp = [_logprob(rows[_row(p, s, pos)], tok) for s, pos, tok in p.requests]
+    for i, r in rows:
+        t, p = items[i], plans[i]
+        lp = [_logprob(r[_row(p, s, pos)], tok) for s, pos, tok in p.requests]
         out.append(T.choose(fmt, t, p, lp).to_json())
         print(PROGRESS, flush=True)
     return out
 
 
 def score_llama(path: str, fmt: str, items: list[T.Task], kv_type: str, threads: int) -> list[dict]:
-    """As llama-perplexity evaluates a task: one batch, the shared prefix once with every
-    choice's sequence id, then each choice's own tokens in its own sequence, KV cleared
-    between tasks (a unified KV cache, as llama-perplexity sets for these scores)."""
+    """As `llama-perplexity -np PARALLEL` evaluates tasks: consecutive tasks packed into one
+    batch (T.pack), each task's shared prefix once with the sequence ids of all its choices,
+    each choice's own tokens in its own sequence; a unified KV cache cleared between
+    batches, which are decoded BATCH tokens at a time."""
     import llama_cpp
 
     llm = load_llama(path, n_ctx=32, n_batch=32, n_ubatch=32, n_threads=threads, n_threads_batch=threads)
@@ -68,43 +74,53 @@ def score_llama(path: str, fmt: str, items: list[T.Task], kv_type: str, threads:
         return llm.tokenize(s.encode("utf-8"), add_bos=True, special=False)
 
     plans = [T.plan(fmt, t, [tokenize(s) for s in T.texts(fmt, t)]) for t in items]
-    need = max(p.prefix + sum(len(q) - p.prefix for q in p.seqs) for p in plans)
-    n_seq = max(len(p.seqs) for p in plans)
+    packs = T.pack(fmt, plans, PARALLEL, PARALLEL * 512)
+    need = max(sum(plans[i].tokens for i in pk) for pk in packs)
+    n_seq = max(sum(len(plans[i].seqs) for i in pk) for pk in packs)
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx = params.n_batch = -(-need // 256) * 256
-    params.n_ubatch = min(512, params.n_ctx)  # llama-perplexity's default micro-batch
+    params.n_ctx = -(-need // 256) * 256
+    params.n_batch, params.n_ubatch = min(BATCH, params.n_ctx), min(512, params.n_ctx)  # llama-perplexity's defaults
     params.n_seq_max, params.kv_unified = n_seq, True
     params.n_threads = params.n_threads_batch = threads
     params.type_k = params.type_v = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv_type]
     ctx = llama_cpp.llama_init_from_model(llm.model, params)
     if not ctx:
         raise RuntimeError(f"llama.cpp could not make a context of {params.n_ctx} tokens for {n_seq} sequences")
-    batch = llama_cpp.llama_batch_init(params.n_ctx, 0, n_seq)
+    batch = llama_cpp.llama_batch_init(params.n_batch, 0, n_seq)
     n_vocab = llm.n_vocab()
 
-    def logits_of(p: T.Plan) -> dict:
-        want = {_row(p, s, pos) for s, pos, _ in p.requests}
-        at: dict[tuple[int, int], int] = {}
-        n = 0
-        tokens = [(-1, i, p.seqs[0][i], range(len(p.seqs))) for i in range(p.prefix)]
-        tokens += [(s, i, q[i], (s,)) for s, q in enumerate(p.seqs) for i in range(p.prefix, len(q))]
-        for key_s, pos, tok, seqs in tokens:
-            batch.token[n], batch.pos[n], batch.n_seq_id[n] = tok, pos, len(seqs)
-            for j, sid in enumerate(seqs):
-                batch.seq_id[n][j] = sid
-            batch.logits[n] = (key_s, pos) in want
-            if batch.logits[n]:
-                at[(key_s, pos)] = n
-            n += 1
-        batch.n_tokens = n
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-        rc = llama_cpp.llama_decode(ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc} on a batch of {n} tokens")
-        return {k: np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy() for k, i in at.items()}
+    def rows() -> Iterator[tuple[int, dict]]:
+        for pk in packs:
+            # (token, position, sequence ids, (task, row) when its logits are read)
+            toks: list[tuple[int, int, range | tuple[int], tuple | None]] = []
+            s0 = 0
+            for i in pk:
+                p = plans[i]
+                want = {_row(p, s, pos) for s, pos, _ in p.requests}
+                toks += [(p.seqs[0][j], j, range(s0, s0 + len(p.seqs)), (i, (-1, j)) if (-1, j) in want else None) for j in range(p.prefix)]
+                for s, q in enumerate(p.seqs):
+                    toks += [(q[j], j, (s0 + s,), (i, (s, j)) if (s, j) in want else None) for j in range(p.prefix, len(q))]
+                s0 += len(p.seqs)
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            got: dict[int, dict] = {i: {} for i in pk}
+            for c0 in range(0, len(toks), params.n_batch):
+                chunk = toks[c0 : c0 + params.n_batch]
+                for n, (tok, pos, seqs, key) in enumerate(chunk):
+                    batch.token[n], batch.pos[n], batch.n_seq_id[n] = tok, pos, len(seqs)
+                    for j, sid in enumerate(seqs):
+                        batch.seq_id[n][j] = sid
+                    batch.logits[n] = key is not None
+                batch.n_tokens = len(chunk)
+                rc = llama_cpp.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc} on a batch of {len(chunk)} tokens")
+                for n, (*_, key) in enumerate(chunk):
+                    if key is not None:
+                        got[key[0]][key[1]] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, n), shape=(n_vocab,)).copy()
+            yield from got.items()
 
     try:
-        return _score(fmt, items, plans, logits_of)
+        return _score(fmt, items, plans, rows())
     finally:
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
@@ -138,7 +154,7 @@ def score_torch(path: str, fmt: str, items: list[T.Task], threads: int) -> list[
             rows.update({(c, pos): r.logits[0, pos - p.prefix].float().numpy() for c, pos in want if c == s})
         return rows
 
-    return _score(fmt, items, plans, logits_of)
+    return _score(fmt, items, plans, ((i, logits_of(p)) for i, p in enumerate(plans)))
 
 
 def main(argv: list[str]) -> None:

@@ -382,6 +382,32 @@ class Plan:
     requests: list[tuple[int, int, int]]
     groups: list[list[int]]
 
+    @property
+    def tokens(self) -> int:
+        """Tokens in its batch: the shared prefix once, then each choice's own tokens."""
+        return self.prefix + sum(len(q) - self.prefix for q in self.seqs)
+
+
+def pack(fmt: str, plans: list[Plan], n_seq_max: int, n_ctx: int) -> list[range]:
+    """Consecutive tasks sharing one batch, as llama-perplexity packs them for `-np n_seq_max`
+    (its context then holds n_ctx = n_seq_max x 512 tokens): as many as fit both the tokens
+    and the sequences (one per choice; at most 4 x 32 per batch, 2 x 128 for winogrande)."""
+    max_seq = min(2 * 128 if fmt == "winogrande" else 4 * 32, n_seq_max)
+    out, i0 = [], 0
+    while i0 < len(plans):
+        n_cur = s0 = 0
+        i1 = i0
+        while i1 < len(plans) and n_cur + plans[i1].tokens <= n_ctx and s0 + len(plans[i1].seqs) <= max_seq:
+            n_cur, s0, i1 = n_cur + plans[i1].tokens, s0 + len(plans[i1].seqs), i1 + 1
+        if i1 == i0:
+            raise UserError(
+                f"a task needs {plans[i0].tokens} tokens and {len(plans[i0].seqs)} sequences in one batch, more than "
+                f"{n_ctx} and {max_seq}; shorten its context or choices"
+            )
+        out.append(range(i0, i1))
+        i0 = i1
+    return out
+
 
 def _common_prefix(seqs: list[list[int]]) -> int:
     n = 0

@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from moe2gguf.cli import cli
+from moe2gguf.errors import UserError
 from moe2gguf.exporter import tasks as T
 from moe2gguf.exporter.check import check
 from moe2gguf.exporter.export import export
@@ -165,6 +166,16 @@ def test_winogrande_plan_keeps_llama_perplexity_first_logit_of_option_2():
     first_2 = p.requests[p.groups[1][0]]
     assert first_2 == (0, 4, 6)  # sentence 1's last position, predicting option 2's token
     assert [p.requests[i] for i in p.groups[0]] == [(0, 2, 4)]  # last token left out
+
+
+def test_pack_fills_batches_as_llama_perplexity():
+    # 4-choice tasks of 10 + 4 x 5 = 30 tokens: 8 fit 32 sequences, 3 fit 100 tokens
+    p = T.Plan([[1] * 15, [2] * 15, [3] * 15, [4] * 15], 10, [], [])
+    assert p.tokens == 30
+    assert [list(r) for r in T.pack("hellaswag", [p] * 10, 32, 10_000)] == [list(range(8)), [8, 9]]
+    assert [len(r) for r in T.pack("hellaswag", [p] * 7, 32, 100)] == [3, 3, 1]
+    with pytest.raises(UserError, match="needs 30 tokens"):
+        T.pack("hellaswag", [p], 32, 20)
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ The reference model is exported to F32 and Q4_K_M; the task files are the bundle
 task and a winogrande CSV and a multiple-choice binary made by tools/make_task.py from the same
 held-out text. Each (GGUF, format) is scored on all tasks and on a random subset (`--tasks N`,
 which llama-perplexity draws with its fixed seed), by `check --task` (llama-cpp-python) and by
-`llama-perplexity --hellaswag/--winogrande/--multiple-choice`. Per task correctness is read
+`llama-perplexity --hellaswag/--winogrande/--multiple-choice -np 32` (the batches check
+decodes). Per task correctness is read
 back from llama-perplexity's running output (its running accuracy for hellaswag and
 multiple-choice, the chosen option for winogrande) and compared with ours in order.
 """
@@ -34,7 +35,7 @@ import make_task  # noqa: E402 - tools/ is not a package
 
 from moe2gguf.exporter import tasks as T  # noqa: E402
 from moe2gguf.exporter.export import export  # noqa: E402
-from moe2gguf.exporter.task_runner import run_tasks_in_child  # noqa: E402
+from moe2gguf.exporter.task_runner import PARALLEL, run_tasks_in_child  # noqa: E402
 
 REF = make_task.REF
 FLAGS = {"hellaswag": ("--hellaswag", "-f"), "winogrande": ("--winogrande", "-f"), "multiple-choice": ("--multiple-choice", "-bf")}
@@ -55,7 +56,8 @@ def from_running_accuracy(pairs: list[tuple[int, float]]) -> list[bool]:
 
 def llama_perplexity(binary: pathlib.Path, gguf: pathlib.Path, fmt: str, task: pathlib.Path, n: int, threads: int) -> tuple[list[bool], float]:
     flag, file_arg = FLAGS[fmt]
-    cmd = [binary, "-m", gguf, flag, file_arg, task, f"{flag}-tasks", n, "-t", threads, "--no-warmup"]
+    # -np: the tasks per batch check packs (so both sides decode the same batches)
+    cmd = [binary, "-m", gguf, flag, file_arg, task, f"{flag}-tasks", n, "-np", PARALLEL, "-t", threads, "--no-warmup"]
     t0 = time.perf_counter()
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace")
     dt = time.perf_counter() - t0
