@@ -154,6 +154,21 @@ def test_check_needs_text_or_task(tmp_path):
     assert res.exit_code == 2 and "--task" in res.output and len(res.output.strip().splitlines()) == 1
 
 
+def test_run_table_shows_task_accuracy_and_agreement():
+    from moe2gguf.run import report_table
+
+    base = {"ppl": 40.0, "file_bytes": 2**20, "peak_rss_bytes": 2**20, "prompt_tokens_per_s": 1.0, "decode_tokens_per_s": 1.0}
+    task = {"task": str(BUNDLED), "task_format": "hellaswag", "tasks": 300, "task_chance": 0.25, "acc": 0.42, "acc_se": 0.03}
+    rows = [
+        {**base, **task, "label": "unpruned F32", "acc_norm": 0.5067, "acc_norm_se": 0.0289, "agree": 1.0},
+        {**base, **task, "label": "pruned Q4_K_M", "acc_norm": 0.4967, "acc_norm_se": 0.0289, "agree": 0.98},
+    ]
+    t = report_table(rows)
+    assert "task acc %" in t and "50.7 ± 2.9" in t and "49.7 ± 2.9" in t and "98.0%" in t
+    assert "300 hellaswag tasks, acc_norm" in t
+    assert "task acc %" not in report_table([{**base, "label": "x"}])  # no task: no column
+
+
 # --- scoring ------------------------------------------------------------------------------
 
 
