@@ -61,7 +61,8 @@ def is_check_report(path: pathlib.Path) -> bool:
         data = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError):
         return False
-    return isinstance(data, dict) and {"backend", "ppl"} <= data.keys()
+    # perplexity ("ppl"), task accuracy ("acc", `check --task` without --text), or both
+    return isinstance(data, dict) and "backend" in data and bool({"ppl", "acc"} & data.keys())
 
 
 def in_run_folder(path: pathlib.Path) -> bool:

@@ -169,6 +169,16 @@ def test_run_table_shows_task_accuracy_and_agreement():
     assert "task acc %" not in report_table([{**base, "label": "x"}])  # no task: no column
 
 
+def test_task_only_report_is_replaced_by_the_next_check(tmp_path):
+    from moe2gguf.errors import atomic_file
+
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"backend": "llama.cpp", "model": "m.gguf", "task_format": "hellaswag", "acc": 0.5}))  # no ppl
+    with atomic_file(out, "check") as tmp:
+        tmp.write_text(json.dumps({"backend": "llama.cpp", "acc": 0.6}))
+    assert json.loads(out.read_text())["acc"] == 0.6
+
+
 # --- scoring ------------------------------------------------------------------------------
 
 
