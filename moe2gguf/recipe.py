@@ -77,10 +77,19 @@ class CalibrationSpec(_Strict):
 
 
 class PruneSpec(_Strict):
-    method: Literal["coverage", "uniform", "magnitude", "expert-drop"] = "coverage"
+    method: Literal["coverage", "uniform", "magnitude", "reap", "frequency"] = "coverage"
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction of routed-expert parameters removed")
     target_size: str | None = Field(None, description="GGUF size to land at or under, e.g. 12GB")
     layout: Literal["ragged", "llama.cpp"] = "llama.cpp"
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _renamed_method(cls, v: object) -> object:
+        from moe2gguf.prune.prune import RENAMED
+
+        if isinstance(v, str) and v in RENAMED:
+            raise ValueError(RENAMED[v])
+        return v
 
     @field_validator("target_size")
     @classmethod

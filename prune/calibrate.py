@@ -7,8 +7,9 @@ plus the hidden states of the calibration tokens, never the whole model.
 
 CALIB/ holds
   calib.json          what was measured (model shape, tokens, ctx, texts, peak layer memory)
-  scores.safetensors  per MoE layer: routing freq/mass, channel moments, W_down column norms,
-                      magnitude scores, router-weighted Gram matrices, residual scale
+  scores.safetensors  per MoE layer: routing freq/mass, REAP's summed g*||f||, channel
+                      moments, W_down column norms, magnitude scores, router-weighted Gram
+                      matrices, residual scale, and (where the model fits) the Taylor terms
   imatrix.gguf        llama.cpp's GGUF imatrix (general.type=imatrix, <name>.in_sum2/.counts)
 """
 
@@ -30,9 +31,9 @@ from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
-from moe2gguf.modeling import build_model, hidden_of, load_weights
+from moe2gguf.modeling import build_model, hidden_of, load_model, load_weights
 from moe2gguf.protocol import read_text
-from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, weight_norms
+from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
 from moe2gguf.progress import bar
 
 CALIB_JSON = "calib.json"
@@ -44,6 +45,9 @@ EXPERT_GGUF = {"gate": gguf.MODEL_TENSOR.FFN_GATE_EXP, "up": gguf.MODEL_TENSOR.F
 # Gram matrices (for the least-squares refit, kept in float32 for all layers until saved) are
 # skipped when they would take more than this many bytes in all
 GRAM_LIMIT = 4 << 30
+# The Taylor pass holds the whole model (float32) for a full-model backward; above this many
+# weight bytes (or half the machine's memory) it is skipped and `prune --score taylor` refuses
+TAYLOR_LIMIT = 8 << 30
 
 
 class StopForward(Exception):
@@ -158,6 +162,8 @@ class Calibration:
         self.scale: dict[int, ScaleStats] = {}
         self.inputs: dict[str, InputStats] = {}  # HF module name -> stats
         self.weights: dict[str, torch.Tensor] = {}  # per layer: down_norm, magnitude
+        self.taylor: dict[int, TaylorStats] = {}
+        self.taylor_note = "not run"  # calib.json: how the Taylor terms were computed, or why not
         self.peak_bytes = 0  # most parameter bytes ever materialised at once
         self.layer_bytes = 0  # largest decoder layer
 
@@ -187,7 +193,7 @@ class Calibration:
             scale = self.scale[bid] = ScaleStats()
             if experts is not None:
                 stats = self.experts[bid] = ExpertStats(len(experts), [e.down_proj.in_features for e in experts], arch.hidden_size, self.gram)
-                experts.observer = stats.add_batch
+                experts.observer = _with_output(stats, experts)
             try:
                 for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
                     out = hidden_of(layer(h, **kw))
@@ -219,6 +225,16 @@ class Calibration:
             out_stats.add_batch(norm(h))
         self.tied = "lm_head.weight" not in ckpt
 
+    def run_taylor(self) -> None:
+        """The paper's first-order attribution by full-model backward, or a note why not."""
+        need = sum(self.ckpt.numel(n) for n in self.ckpt.tensor_names) * 4
+        reason = taylor_refusal(need)
+        if reason is not None:
+            self.taylor_note = f"skipped: {reason}"
+            return
+        self.taylor = taylor_pass(self.ckpt.path, self.windows, self.batch)
+        self.taylor_note = "full-model LM loss (mean next-token cross-entropy over the calibration windows)"
+
     # --- writing --------------------------------------------------------------------
     def score_tensors(self) -> dict[str, torch.Tensor]:
         t: dict[str, torch.Tensor] = {}
@@ -226,10 +242,13 @@ class Calibration:
             p = f"layers.{bid}."
             t[p + "freq"] = s.freq
             t[p + "mass"] = s.mass
+            t[p + "reap"] = s.reap
             t[p + "abs_act"] = torch.stack(s.abs_act)
             t[p + "sq_act"] = torch.stack(s.sq_act)
             if s.gram is not None:
                 t[p + "gram"] = torch.stack(s.gram).float()
+        for bid, s in self.taylor.items():
+            t[f"layers.{bid}.taylor"] = torch.stack(s.taylor)
         for bid, s in self.scale.items():
             t[f"layers.{bid}.resid_mean_sq"] = torch.tensor([s.mean_sq], dtype=torch.float64)
         t.update(self.weights)
@@ -278,10 +297,89 @@ class Calibration:
             "texts": texts,
             "score": "router-weighted channel moments; see moe2gguf.prune.scores",
             "gram": bool(self.gram),
+            "taylor": self.taylor_note,
             "peak_param_bytes": self.peak_bytes,
             "max_layer_param_bytes": self.layer_bytes,
         }
         (out / CALIB_JSON).write_text(json.dumps(info, indent=1))
+
+
+def _with_output(stats: ExpertStats, experts: nn.Module) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """The experts' observer for `stats`, adding each expert's output f = down_proj(h), which
+    REAP's saliency needs and the tap (called before down_proj) does not pass."""
+
+    def observe(xid: int, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+        stats.add_batch(xid, x, h, w, experts[xid].down_proj(h))
+
+    return observe
+
+
+def _ram_bytes() -> int | None:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+
+
+def taylor_refusal(weight_bytes: int, limit: int | None = None, ram: int | None = None) -> str | None:
+    """Why the full-model backward of the Taylor pass is not run, or None when it fits."""
+    limit = TAYLOR_LIMIT if limit is None else limit
+    ram = _ram_bytes() if ram is None else ram
+    cap = min(limit, ram // 2) if ram else limit
+    if weight_bytes > cap:
+        return (
+            f"full-model backward needs the whole model in float32 ({weight_bytes / 2**30:,.1f} GiB), "
+            f"more than the {cap / 2**30:,.1f} GiB allowed on this machine"
+        )
+    return None
+
+
+def taylor_pass(model_dir: str | pathlib.Path, windows: np.ndarray, batch: int) -> dict[int, TaylorStats]:
+    """sum_x |h_j(x) * dL/dh_j(x)| for every channel j of every routed expert, h the expert's
+    intermediate activation (input of down_proj), L the model's mean next-token cross-entropy
+    over all calibration windows.
+
+    Why the full-model loss: it is what the paper's attribution is defined with, and the only
+    gradient that says what a channel costs the model's output rather than one layer's. The
+    price is that the whole model must be resident (float32) with one batch's activations, so
+    unlike the statistics above this pass does not stream layers; `taylor_refusal` skips it
+    for models that do not fit (bundled and test models fit), and `prune --score taylor` then
+    refuses in one line. (The paper's released code instead back-propagates a block-local
+    relative-L2 error against the unpruned block's output, which is zero at the unpruned
+    weights; we do not use it.) Weights never get gradients; only activations do. Each
+    window's loss is independent, so the sums do not depend on how windows are batched.
+    """
+    model, arch, _ = load_model(str(model_dir), torch.float32)
+    model.requires_grad_(False)
+    stats: dict[int, TaylorStats] = {}
+    blocks = {bid: arch.moe_block(model, bid).experts for bid in arch.moe_layers}
+    for bid, experts in blocks.items():
+        s = stats[bid] = TaylorStats([e.down_proj.in_features for e in experts])
+        experts.observer = _grad_tap(s)
+    n_pred = windows.shape[0] * (windows.shape[1] - 1)
+    embed = model.get_input_embeddings()
+    try:
+        with torch.enable_grad():
+            for b in bar(range(0, len(windows), batch), desc="taylor", unit="batch"):
+                ids = torch.from_numpy(windows[b : b + batch])
+                # activations need gradients although no weight does: start the graph here
+                x = embed(ids).requires_grad_(True)
+                logits = model(inputs_embeds=x, use_cache=False).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+                (loss / n_pred).backward()
+    finally:
+        for experts in blocks.values():
+            experts.observer = None
+    return stats
+
+
+def _grad_tap(stats: TaylorStats) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """An experts' observer that hooks each routed activation h and, when backward reaches it,
+    adds |h * dL/dh| to `stats`."""
+
+    def observe(xid: int, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+        if h.requires_grad:
+            act = h.detach()
+            h.register_hook(lambda g: stats.add_batch(xid, act, g))
+
+    return observe
 
 
 def check_fits(arch: MoEArch, tokens: int, ctx: int) -> None:
@@ -294,7 +392,7 @@ def check_fits(arch: MoEArch, tokens: int, ctx: int) -> None:
     if isinstance(longest, int) and ctx > longest:
         raise UserError(f"--ctx {ctx} is longer than the {longest} positions the model was trained for (max_position_embeddings); lower --ctx")
     need = 2 * tokens * arch.hidden_size * 4
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    ram = _ram_bytes()
     if ram and need > ram:
         raise UserError(
             f"--tokens {tokens:,} needs {need / 2**30:,.1f} GiB for the hidden states (hidden size {arch.hidden_size}), "
@@ -314,6 +412,7 @@ def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens
     cal = Calibration(ckpt, arch, wins, batch=batch)
     with atomic_dir(output, "calibrate", [model, *texts]) as tmp:
         cal.run()
+        cal.run_taylor()
         cal.save(tmp, texts)
     return cal
 

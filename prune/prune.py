@@ -5,7 +5,10 @@ Methods (same calibration, same parameter budget):
                most attribution (layout `ragged`); experts may reach width 0 and be removed
   uniform      one width for every expert, each expert's channels chosen by attribution
   magnitude    one width for every expert, channels chosen by weight norms
-  expert-drop  whole experts removed per layer by router-weighted frequency (REAP-style)
+  reap         whole experts removed per layer, lowest REAP saliency first (mean over routed
+               tokens of router weight x expert-output norm, `scores.reap_saliency`)
+  frequency    whole experts removed per layer, lowest router mass first (summed router
+               weights; this was `expert-drop` before REAP proper was added)
 
 Cross-layer comparability: a layer's scores are divided by the mean square of the residual
 stream it writes to (see `scores.normalise_layers`), i.e. they measure relative perturbation.
@@ -29,11 +32,31 @@ from moe2gguf.prune import allocate as A
 from moe2gguf.prune.calibrate import CALIB_JSON, SCORES
 from moe2gguf.prune.deploy import PROBE_SHAPES
 from moe2gguf.prune.rewrite import routed_params, write_pruned
-from moe2gguf.prune.scores import SCORE_KINDS, channel_scores, normalise_layers
+from moe2gguf.prune.scores import SCORE_KINDS, channel_scores, normalise_layers, reap_saliency
 
-METHODS = ("coverage", "uniform", "magnitude", "expert-drop")
+METHODS = ("coverage", "uniform", "magnitude", "reap", "frequency")
+EXPERT_METHODS = ("reap", "frequency")  # whole experts removed, kept ones stay whole
+# old method names: refused with what they are called now
+RENAMED = {"expert-drop": "method expert-drop is now called frequency (whole experts by router mass); REAP's saliency is method reap"}
 REPORT = "prune_report.json"
 MAX_PROBE = 64  # candidate shapes built and measured: each is a pruned model run on calibration tokens
+
+
+def check_method(method: str) -> None:
+    """One line for a renamed or unknown method (CLI, recipes and the Python API alike)."""
+    if method in RENAMED:
+        raise UserError(RENAMED[method])
+    if method not in METHODS:
+        raise UserError(f"unknown --method {method}; one of {', '.join(METHODS)}")
+
+
+class MethodChoice(click.Choice):
+    """--method's choices; a renamed one is refused in one line saying its new name."""
+
+    def convert(self, value, param, ctx):  # noqa: ANN001,ANN201 - click's signature
+        if value in RENAMED:
+            raise UserError(RENAMED[value])
+        return super().convert(value, param, ctx)
 
 
 class Calib:
@@ -77,16 +100,44 @@ class Calib:
             gram = self.t.get(f"layers.{bid}.gram")
             if gram is not None and tuple(gram.shape) != (E, W, W):
                 raise UserError(f"{self.path}: gram of layer {bid} has shape {tuple(gram.shape)}, {ckpt.path} needs {(E, W, W)}; {again}")
+        for what, shape in {"reap": (E,), "taylor": (E, W)}.items():  # optional: older CALIBs lack them
+            for bid in arch.moe_layers:
+                got = self.t.get(f"layers.{bid}.{what}")
+                if got is not None and tuple(got.shape) != shape:
+                    raise UserError(f"{self.path}: {what} of layer {bid} has shape {tuple(got.shape)}, {ckpt.path} needs {shape}; {again}")
+        self.again = again
         for k, v in self.t.items():
             if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
                 raise UserError(f"{self.path / SCORES}: {k} holds NaN/Inf or non-float values; the calibration is damaged, {again}")
         self.layers = arch.moe_layers
 
+    def require(self, what: str, purpose: str) -> None:
+        """One line when this CALIB lacks `what` (calibrated before it was recorded, or the
+        Taylor pass was skipped for the model's size)."""
+        if all(f"layers.{b}.{what}" in self.t for b in self.layers):
+            return
+        note = str(self.info.get(what, ""))
+        if note.startswith("skipped"):
+            raise UserError(f"{self.path} has no {what} scores for {purpose}: calibration {note}; use --score energy")
+        raise UserError(f"{self.path} was calibrated before {purpose} was recorded (no {what} in {SCORES}); {self.again}")
+
     def attribution(self, kind: str = "energy", normalise: bool = True) -> list[torch.Tensor]:
-        raw = [channel_scores(kind, self.t[f"layers.{b}.abs_act"], self.t[f"layers.{b}.sq_act"], self.t[f"layers.{b}.down_norm"]) for b in self.layers]
+        if kind == "taylor":
+            self.require("taylor", "--score taylor")
+        raw = [channel_scores(kind, self.layer(b)) for b in self.layers]
         if not normalise:
             return raw
         return normalise_layers(raw, [float(self.t[f"layers.{b}.resid_mean_sq"]) for b in self.layers], kind)
+
+    def layer(self, bid: int) -> dict[str, torch.Tensor]:
+        """Layer `bid`'s calibration tensors by name (freq, sq_act, taylor, ...)."""
+        p = f"layers.{bid}."
+        return {k[len(p) :]: v for k, v in self.t.items() if k.startswith(p)}
+
+    def reap(self) -> list[torch.Tensor]:
+        """REAP's per-expert saliency of every MoE layer."""
+        self.require("reap", "--method reap")
+        return [reap_saliency(r, f) for r, f in zip(self.get("reap"), self.get("freq"), strict=True)]
 
     def get(self, what: str) -> list[torch.Tensor]:
         return [self.t[f"layers.{b}.{what}"] for b in self.layers]
@@ -115,9 +166,9 @@ def group_note(arch: MoEArch, method: str, layout: str) -> dict:
         return {}
     rule = {
         "llama.cpp": "K experts per layer, K a multiple of the group count, K / groups best of each group",
-        "expert-drop": "the kept count rounded to a multiple of the group count, each group keeps its best equal share",
+        "experts": "the kept count rounded to a multiple of the group count, each group keeps its best equal share",
         "ragged": "every expert kept (at least one channel each): removing experts unevenly would change the grouping",
-    }[layout if method == "coverage" else "expert-drop" if method == "expert-drop" else "ragged"]
+    }[layout if method == "coverage" else "experts" if method in EXPERT_METHODS else "ragged"]
     return {"expert_groups": {"groups": sorted(groups), "rule": rule}}
 
 
@@ -151,16 +202,17 @@ def plan(
         alloc = A.allocate(attr, cost, budget, A.LAYOUTS["uniform"])
     elif method == "magnitude":
         alloc = A.allocate(calib.get("magnitude"), cost, budget, A.LAYOUTS["uniform"])
-    elif method == "expert-drop":
+    elif method in EXPERT_METHODS:
         groups = [arch.expert_groups(b) for b in arch.moe_layers]
         k_min = max(A.min_grouped_experts(arch.n_used, g, arch.expert_groups_used(b)) for g, b in zip(groups, arch.moe_layers))
         if arch.n_experts - round(ratio * arch.n_experts) < k_min:  # top-k must stay reachable
             most = (arch.n_experts - k_min) / arch.n_experts
-            raise UserError(f"expert-drop keeps at least {k_min} experts per layer, so it removes at most {most:g}; lower --ratio or use --method coverage")
+            raise UserError(f"--method {method} keeps at least {k_min} experts per layer, so it removes at most {most:g}; lower --ratio or use --method coverage")
         widths = [[arch.expert_width] * arch.n_experts for _ in calib.layers]
-        alloc = A.allocate_expert_drop(calib.get("mass"), widths, ratio, k_min, groups)
+        saliency = calib.reap() if method == "reap" else calib.get("mass")
+        alloc = A.allocate_expert_drop(saliency, widths, ratio, k_min, groups)
     else:
-        raise UserError(f"unknown --method {method}; one of {', '.join(METHODS)}")
+        check_method(method)
     return alloc, A.coverage(attr, alloc)
 
 
@@ -182,6 +234,7 @@ def prune(
     reconstruct: bool | None = None,
     probe: int = PROBE_SHAPES,
 ) -> dict:
+    check_method(method)
     if target_size is not None:  # the size target picks the ratio, in the layout llama.cpp runs
         if method != "coverage":
             raise UserError(f"--target-size plans coverage pruning in the llama.cpp layout; drop --method {method} or give --ratio instead")
@@ -228,7 +281,7 @@ def prune(
         after = routed_params(new_arch, shapes)
         report = {
             "method": method,
-            "layout": layout if method == "coverage" else ("uniform" if method in ("uniform", "magnitude") else "expert-drop"),
+            "layout": layout if method == "coverage" else ("uniform" if method in ("uniform", "magnitude") else "whole experts"),
             "ratio_requested": ratio,
             "ratio_achieved": 1.0 - after / before,
             "widths": alloc.widths,
@@ -258,14 +311,14 @@ def prune(
 @click.option("--calib", required=True, type=click.Path(file_okay=False, path_type=str), help="Folder written by `moe2gguf calibrate`.")
 @click.option("--ratio", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True), help="Fraction of routed-expert parameters to remove, 0 < R < 1.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output checkpoint folder.")
-@click.option("--method", type=click.Choice(METHODS), default="coverage", show_default=True, help="coverage: channels of all experts chosen jointly by attribution; uniform/magnitude: one width, channels by attribution/weight norm; expert-drop: whole experts by router-weighted frequency (REAP).")
+@click.option("--method", type=MethodChoice(METHODS), default="coverage", show_default=True, help="coverage: channels of all experts chosen jointly by attribution; uniform/magnitude: one width, channels by attribution/weight norm; reap: whole experts by REAP saliency (router weight x expert-output norm); frequency: whole experts by router mass.")
 @click.option("--layout", type=click.Choice(["ragged", "llama.cpp"]), default="ragged", show_default=True, help="Widths/counts the target allows (llama.cpp: one width, one expert count).")
 @click.option("--target-size", type=str, help="GGUF size to land at or under (12GB, 11.5GiB, bytes); picks ratio, width, expert count and tensor types.")
 @click.option("--quant", default="Q4_K_M", show_default=True, help="llama.cpp file type the target size and width alignment are planned for.")
 @click.option("--width", type=click.IntRange(1), help="llama.cpp layout: force this expert width (a multiple of 32).")
 @click.option("--experts", type=click.IntRange(1), help="llama.cpp layout: force this expert count per layer.")
 @click.option("--probe", default=PROBE_SHAPES, show_default=True, type=click.IntRange(0, MAX_PROBE), help="llama.cpp layout: measure this many candidate shapes (expert count x width) as pruned models on calibration tokens and keep the one of least KL-divergence; 0 ranks shapes by attribution alone.")
-@click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute contribution.")
+@click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute (abs) contribution, or the paper's first-order |activation x dLoss/dactivation| (taylor).")
 @click.option("--min-width", default=0, show_default=True, type=click.IntRange(0), help="coverage: channels every expert keeps at least (0 lets experts be removed).")
 @click.option("--refit/--no-refit", default=True, show_default=True, help="Least-squares refit of kept down_proj columns on calibration activations.")
 @click.option("--reconstruct/--no-reconstruct", default=None, help="Re-fit kept experts' down_proj per layer so the pruned block, under its new routing, reproduces the unpruned block's output on the calibration text.  [default: on for --method coverage with --layout llama.cpp or --target-size, off otherwise]")

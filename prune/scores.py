@@ -14,9 +14,23 @@ the MoE output by sum_{j in S} p h_j d_j, whose expected squared norm is (for we
 correlated channels) the sum of the removed energies, so energies are additive in exactly
 the way a coverage/knapsack allocation assumes. The first-moment score (`abs`) is kept too,
 and `tools/bench_prune.py` compares them.
+
+`taylor` is the MoE-Slimming paper's first-order attribution,
+
+    taylor[e, j] = sum_x |h_j(x) * dL/dh_j(x)|
+
+with h the expert's intermediate activation (the input of down_proj) and L the language-model
+loss (see `TaylorStats` and `prune.calibrate.taylor_pass` for how the gradient is obtained).
+
+REAP's expert saliency (Lasby et al., "REAP the Experts") is the mean, over the tokens routed
+to expert e, of router weight times the norm of the expert's output:
+
+    reap[e] = (1 / |X_e|) sum_{x in X_e} g_e(x) * ||f_e(x)||
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -28,7 +42,8 @@ class ExpertStats:
 
     def __init__(self, n_experts: int, widths: list[int], hidden: int, gram: bool = True):
         self.freq = torch.zeros(n_experts, dtype=F64)  # tokens routed to the expert
-        self.mass = torch.zeros(n_experts, dtype=F64)  # sum of their router weights (REAP)
+        self.mass = torch.zeros(n_experts, dtype=F64)  # sum of their router weights (`frequency`)
+        self.reap = torch.zeros(n_experts, dtype=F64)  # sum of router weight x ||expert output|| (REAP)
         self.abs_act = [torch.zeros(w, dtype=F64) for w in widths]  # sum p |h_j|
         self.sq_act = [torch.zeros(w, dtype=F64) for w in widths]  # sum (p h_j)^2
         # sum p^2 h h^T: lets the rewrite refit the kept down_proj columns by least squares
@@ -36,11 +51,15 @@ class ExpertStats:
         self.in_sum2 = torch.zeros(n_experts, hidden, dtype=F64)  # imatrix of gate/up
         self.mid_sum2 = [torch.zeros(w, dtype=F64) for w in widths]  # imatrix of down (unweighted)
 
-    def add_batch(self, xid: int, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
-        """The `ExpertList.observer` tap: tokens x [n, hidden], activations h [n, width], weights w [n, 1]."""
+    def add_batch(self, xid: int, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """The `ExpertList.observer` tap: tokens x [n, hidden], activations h [n, width], weights
+        w [n, 1], and the expert's output out = down_proj(h) [n, hidden] (before the router
+        weight) for REAP's saliency."""
         x, h, w = x.to(F64), h.to(F64), w.to(F64).reshape(-1, 1)
         self.freq[xid] += x.shape[0]
         self.mass[xid] += w.sum()
+        if out is not None:
+            self.reap[xid] += (w[:, 0] * out.to(F64).norm(dim=1)).sum()
         ph = w * h
         self.abs_act[xid] += ph.abs().sum(0)
         self.sq_act[xid] += (ph * ph).sum(0)
@@ -48,6 +67,19 @@ class ExpertStats:
             self.gram[xid] += ph.T @ ph
         self.in_sum2[xid] += (x * x).sum(0)
         self.mid_sum2[xid] += (h * h).sum(0)
+
+
+class TaylorStats:
+    """Per-channel first-order attribution sum_x |h_j(x) * dL/dh_j(x)| of one MoE layer's experts."""
+
+    def __init__(self, widths: list[int]):
+        self.taylor = [torch.zeros(w, dtype=F64) for w in widths]
+
+    def add_batch(self, xid: int, h: torch.Tensor, grad: torch.Tensor) -> None:
+        """Activations h [n, width] reaching expert xid and the loss gradient with respect to them.
+        The absolute value is taken per token, before summing, as the paper's code does: a
+        channel whose contributions cancel over tokens still matters to each token."""
+        self.taylor[xid] += (h.to(F64) * grad.to(F64)).abs().sum(0)
 
 
 class InputStats:
@@ -82,16 +114,25 @@ class ScaleStats:
 
 # --- pure math -------------------------------------------------------------------------
 
-SCORE_KINDS = ("energy", "abs")
+SCORE_KINDS = ("energy", "abs", "taylor")
 
 
-def channel_scores(kind: str, abs_act: torch.Tensor, sq_act: torch.Tensor, down_norm: torch.Tensor) -> torch.Tensor:
-    """Attribution [n_experts, width] from activation moments and ||W_down[:, j]|| [n_experts, width]."""
+def channel_scores(kind: str, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Attribution [n_experts, width] of one layer from its calibration tensors: the activation
+    moments `abs_act`/`sq_act` with ||W_down[:, j]|| `down_norm`, or the summed `taylor` terms."""
     if kind == "energy":
-        return sq_act * down_norm.square()
+        return stats["sq_act"] * stats["down_norm"].square()
     if kind == "abs":
-        return abs_act * down_norm
+        return stats["abs_act"] * stats["down_norm"]
+    if kind == "taylor":
+        return stats["taylor"]
     raise ValueError(f"unknown score kind {kind!r}; one of {SCORE_KINDS}")
+
+
+def reap_saliency(reap_sum: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """REAP's per-expert saliency: the summed g * ||f|| over the tokens routed to each expert,
+    divided by their count (an expert no token reached scores 0)."""
+    return torch.where(freq > 0, reap_sum / freq.clamp_min(1), torch.zeros_like(reap_sum))
 
 
 def normalise_layers(scores: list[torch.Tensor], resid_mean_sq: list[float], kind: str) -> list[torch.Tensor]:
@@ -101,7 +142,11 @@ def normalise_layers(scores: list[torch.Tensor], resid_mean_sq: list[float], kin
     of an error e added to the residual stream is e / rms(residual). Dividing a layer's
     scores by the residual stream's mean square (energy) or its rms (abs) turns them into
     relative perturbations, which is what one unit of score means in every layer alike.
+    `taylor` is left as it is: its gradient already carries what the rest of the model does
+    with a layer's perturbation, so every layer's score is in the same unit (loss).
     """
+    if kind == "taylor":
+        return list(scores)
     out = []
     for s, ms in zip(scores, resid_mean_sq, strict=True):
         scale = ms if kind == "energy" else ms**0.5

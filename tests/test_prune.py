@@ -111,7 +111,7 @@ def test_refit_reduces_the_output_error_on_correlated_channels() -> None:
     assert (fitted - ref).norm() < 1e-3 * (plain - ref).norm()
 
 
-@pytest.mark.parametrize("method", ["coverage", "uniform", "magnitude", "expert-drop"])
+@pytest.mark.parametrize("method", ["coverage", "uniform", "magnitude", "reap", "frequency"])
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_report_budget_reload_and_inspect(method: str, ratio: float, tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path) -> None:
     out = tmp_path / "out"
@@ -152,9 +152,9 @@ def test_calib_from_another_model_is_exit_2(calib: pathlib.Path, tmp_path: pathl
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-@pytest.mark.parametrize("args", [["--method", "coverage", "--min-width", "32"], ["--method", "expert-drop"]])
+@pytest.mark.parametrize("args", [["--method", "coverage", "--min-width", "32"], ["--method", "frequency"], ["--method", "reap"]])
 def test_unreachable_budget_is_exit_2(args: list[str], tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    """A floor above the budget, or expert-drop below top-k experts, is refused, not silently missed."""
+    """A floor above the budget, or dropping whole experts below top-k experts, is refused, not silently missed."""
     out = tmp_path / "out"
     r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(calib), "--ratio", "0.9", "-o", str(out), *args])
     assert r.exit_code == 2 and "lower --" in r.output, r.output

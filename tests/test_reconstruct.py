@@ -46,8 +46,8 @@ def test_reconstruction_lowers_the_error_on_calibration_tokens(tiny_qwen3moe: pa
     text = tmp_path / "calib.txt"
     text.write_text((REFERENCE / "calib.txt").read_text()[:20000])
     calibrate(str(tiny_qwen3moe), [str(text)], str(tmp_path / "calib"), tokens=1024, ctx=64)
-    plain = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "plain"), method="expert-drop")
-    rec = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "rec"), method="expert-drop", reconstruct=True)
+    plain = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "plain"), method="frequency")
+    rec = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "rec"), method="frequency", reconstruct=True)
     assert plain["reconstruct"] is None and plain["experts_kept"] == rec["experts_kept"] == [6, 6]
     for layer in rec["reconstruct"].values():
         assert layer["rel_err_after"] < 0.9 * layer["rel_err_before"]
@@ -66,11 +66,11 @@ def test_blockwise_solver_reaches_the_joint_solution(tiny_qwen3moe: pathlib.Path
     text = tmp_path / "calib.txt"
     text.write_text((REFERENCE / "calib.txt").read_text()[:20000])
     calibrate(str(tiny_qwen3moe), [str(text)], str(tmp_path / "calib"), tokens=1024, ctx=64)
-    joint = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "joint"), method="expert-drop", reconstruct=True)
+    joint = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "joint"), method="frequency", reconstruct=True)
     monkeypatch.setattr(R, "JOINT_LIMIT", 0)
     monkeypatch.setattr(R, "CG_TOL", 1e-6)  # run to convergence: the same minimiser
     monkeypatch.setattr(R, "CG_ITERS", 500)
-    block = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "block"), method="expert-drop", reconstruct=True)
+    block = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "block"), method="frequency", reconstruct=True)
     assert {v["solver"] for v in joint["reconstruct"].values()} == {"joint"}
     assert {v["solver"] for v in block["reconstruct"].values()} == {"blockwise CG"}
     for b in joint["reconstruct"]:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-text", default=None, help="default: MODEL/calib.txt")
     ap.add_argument("--eval-text", default=None, help="default: MODEL/eval.txt")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--methods", nargs="+", default=["coverage", "uniform", "magnitude", "expert-drop"])
+    ap.add_argument("--methods", nargs="+", default=["coverage", "uniform", "magnitude", "reap", "frequency"])
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--tokens", type=int, default=65536, help="calibration tokens")

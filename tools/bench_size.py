@@ -8,11 +8,11 @@ held-out eval.txt, ctx 256, the first --chunks windows) for PPL and KLD against 
 F32 GGUF. All quantized files get the same importance matrix (the calibration's, remapped to
 pruned experts/channels). Rows:
   * the unpruned model at Q8_0 .. Q2_K and IQ types (the "quant ladder");
-  * coverage in the llama.cpp layout (one width, one expert count), uniform and expert-drop at
+  * coverage in the llama.cpp layout (one width, one expert count), uniform and frequency at
     R=0.25 and 0.5, each at Q4_K_M and Q5_K_M;
-  * coverage with --target-size at the exact bytes of the uniform and expert-drop Q4_K_M files
+  * coverage with --target-size at the exact bytes of the uniform and frequency Q4_K_M files
     (the equal-bytes comparison; per-tensor types planned by prune), and, as ablations,
-    expert-drop given our --reconstruct and coverage at expert-drop's bytes without it;
+    frequency given our --reconstruct and coverage at frequency's bytes without it;
   * coverage with --target-size at the exact bytes of the unpruned Q3_K_M and IQ3_XXS files.
 Writes OUT/bench_size.md (the table) and OUT/bench_size.png (bytes vs KLD), and prints whether
 pruned + Q4_K_M lies on or below the unpruned ladder's front at equal bytes.
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
             continue
         measure(f"unpruned {q}", "unpruned", g, quant=q)
 
-    methods = (("coverage (llama.cpp layout)", "coverage", {"layout": "llama.cpp"}), ("uniform", "uniform", {}), ("expert-drop", "expert-drop", {}))
+    methods = (("coverage (llama.cpp layout)", "coverage", {"layout": "llama.cpp"}), ("uniform", "uniform", {}), ("frequency", "frequency", {}))
     for r in a.ratios:
         sizes = {}
         for label, method, kw in methods:
@@ -136,12 +136,12 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
                 if q == "Q4_K_M":
                     sizes[method] = row["bytes"]
         # ablation: the baseline given our reconstruction too, so the gain of the allocation shows apart from it
-        ck = work / f"expert-drop-recon-{r}"
-        rep = prune(str(model), calib, r, str(ck), method="expert-drop", reconstruct=True)
-        g = work / f"expert-drop-recon-{r}-Q4_K_M.gguf"
+        ck = work / f"frequency-recon-{r}"
+        rep = prune(str(model), calib, r, str(ck), method="frequency", reconstruct=True)
+        g = work / f"frequency-recon-{r}-Q4_K_M.gguf"
         export(str(ck), str(g), "Q4_K_M", imatrix=calib, progress=False)
-        measure(f"expert-drop + reconstruct R={r} Q4_K_M", "expert-drop", g, quant="Q4_K_M", ratio=rep["ratio_achieved"])
-        targets = [("uniform", True), ("expert-drop", True), ("expert-drop", False)]
+        measure(f"frequency + reconstruct R={r} Q4_K_M", "frequency", g, quant="Q4_K_M", ratio=rep["ratio_achieved"])
+        targets = [("uniform", True), ("frequency", True), ("frequency", False)]
         for other, recon in targets:  # coverage at exactly the bytes of the baseline's file
             tag = "" if recon else " --no-reconstruct"
             ck = work / f"target-{other}-{r}{tag.strip()}"
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     (out / "bench_size.json").write_text(json.dumps(rows, indent=1))
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    style = {"unpruned": ("o-", "black"), "coverage": ("s", "tab:red"), "coverage-target": ("*", "tab:red"), "uniform": ("^", "tab:blue"), "expert-drop": ("v", "tab:green")}
+    style = {"unpruned": ("o-", "black"), "coverage": ("s", "tab:red"), "coverage-target": ("*", "tab:red"), "uniform": ("^", "tab:blue"), "frequency": ("v", "tab:green")}
     for kind, (marker, color) in style.items():
         pts = sorted((r["bytes"], r["kld"], r["label"]) for r in rows if r["kind"] == kind)
         if not pts:
