@@ -22,8 +22,6 @@ import numpy as np
 from moe2gguf.errors import UserError, atomic_file, check_output
 from moe2gguf.inputs import hf_tokenizer, regular_file, require_gguf
 
-KV_TYPES = ("f16", "f32", "q8_0")
-MAX_CTX = 1 << 20  # a window this long needs more KV cache than any machine has
 
 
 def backend_of(path: str | pathlib.Path) -> str:
@@ -289,33 +287,11 @@ def table(r: dict) -> str:
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-@click.command("check")
-@click.argument("model", metavar="MODEL_OR_GGUF", type=click.Path())
-@click.option("--text", type=click.Path(), help="UTF-8 text to score (e.g. the bundled eval.txt).")
-@click.option("--base", type=click.Path(), help="Reference (GGUF or checkpoint) for KL-divergence and top-1; its log-probs are cached.")
-@click.option("--ctx", default=256, show_default=True, type=click.IntRange(4, MAX_CTX), help="Window length in tokens; the second half of each window is scored.")
-@click.option("--chunks", type=click.IntRange(1), help="Score only the first N windows (default: all).")
-@click.option("--json", "json_out", type=click.Path(), help="Also write the report as JSON here (an existing file only if it is such a report).")
-@click.option("--kv-type", type=click.Choice(KV_TYPES), default="f16", show_default=True, help="llama.cpp KV-cache type (f32 for exact parity with PyTorch).")
-@click.option("--threads", type=click.IntRange(0, 4096), default=0, help="CPU threads (default: all cores).")
-@click.option("--task", type=click.Path(), help="Multiple-choice task file in a llama-perplexity format: accuracy as llama-perplexity scores it.")
-@click.option("--task-format", type=click.Choice(["hellaswag", "winogrande", "multiple-choice"]), help="Format of --task (default: detected).")
-@click.option("--tasks", "n_tasks", type=int, help="Score N tasks, the N llama-perplexity picks with --<format>-tasks N (default: all).")
-def check_cmd(
+def check_main(
     model: str, text: str | None, base: str | None, ctx: int, chunks: int | None, json_out: str | None, kv_type: str, threads: int,
     task: str | None, task_format: str | None, n_tasks: int | None,
 ) -> None:
-    """Measure a GGUF or checkpoint: PPL, KLD/top-1 vs --base, memory, tokens/s, and
-    multiple-choice task accuracy.
-
-    \b
-    A .gguf runs in llama-cpp-python, a checkpoint folder in PyTorch, with the same
-    perplexity protocol as llama-perplexity (non-overlapping windows of --ctx tokens,
-    second half scored), so numbers from both backends compare directly.
-    --task scores a llama-perplexity --hellaswag / --winogrande / --multiple-choice file
-    as llama-perplexity does (acc_norm is its number for hellaswag and multiple-choice,
-    acc for winogrande); with --base, the share of tasks where both pick the same answer.
-    """
+    """The `check` verb once moe2gguf/commands.py has parsed its options."""
     if json_out:  # before the measurement, not after it
         check_output(json_out, "check", [model, text, base, task], folder=False)
     r = check(model, text, base, ctx, chunks, kv_type, threads, task, task_format, n_tasks)

@@ -9,9 +9,10 @@ import click
 import gguf
 
 from moe2gguf.errors import UserError, atomic_file, check_output, temp_dir
-from moe2gguf.exporter.quantize import DEFAULT_QUANT, QUANT_TYPES, check_override, ftype_of, quantize
+from moe2gguf.exporter.quantize import check_override, ftype_of, quantize
 from moe2gguf.exporter.writer import ExportPlan, plan_export, write_gguf
 from moe2gguf.inputs import read_json_object
+from moe2gguf.options import DEFAULT_QUANT
 
 
 def export(
@@ -38,9 +39,10 @@ def export(
         imat = imatrix_for_plan(imatrix, plan)
     if plan.padded:
         click.echo(
-            f"note: experts have different widths; llama.cpp's {plan.arch.gguf_arch.name.lower()} stores one width, so they are "
+            f"note: experts have different widths; llama.cpp's {plan.arch.gguf_arch.name.lower()} stores one width per {plan.layout.width}, so they are "
             f"zero-padded to {plan.width}: exact, but padding saves nothing "
-            f"({plan.stored_expert_params:,} expert parameters stored for {plan.kept_expert_params:,} kept)",
+            f"({plan.stored_expert_params:,} expert parameters stored for {plan.kept_expert_params:,} kept); for a GGUF that saves them "
+            f"prune for the layout it runs: `moe2gguf prune MODEL --calib CALIB --ratio R --layout {plan.layout.name} -o OUT`",
             err=True,
         )
     with atomic_file(out, "export", [model, imatrix]) as tmp:
@@ -74,30 +76,8 @@ def planned_types(model: str, quant: str | None, overrides: list[tuple[str, str]
     return planned["quant"], (overrides or []) + overrides_of(planned["tensor_types"])
 
 
-@click.command("export")
-@click.argument("model", type=click.Path(file_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(), help="GGUF file to write (atomically; an existing one only if it is a GGUF).")
-@click.option(
-    "--quant",
-    default=None,
-    metavar="TYPE",
-    help=f"llama.cpp file type: {', '.join(sorted(QUANT_TYPES))}. Default: the per-tensor types a --target-size prune planned, else {DEFAULT_QUANT}.",
-)
-@click.option(
-    "--imatrix",
-    type=click.Path(exists=False),
-    help="Calibration folder (CALIB/imatrix.gguf) or an imatrix .gguf of the unpruned model; remapped to pruned experts/channels.",
-)
-@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE", help="Per-tensor type override, e.g. 'ffn_down_exps=Q6_K' (repeatable).")
-@click.option("--verbose", is_flag=True, help="Show llama.cpp's quantizer log.")
-def export_cmd(model: str, output: str, quant: str | None, imatrix: str | None, tensor_types: tuple[str, ...], verbose: bool) -> None:
-    """Export a (pruned) Hugging Face MoE checkpoint to GGUF for llama.cpp.
-
-    \b
-    The model is written as exact F32 with gguf-py, then quantized by llama.cpp's own
-    quantizer (llama_model_quantize) to TYPE, fed with the importance matrix of --imatrix.
-    Ragged experts are zero-padded to the widest (exact; saves nothing).
-    """
+def export_main(model: str, output: str, quant: str | None, imatrix: str | None, tensor_types: tuple[str, ...], verbose: bool) -> None:
+    """The `export` verb once moe2gguf/commands.py has parsed its options."""
     overrides = []
     for tt in tensor_types:
         if "=" not in tt:

@@ -16,21 +16,17 @@ import llama_cpp
 import numpy as np
 
 from moe2gguf.errors import UserError
+from moe2gguf.options import QUANT_TYPES
 
-# llama.cpp's list, by the names llama-quantize accepts (F32, F16, Q4_K_M, IQ4_NL, ...).
-QUANT_TYPES: dict[str, int] = {
-    name.removeprefix("LLAMA_FTYPE_MOSTLY_").removeprefix("LLAMA_FTYPE_ALL_"): getattr(llama_cpp, name)
-    for name in dir(llama_cpp)
-    if name.startswith("LLAMA_FTYPE_") and name != "LLAMA_FTYPE_GUESSED"
-}
-DEFAULT_QUANT = "Q4_K_M"
+# llama.cpp's number of each file type
+FTYPES: dict[str, int] = {n: getattr(llama_cpp, f"LLAMA_FTYPE_{'ALL' if n == 'F32' else 'MOSTLY'}_{n}") for n in QUANT_TYPES}
 
 
 def ftype_of(name: str) -> int:
     key = name.upper()
     if key not in QUANT_TYPES:
         raise UserError(f"unknown --quant {name!r}; choose one of {', '.join(sorted(QUANT_TYPES))}")
-    return QUANT_TYPES[key]
+    return FTYPES[key]
 
 
 def ggml_type_of(name: str) -> int:

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe2gguf.errors import UserError
+from moe2gguf.options import TASK_FORMATS
 
-FORMATS = ("hellaswag", "winogrande", "multiple-choice")
 HELLASWAG_LINES = 6
 MC_MAX_ANSWERS = 100  # perplexity.cpp rejects more answers than this per task
 _WG_MIN_TRAILING = 3  # perplexity.cpp k_min_trailing_ctx
@@ -193,8 +193,8 @@ def read_tasks(path: str | pathlib.Path, fmt: str | None = None, n: int | None =
     """(format, the tasks llama-perplexity scores for `--<fmt>-tasks n`, in its order).
     Every malformed task is a UserError naming where it is."""
     p = pathlib.Path(path)
-    if fmt is not None and fmt not in FORMATS:
-        raise UserError(f"--task-format {fmt} is not one of {', '.join(FORMATS)}")
+    if fmt is not None and fmt not in TASK_FORMATS:
+        raise UserError(f"--task-format {fmt} is not one of {', '.join(TASK_FORMATS)}")
     if n is not None and n < 1:
         raise UserError(f"--tasks {n} must be at least 1")
     data = _bytes(p)

@@ -2,14 +2,16 @@
 
 The header (KV + tensor infos) is written first from shapes alone; then each tensor is
 loaded (memory-mapped safetensors), converted and appended, so peak memory is about one
-layer's stacked experts. Ragged experts are zero-padded to the widest expert: exact
-(act(0) * 0 = 0 and zero down-columns add nothing) but it stores the padding.
+layer's stacked experts. What the GGUF holds is the target `Layout`'s to say (default: the
+one stock llama.cpp runs): experts narrower than their width group's widest are zero-padded
+to it, exact (act(0) * 0 = 0 and zero down-columns add nothing) but storing the padding, or
+refused where the layout refuses; the expert width and count keys are scalars or per-layer
+arrays as the layout states them.
 """
 
 from __future__ import annotations
 
 import pathlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +24,7 @@ from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError
 from moe2gguf.exporter.tokenizer import add_tokenizer
 from moe2gguf.progress import bar
+from moe2gguf.prune.allocate import DEFAULT_LAYOUT, LAYOUTS, Layout
 
 # Our own KV: the true per-expert widths when the GGUF stores padding, so `check` can
 # report kept parameters honestly (llama.cpp ignores unknown keys).
@@ -43,12 +46,18 @@ class ExportPlan:
     arch: MoEArch
     ckpt: Checkpoint
     widths: list[list[int]]  # as stored in the checkpoint
-    width: int  # the one width every expert tensor has in the GGUF
+    stored: list[list[int]]  # as the GGUF stores them (`Layout.stored_widths`)
+    layout: Layout
     tensors: list[Planned] = field(default_factory=list)
 
     @property
+    def width(self) -> int:
+        """The widest expert tensor of the GGUF."""
+        return max(w for layer in self.stored for w in layer)
+
+    @property
     def padded(self) -> bool:
-        return any(w != self.width for layer in self.widths for w in layer)
+        return self.stored != self.widths
 
     @property
     def kept_expert_params(self) -> int:
@@ -56,12 +65,7 @@ class ExportPlan:
 
     @property
     def stored_expert_params(self) -> int:
-        return 3 * self.arch.hidden_size * self.width * sum(len(layer) for layer in self.widths)
-
-
-def _layer_of(hf_name: str) -> int:
-    m = re.search(r"\.layers\.(\d+)\.", hf_name)
-    return int(m.group(1)) if m else -1
+        return 3 * self.arch.hidden_size * sum(sum(layer) for layer in self.stored)
 
 
 def check_against_config(ckpt: Checkpoint, arch: MoEArch) -> None:
@@ -69,9 +73,8 @@ def check_against_config(ckpt: Checkpoint, arch: MoEArch) -> None:
     from moe2gguf.modeling import build_model
 
     model = build_model(arch)
-    tied = getattr(arch.hf_config, "tie_word_embeddings", False)
     for name, p in model.state_dict().items():
-        if name == "lm_head.weight" and tied and name not in ckpt:
+        if name == arch.head_name and arch.head_is_tied(ckpt):
             continue
         if name not in ckpt:
             raise UserError(f"{ckpt.path} lacks tensor {name}; the checkpoint's tensors disagree with its config.json")
@@ -82,34 +85,28 @@ def check_against_config(ckpt: Checkpoint, arch: MoEArch) -> None:
             )
 
 
-def plan_export(model_dir: str | pathlib.Path | Checkpoint, write_type: str = "F32") -> ExportPlan:
+def plan_export(model_dir: str | pathlib.Path | Checkpoint, write_type: str = "F32", layout: Layout = LAYOUTS[DEFAULT_LAYOUT]) -> ExportPlan:
     ckpt = model_dir if isinstance(model_dir, Checkpoint) else Checkpoint(model_dir)
     arch = arch_for_config(ckpt.config)
     widths = arch.expert_widths()
     if len(widths) != arch.n_layers:
         raise UserError(f"config {ckpt.path}/config.json lists expert widths for {len(widths)} layers, the model has {arch.n_layers}; the checkpoint is inconsistent")
-    counts = sorted({len(w) for w in widths if w})
-    if len(counts) > 1:
-        raise UserError(
-            f"layers keep different expert counts ({', '.join(map(str, counts))}); stock llama.cpp needs one expert count "
-            "for the whole model: re-run `moe2gguf prune --layout llama.cpp`"
-        )
+    try:
+        stored = layout.stored_widths(widths)
+    except ValueError as e:
+        raise UserError(f"{e}: re-run `moe2gguf prune --layout {layout.name}`") from None
     check_against_config(ckpt, arch)
-    width = max(w for layer in widths for w in layer)
-    if width == 0:
+    if max(w for layer in stored for w in layer) == 0:
         raise UserError(f"{ckpt.path}: every expert has width 0; nothing to export")
     qtype = WRITE_TYPES[write_type]
-    plan = ExportPlan(arch, ckpt, widths, width)
+    plan = ExportPlan(arch, ckpt, widths, stored, layout)
     tmap = arch.gguf_tensor_map()
     experts = arch.expert_tensor_names()
 
     def dtype_for(gname: str, ndim: int) -> gguf.GGMLQuantizationType:
-        # norms, 1D tensors and the router stay F32, as convert_hf_to_gguf keeps them
-        if ndim <= 1 or gname.endswith("_norm.weight") or ".ffn_gate_inp." in gname or arch.keeps_f32(gname):
-            return gguf.GGMLQuantizationType.F32
-        return qtype
+        return gguf.GGMLQuantizationType.F32 if arch.keeps_f32(gname, ndim) else qtype
 
-    padded = [[width] * len(layer) for layer in widths]
+    padded = stored
 
     plain: list[tuple[int, int, Planned]] = []
     for i, hf in enumerate(ckpt.tensor_names):
@@ -124,11 +121,13 @@ def plan_export(model_dir: str | pathlib.Path | Checkpoint, write_type: str = "F
         for k, (name, t) in enumerate(arch.modify_tensor(hf, gname, meta, padded)):
             shape = tuple(t.shape)
             load = _modified_loader(ckpt, arch, hf, gname, padded, k)
-            plain.append((_layer_of(hf), i, Planned(name, shape, load, dtype_for(name, len(shape)))))
+            bid = arch.layer_of(hf)
+            plain.append((-1 if bid is None else bid, i, Planned(name, shape, load, dtype_for(name, len(shape)))))
     layered: dict[int, list[Planned]] = {}
     for bid, _, p in sorted(plain, key=lambda t: (t[0], t[1])):
         layered.setdefault(bid, []).append(p)
     for bid, layer in enumerate(widths):
+        width = max(stored[bid], default=0)
         for part in EXPERT_PARTS if layer else ():
             shape = (len(layer), arch.hidden_size, width) if part == "down" else (len(layer), width, arch.hidden_size)
             gname = arch.gguf_expert_name(bid, part)
@@ -180,8 +179,7 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_file_type(file_type)
-    padded_widths = [[plan.width] * len(layer) for layer in plan.widths]
-    arch.set_gguf_parameters(writer, padded_widths)
+    arch.set_gguf_parameters(writer, plan.stored, plan.layout)
     if plan.padded or plan.ckpt.expert_widths is not None:
         writer.add_array(KV_EXPERT_WIDTHS, [w for layer in plan.widths for w in layer])
     if plan.ckpt.has_files:

@@ -13,11 +13,10 @@ from collections.abc import Iterator
 import click
 
 from moe2gguf.errors import UserError
-from moe2gguf.inputs import FiniteFloatRange, require_gguf
+from moe2gguf.inputs import require_gguf
 
 EXIT_WORDS = {"/exit", "/quit"}
 MAX_LINE_BYTES = 1 << 20  # one message; a longer "line" is a stream without newlines
-MAX_CTX = 1 << 20
 # For a GGUF without tokenizer.chat_template: a plain transcript the model can continue.
 PLAIN_TEMPLATE = "{history}User: {message}\nAssistant:"
 
@@ -49,17 +48,9 @@ def reply_stream(llm, messages: list[dict], max_tokens: int, temperature: float)
         yield chunk["choices"][0]["text"]
 
 
-@click.command("chat")
-@click.argument("gguf", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--system", default=None, help="System message put before the conversation.")
-@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, MAX_CTX), help="Longest reply, in tokens.")
-@click.option("--temperature", default=0.7, show_default=True, type=FiniteFloatRange(0.0, 100.0), help="Sampling temperature (0 = greedy).")
-@click.option("--ctx", "n_ctx", default=2048, show_default=True, type=click.IntRange(16, MAX_CTX), help="Context length in tokens.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Sampling seed, for repeatable replies.")
-def chat_cmd(gguf: str, system: str | None, max_tokens: int, temperature: float, n_ctx: int, seed: int) -> None:
-    """Chat with a GGUF using its own chat template (a plain User/Assistant transcript when
-    it has none). Type a message and press Enter; `/exit` or end of input stops. Piped
-    stdin works too: every line is one user turn."""
+def chat_main(gguf: str, system: str | None, max_tokens: int, temperature: float, n_ctx: int, seed: int) -> None:
+    """The `chat` verb once moe2gguf/commands.py has parsed its options: one user turn per
+    input line, the reply streamed as it is generated."""
     try:
         (system or "").encode("utf-8")
     except UnicodeEncodeError:  # undecodable argv bytes reach Python as lone surrogates

@@ -1,4 +1,5 @@
-"""The `moe2gguf` command. Each verb lives in its own module; this file only gathers them."""
+"""The `moe2gguf` command: the group, its verbs (declared in moe2gguf/commands.py, which
+imports nothing heavy, so `--help` answers at once) and how errors end the program."""
 
 from __future__ import annotations
 
@@ -9,18 +10,10 @@ import click
 
 from moe2gguf import __version__
 from moe2gguf.errors import UserError, one_line, os_error
-from moe2gguf.inspect import inspect_cmd
-from moe2gguf.prune.calibrate import calibrate_cmd
-from moe2gguf.prune.prune import prune_cmd
-from moe2gguf.exporter.check import check_cmd
-from moe2gguf.exporter.export import export_cmd
-from moe2gguf.run import run_cmd
-from moe2gguf.chat import chat_cmd
-from moe2gguf.demo import demo_cmd
+from moe2gguf.commands import VERBS
 
 # click >= 8.2 raises this for a bare group; older versions print the help themselves
 NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
-VERBS = [inspect_cmd, calibrate_cmd, prune_cmd, export_cmd, check_cmd, run_cmd, chat_cmd, demo_cmd]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

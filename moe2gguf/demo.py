@@ -39,15 +39,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-@click.command("demo")
-@click.option("-o", "--output", default="moe2gguf-demo", show_default=True, type=click.Path(), help="Run folder: new, empty or an earlier run's.")
-@click.option("--quiet", is_flag=True, help="Only the final table.")
-def demo_cmd(output: str, quiet: bool) -> None:
-    """Calibrate, prune (25%, the layout stock llama.cpp runs), export to Q4_K_M and check
-    the bundled reference MoE; print unpruned F32 / unpruned Q4_K_M / pruned Q4_K_M side by
-    side (PPL, KLD, top-1, accuracy on the bundled "finish the line" task, file size, RAM,
-    tokens/s) and write quality_vs_size.png.
-    A rerun reuses what is already done."""
+def demo_main(output: str, quiet: bool) -> None:
+    """The `demo` verb once moe2gguf/commands.py has parsed its options."""
     rows = run(str(RECIPE), output=output, quiet=quiet)
     png = pathlib.Path(output) / "quality_vs_size.png"
     plot(rows, png)

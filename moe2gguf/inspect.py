@@ -78,16 +78,8 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
-@click.command("inspect")
-@click.argument("model", type=click.Path(file_okay=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
-def inspect_cmd(model: str, as_json: bool) -> None:
-    """Show a MoE checkpoint: architecture, layers, experts (routed/shared/used), expert
-    widths, parameter counts (total, experts, active per token) and bytes at bf16.
-
-    Reads config.json and the safetensors headers only, so it answers at once even on a
-    checkpoint of tens of GB. Works on pruned checkpoints (per-expert widths) too.
-    """
+def inspect_main(model: str, as_json: bool) -> None:
+    """The `inspect` verb once moe2gguf/commands.py has parsed its options."""
     info = inspect_model(model)
     if as_json:
         click.echo(json.dumps(info, indent=1))

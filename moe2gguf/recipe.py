@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moe2gguf.errors import UserError
 from moe2gguf.inputs import decode_utf8, first_line, read_bytes
+from moe2gguf.options import RENAMED
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 MAX_SIZE = 10**15
@@ -85,8 +86,6 @@ class PruneSpec(_Strict):
     @field_validator("method", mode="before")
     @classmethod
     def _renamed_method(cls, v: object) -> object:
-        from moe2gguf.prune.prune import RENAMED
-
         if isinstance(v, str) and v in RENAMED:
             raise ValueError(RENAMED[v])
         return v

@@ -296,20 +296,8 @@ def deployable_shapes(arch: MoEArch, ratio: float) -> list[tuple[str, tuple[int,
     return [("fewer experts", (k, w)), ("narrower experts", (e, width32))]
 
 
-@click.command("run")
-@click.option("--recipe", "recipe_file", required=True, type=click.Path(dir_okay=False), help="Recipe YAML (see recipes/).")
-@click.option("--model", type=click.Path(file_okay=False), help="Checkpoint folder (default: the recipe's model.path).")
-@click.option("-o", "--output", type=click.Path(), help="Run folder (default: runs/<model name>); new, empty or an earlier run's.")
-@click.option("--dry-run", is_flag=True, help="Print the plan and predicted GGUF sizes; needs no weights.")
-@click.option("--quiet", is_flag=True, help="Only the final table.")
-def run_cmd(recipe_file: str, model: str | None, output: str | None, dry_run: bool, quiet: bool) -> None:
-    """Run a recipe end to end: calibrate -> prune -> export -> check.
-
-    \b
-    Each step is cached in the run folder (run.json holds what it was made from), so a
-    rerun or an interrupted run resumes where it stopped. Ends with a table of the pruned
-    GGUF next to the unpruned model at F32 and at the same quant.
-    """
+def run_main(recipe_file: str, model: str | None, output: str | None, dry_run: bool, quiet: bool) -> None:
+    """The `run` verb once moe2gguf/commands.py has parsed its options."""
     if dry_run:
         click.echo(plan_text(recipe_file))
         return

@@ -417,14 +417,7 @@ def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens
     return cal
 
 
-@click.command("calibrate")
-@click.argument("model", type=click.Path(file_okay=False, path_type=str))
-@click.option("--text", "text", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=str), help="Calibration text (repeatable; windows are shared evenly).")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output folder CALIB/.")
-@click.option("--tokens", default=32768, show_default=True, type=click.IntRange(1), help="Calibration tokens in all.")
-@click.option("--ctx", default=512, show_default=True, type=click.IntRange(2), help="Tokens per window (at most the model's max_position_embeddings).")
-def calibrate_cmd(model: str, text: tuple[str, ...], output: str, tokens: int, ctx: int) -> None:
-    """Run calibration text through MODEL layer by layer and write CALIB/: per-channel
-    attribution scores of every expert, routing statistics and a llama.cpp imatrix."""
+def calibrate_main(model: str, text: tuple[str, ...], output: str, tokens: int, ctx: int) -> None:
+    """The `calibrate` verb once moe2gguf/commands.py has parsed its options."""
     cal = calibrate(model, text, output, tokens, ctx)
     click.echo(f"wrote {output}: {cal.windows.size} tokens in {len(cal.windows)} windows of {cal.windows.shape[1]}")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moe2gguf.options import PROBE_SHAPES
 from moe2gguf.prune.allocate import Allocation, Layout, coverage, group_topk, min_grouped_experts
 
 
@@ -89,9 +90,7 @@ def allocate_shape(scores: list[torch.Tensor], shape: Shape, groups: list[int] |
 # PyTorch PPL, 40 windows): the ranking of (K, W) by coverage alone was wrong at R=0.5 ((5, 192)
 # +3.3% PPL vs (8, 128) +2.4%); counting removed-expert attribution 5x ranks every measured pair right.
 EXPERT_LOSS_WEIGHT = 5.0
-# ...which is why `--layout llama.cpp` measures its candidate shapes instead (prune/probe.py):
-# this many, the most promising by shape quality; 0 ranks by shape quality alone
-PROBE_SHAPES = 4
+# ...which is why `--layout llama.cpp` measures PROBE_SHAPES candidate shapes instead (prune/probe.py)
 
 
 class ShapeScores:

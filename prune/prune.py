@@ -26,20 +26,15 @@ from safetensors import SafetensorError, safe_open
 from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
+from moe2gguf.options import METHODS, PROBE_SHAPES, RENAMED
 from moe2gguf.exporter.imatrix import read_calib_json
-from moe2gguf.inputs import FiniteFloatRange
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.calibrate import CALIB_JSON, SCORES
-from moe2gguf.prune.deploy import PROBE_SHAPES
 from moe2gguf.prune.rewrite import routed_params, write_pruned
-from moe2gguf.prune.scores import SCORE_KINDS, channel_scores, normalise_layers, reap_saliency
+from moe2gguf.prune.scores import channel_scores, normalise_layers, reap_saliency
 
-METHODS = ("coverage", "uniform", "magnitude", "reap", "frequency")
 EXPERT_METHODS = ("reap", "frequency")  # whole experts removed, kept ones stay whole
-# old method names: refused with what they are called now
-RENAMED = {"expert-drop": "method expert-drop is now called frequency (whole experts by router mass); REAP's saliency is method reap"}
 REPORT = "prune_report.json"
-MAX_PROBE = 64  # candidate shapes built and measured: each is a pruned model run on calibration tokens
 
 
 def check_method(method: str) -> None:
@@ -48,15 +43,6 @@ def check_method(method: str) -> None:
         raise UserError(RENAMED[method])
     if method not in METHODS:
         raise UserError(f"unknown --method {method}; one of {', '.join(METHODS)}")
-
-
-class MethodChoice(click.Choice):
-    """--method's choices; a renamed one is refused in one line saying its new name."""
-
-    def convert(self, value, param, ctx):  # noqa: ANN001,ANN201 - click's signature
-        if value in RENAMED:
-            raise UserError(RENAMED[value])
-        return super().convert(value, param, ctx)
 
 
 class Calib:
@@ -306,28 +292,11 @@ def prune(
     return report
 
 
-@click.command("prune")
-@click.argument("model", type=click.Path(file_okay=False, path_type=str))
-@click.option("--calib", required=True, type=click.Path(file_okay=False, path_type=str), help="Folder written by `moe2gguf calibrate`.")
-@click.option("--ratio", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True), help="Fraction of routed-expert parameters to remove, 0 < R < 1.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output checkpoint folder.")
-@click.option("--method", type=MethodChoice(METHODS), default="coverage", show_default=True, help="coverage: channels of all experts chosen jointly by attribution; uniform/magnitude: one width, channels by attribution/weight norm; reap: whole experts by REAP saliency (router weight x expert-output norm); frequency: whole experts by router mass.")
-@click.option("--layout", type=click.Choice(["ragged", "llama.cpp"]), default="ragged", show_default=True, help="Widths/counts the target allows (llama.cpp: one width, one expert count).")
-@click.option("--target-size", type=str, help="GGUF size to land at or under (12GB, 11.5GiB, bytes); picks ratio, width, expert count and tensor types.")
-@click.option("--quant", default="Q4_K_M", show_default=True, help="llama.cpp file type the target size and width alignment are planned for.")
-@click.option("--width", type=click.IntRange(1), help="llama.cpp layout: force this expert width (a multiple of 32).")
-@click.option("--experts", type=click.IntRange(1), help="llama.cpp layout: force this expert count per layer.")
-@click.option("--probe", default=PROBE_SHAPES, show_default=True, type=click.IntRange(0, MAX_PROBE), help="llama.cpp layout: measure this many candidate shapes (expert count x width) as pruned models on calibration tokens and keep the one of least KL-divergence; 0 ranks shapes by attribution alone.")
-@click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute (abs) contribution, or the paper's first-order |activation x dLoss/dactivation| (taylor).")
-@click.option("--min-width", default=0, show_default=True, type=click.IntRange(0), help="coverage: channels every expert keeps at least (0 lets experts be removed).")
-@click.option("--refit/--no-refit", default=True, show_default=True, help="Least-squares refit of kept down_proj columns on calibration activations.")
-@click.option("--reconstruct/--no-reconstruct", default=None, help="Re-fit kept experts' down_proj per layer so the pruned block, under its new routing, reproduces the unpruned block's output on the calibration text.  [default: on for --method coverage with --layout llama.cpp or --target-size, off otherwise]")
-def prune_cmd(
+def prune_main(
     model: str, calib: str, ratio: float | None, output: str, method: str, layout: str, target_size: str | None, quant: str,
     width: int | None, experts: int | None, probe: int, score: str, min_width: int, refit: bool, reconstruct: bool | None,
 ) -> None:
-    """Prune MODEL's routed experts by --ratio (or to --target-size) using CALIB/ and write a
-    checkpoint in HF layout (per-expert widths in config.json) with prune_report.json."""
+    """The `prune` verb once moe2gguf/commands.py has parsed its options."""
     from moe2gguf.recipe import parse_size
 
     if (ratio is None) == (target_size is None):

@@ -34,6 +34,8 @@ from collections.abc import Mapping
 
 import torch
 
+from moe2gguf.options import SCORE_KINDS
+
 F64 = torch.float64
 
 
@@ -113,9 +115,6 @@ class ScaleStats:
 
 
 # --- pure math -------------------------------------------------------------------------
-
-SCORE_KINDS = ("energy", "abs", "taylor")
-
 
 def channel_scores(kind: str, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Attribution [n_experts, width] of one layer from its calibration tensors: the activation

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from moe2gguf import chat as chat_mod
+from moe2gguf.commands import chat_cmd
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_each_line_is_one_turn_and_exit_stops(monkeypatch, tmp_path):
     monkeypatch.setattr(chat_mod, "reply_stream", fake_stream)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    res = CliRunner().invoke(chat_mod.chat_cmd, [str(gguf)], input="first\n\nsecond\n/exit\nnever\n")
+    res = CliRunner().invoke(chat_cmd, [str(gguf)], input="first\n\nsecond\n/exit\nnever\n")
     assert res.exit_code == 0, res.output
     assert [t[-1]["content"] for t in turns] == ["first", "second"]
     assert turns[1][1] == {"role": "assistant", "content": "reply 1"}  # history carries the earlier reply

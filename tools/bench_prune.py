@@ -3,6 +3,7 @@
     python tools/bench_prune.py                      # bundled model, R = 0.25 and 0.5
     python tools/bench_prune.py --ablations          # + coverage variants (score, normalisation, refit)
     python tools/bench_prune.py --methods coverage --deployable   # the cost of the llama.cpp layout
+    python tools/bench_prune.py --methods coverage reap frequency --scores taylor   # + coverage by the paper's Taylor score
 
 Calibrates once on calib.txt, prunes with every method into a temporary folder, and scores
 each with moe2gguf.protocol on eval.txt (ctx 256, the first --chunks windows, second halves).
@@ -24,6 +25,7 @@ from moe2gguf.modeling import load_model
 from moe2gguf.protocol import score_logprobs, targets_of, torch_logprobs, windows
 from moe2gguf.prune.calibrate import calibrate, tokenize
 from moe2gguf.prune.prune import prune
+from moe2gguf.prune.scores import SCORE_KINDS
 
 REF = pathlib.Path(__file__).resolve().parent.parent / "moe2gguf" / "data" / "reference-moe"
 
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--tokens", type=int, default=65536, help="calibration tokens")
+    ap.add_argument("--scores", nargs="+", default=[], choices=SCORE_KINDS, help="also coverage with these channel scores (e.g. taylor)")
     ap.add_argument("--ablations", action="store_true", help="also coverage with abs scores / no normalisation / no refit")
     ap.add_argument("--deployable", action="store_true", help="also coverage in the llama.cpp layout, with and without --reconstruct")
     a = ap.parse_args(argv)
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         base, s = evaluate(model, None)
         rows.append(("unpruned", 0.0, 0.0, 1.0, [], s))
         variants = [(m, {}) for m in a.methods]
+        variants += [("coverage", {"score": s}) for s in a.scores if s != "energy"]
         if a.ablations:
             variants += [
                 ("coverage", {"score": "abs"}),
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
             for method, kw in variants:
                 out = tmp / "pruned"
                 try:
-                    rep = prune(str(model), str(tmp / "calib"), r, str(out), method, **kw)
+                    # ragged unless a variant says otherwise: this table compares allocations, not layouts
+                    rep = prune(str(model), str(tmp / "calib"), r, str(out), method, **{"layout": "ragged", **kw})
                 except UserError as e:  # e.g. a min-width floor above the budget
                     print(f"skip {method} {kw} R={r}: {e.format_message()}", file=sys.stderr)
                     continue

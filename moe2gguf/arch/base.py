@@ -21,6 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from moe2gguf.checkpoint import EXPERT_WIDTHS_KEY
 from moe2gguf.errors import UserError
 from moe2gguf.inputs import first_line
+from moe2gguf.prune.allocate import Layout
 
 EXPERT_PARTS = ("gate", "up", "down")
 
@@ -99,6 +100,9 @@ class MoEArch:
     # count and width everywhere rewrites them so stock transformers loads it)
     n_experts_key: ClassVar[str] = "num_experts"
     expert_width_key: ClassVar[str] = "moe_intermediate_size"
+    # the output projection's tensor and the final norm's module, as the checkpoint names them
+    head_name: ClassVar[str] = "lm_head.weight"
+    final_norm: ClassVar[str] = "model.norm"
 
     _required = ("hf_architectures", "model_type", "gguf_arch", "config_class", "model_class")
 
@@ -209,8 +213,32 @@ class MoEArch:
         multi-token-prediction (MTP) layers (`num_nextn_predict_layers` of them). Neither
         transformers nor llama.cpp runs them (upstream's converter skips model.layers.{bid}
         with bid >= block_count), so they are counted apart and never exported."""
-        m = re.match(re.escape(self.layers_attr) + r"\.(\d+)\.", hf_name)
-        return m is not None and int(m.group(1)) >= self.n_layers
+        bid = self.layer_of(hf_name)
+        return bid is not None and bid >= self.n_layers
+
+    def layer_of(self, hf_name: str) -> int | None:
+        """The decoder layer a tensor or module name belongs to (None: embeddings, final norm,
+        head)."""
+        m = re.match(re.escape(self.layers_attr) + r"\.(\d+)(\.|$)", hf_name)
+        return int(m.group(1)) if m else None
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """The config ties the output projection to the input embedding."""
+        return bool(getattr(self.hf_config, "tie_word_embeddings", False))
+
+    def head_is_tied(self, stored: object) -> bool:
+        """The output projection is the input embedding: tied in the config and not among the
+        `stored` tensor names (a checkpoint, a set)."""
+        return self.tied_embeddings and self.head_name not in stored
+
+    @staticmethod
+    def experts_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden, top_k_index, top_k_weights) of a call of a layer's experts module, as
+        transformers' MoE blocks make it (positionally or by keyword; `ExpertList.forward`)."""
+        if len(args) == 3:
+            return args
+        return args[0], kwargs["top_k_index"], kwargs["top_k_weights"]
 
     # --- experts as stored ------------------------------------------------------------
     @property
@@ -317,7 +345,11 @@ class MoEArch:
     # router (convert_hf_to_gguf keeps these F32 too, e.g. qwen2moe's ffn_gate_inp_shexp).
     gguf_f32_tensors: ClassVar[tuple[gguf.MODEL_TENSOR, ...]] = ()
 
-    def keeps_f32(self, gguf_name: str) -> bool:
+    def keeps_f32(self, gguf_name: str, ndim: int) -> bool:
+        """Written F32 whatever the export type, as convert_hf_to_gguf keeps them: norms, 1-D
+        tensors, the router, and this family's `gguf_f32_tensors`."""
+        if ndim <= 1 or gguf_name.endswith("_norm.weight") or ".ffn_gate_inp." in gguf_name:
+            return True
         base = re.sub(r"^blk\.\d+\.", "blk.{bid}.", gguf_name).rsplit(".", 1)[0]
         return base in {gguf.TENSOR_NAMES[t] for t in self.gguf_f32_tensors}
 
@@ -326,10 +358,20 @@ class MoEArch:
         its importance-matrix entry alike (deepseek2's shared experts)."""
         return False
 
-    def feed_forward_length(self, widths: list[list[int]]) -> int:
-        """`feed_forward_length` for the loader: the dense FFN width by default; archs whose
-        llama.cpp loader reads the expert width from it (llama, olmoe) return the exported width."""
-        return self.hf_config.intermediate_size
+    # llama.cpp's loaders for llama (Mixtral) and olmoe size ffn_*_exps with feed_forward_length
+    # instead of expert_feed_forward_length
+    expert_width_is_ffn: ClassVar[bool] = False
+
+    def add_expert_shape(self, writer: gguf.GGUFWriter, widths: list[list[int]], layout: Layout) -> None:
+        """The expert count and the expert width keys, scalar or per-layer array as `layout`
+        states them (`widths` as stored: `layout.stored_widths`)."""
+        key = lambda k: k.format(arch=writer.arch)  # noqa: E731
+        for k, v in ((gguf.Keys.LLM.EXPERT_COUNT, layout.gguf_counts(widths)),
+                     (gguf.Keys.LLM.FEED_FORWARD_LENGTH if self.expert_width_is_ffn else gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, layout.gguf_widths(widths))):
+            if isinstance(v, int):
+                writer.add_uint32(key(k), v)
+            else:
+                writer.add_array(key(k), v)
 
     def modify_tensor(self, hf_name: str, gguf_name: str, tensor: torch.Tensor, widths: list[list[int]]) -> list[tuple[str, torch.Tensor]]:
         """The GGUF tensors one non-expert HF tensor becomes (default: itself under `gguf_name`).
@@ -337,18 +379,20 @@ class MoEArch:
         shape-only torch ops. `widths` are the exported (padded) routed-expert widths."""
         return [(gguf_name, tensor)]
 
-    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]], layout: Layout) -> None:
         """Hyper-parameters the llama.cpp loader reads. `widths` are the widths as exported
-        (after any padding): the expert keys come from them, never from the HF config."""
+        (`layout.stored_widths`): the expert keys come from them and the layout
+        (`add_expert_shape`), never from the HF config."""
         raise NotImplementedError(f"GGUF export is not implemented for {self.model_type}")
 
-    def set_gguf_common_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
+    def set_gguf_common_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]], layout: Layout) -> None:
         """Keys shared by every decoder-only MoE in llama.cpp (as TextModel writes them)."""
         c = self.hf_config
         writer.add_block_count(self.n_layers)
         writer.add_context_length(c.max_position_embeddings)
         writer.add_embedding_length(self.hidden_size)
-        writer.add_feed_forward_length(self.feed_forward_length(widths))
+        if not self.expert_width_is_ffn:
+            writer.add_feed_forward_length(c.intermediate_size)
         writer.add_head_count(c.num_attention_heads)
         writer.add_head_count_kv(c.num_key_value_heads)
         head_dim = getattr(c, "head_dim", None) or self.hidden_size // c.num_attention_heads
@@ -361,8 +405,7 @@ class MoEArch:
             writer.add_rope_freq_base(float(theta))
         if rope.get("rope_type", "default") not in ("default", None):
             raise UserError(f"rope_type {rope['rope_type']!r} is not handled by the {self.model_type} export yet; use a checkpoint with default RoPE")
-        counts = {len(w) for w in widths if w}
-        writer.add_expert_count(counts.pop())
+        self.add_expert_shape(writer, widths, layout)
         writer.add_expert_used_count(self.n_used)
 
     def gguf_tensor_map(self) -> gguf.TensorNameMap:

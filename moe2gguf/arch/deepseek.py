@@ -15,6 +15,7 @@ from moe2gguf.arch import register
 from moe2gguf.arch.base import MoEArch
 from moe2gguf.errors import UserError
 from moe2gguf.fp8 import is_block_fp8
+from moe2gguf.prune.allocate import Layout
 
 _SHARED = re.compile(r"\.mlp\.shared_experts\.(gate|up|down)_proj\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -81,10 +82,9 @@ class DeepseekV2(MoEArch):
         return super().gguf_name(hf_name.replace("e_score_correction_bias", "e_score_correction.bias"), tmap)
 
     def _routed_width(self, widths: list[list[int]]) -> int:
-        flat = {w for layer in widths for w in layer}
-        if len(flat) != 1:
-            raise ValueError(f"deepseek2 GGUF needs one expert width, got {sorted(flat)}")
-        return flat.pop()
+        # one shared-expert count for the model: sized from the widest stored routed width
+        # (the layout decides whether that is every layer's)
+        return max(w for layer in widths for w in layer)
 
     def _shared_count(self, width: int) -> int:
         # the loader sizes the shared experts as n_ff_exp * expert_shared_count: the
@@ -110,7 +110,7 @@ class DeepseekV2(MoEArch):
                 tensor = nn.functional.pad(tensor, (0, pad) if m.group(1) == "down" else (0, 0, 0, pad))
         return [(gguf_name, tensor)]
 
-    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]], layout: Layout) -> None:
         c = self.hf_config
         width = self._routed_width(widths)
         writer.add_block_count(self.n_layers)
@@ -121,13 +121,11 @@ class DeepseekV2(MoEArch):
         writer.add_head_count_kv(1)  # MLA: one latent KV head
         writer.add_layer_norm_rms_eps(c.rms_norm_eps)
         writer.add_vocab_size(c.vocab_size)
-        counts = {len(w) for w in widths if w}
-        writer.add_expert_count(counts.pop())
+        self.add_expert_shape(writer, widths, layout)
         writer.add_expert_used_count(self.n_used)
         writer.add_expert_gating_func(self.gating)
         self._set_groups(writer)
         writer.add_leading_dense_block_count(c.first_k_dense_replace)
-        writer.add_expert_feed_forward_length(width)
         writer.add_expert_shared_count(self._shared_count(width))
         writer.add_expert_weights_scale(float(c.routed_scaling_factor))
         # q_lora_rank 0 = plain q_proj (the loader requires the key unless n_layer says "lite")
@@ -196,7 +194,7 @@ class DeepseekV3(DeepseekV2):
         writer.add_expert_group_count(c.n_group)
         writer.add_expert_group_used_count(c.topk_group)
 
-    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
-        super().set_gguf_parameters(writer, widths)
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]], layout: Layout) -> None:
+        super().set_gguf_parameters(writer, widths, layout)
         if self.hf_config.norm_topk_prob:  # V2's HF code never renormalises, V3's does
             writer.add_expert_weights_norm(True)

@@ -11,6 +11,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from moe2gguf.arch import register
 from moe2gguf.arch.base import MoEArch
 from moe2gguf.errors import UserError
+from moe2gguf.prune.allocate import Layout
 
 
 def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -32,6 +33,7 @@ class Mixtral(MoEArch):
     router_template = "model.layers.{bid}.block_sparse_moe.gate.weight"
     n_experts_key = "num_local_experts"
     expert_width_key = "intermediate_size"  # Mixtral's experts are its FFN
+    expert_width_is_ffn = True
 
     @property
     def expert_width(self) -> int:
@@ -54,15 +56,8 @@ class Mixtral(MoEArch):
                 layer.__dict__["mlp"] = block
         super().install_experts(model, widths)
 
-    def feed_forward_length(self, widths: list[list[int]]) -> int:
-        # llama's loader sizes ffn_*_exps with feed_forward_length: the exported width
-        flat = {w for layer in widths for w in layer}
-        if len(flat) != 1:
-            raise ValueError(f"llama GGUF needs one expert width, got {sorted(flat)}")
-        return flat.pop()
-
-    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
-        self.set_gguf_common_parameters(writer, widths)
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]], layout: Layout) -> None:
+        self.set_gguf_common_parameters(writer, widths, layout)
         c = self.hf_config
         writer.add_rope_dimension_count(getattr(c, "head_dim", None) or self.hidden_size // c.num_attention_heads)
         writer.add_vocab_size(c.vocab_size)

@@ -9,6 +9,7 @@ from transformers import OlmoeConfig, OlmoeForCausalLM
 from moe2gguf.arch import register
 from moe2gguf.arch.base import MoEArch
 from moe2gguf.errors import UserError
+from moe2gguf.prune.allocate import Layout
 
 
 @register
@@ -20,6 +21,7 @@ class Olmoe(MoEArch):
     model_class = OlmoeForCausalLM
     # OLMoE has no separate MoE width: the experts' width is intermediate_size
     expert_width_key = "intermediate_size"
+    expert_width_is_ffn = True
 
     @property
     def expert_width(self) -> int:
@@ -39,12 +41,5 @@ class Olmoe(MoEArch):
         if c.tie_word_embeddings:
             raise UserError("config flag tie_word_embeddings=true is not handled: llama.cpp's olmoe needs its own output.weight")
 
-    def feed_forward_length(self, widths: list[list[int]]) -> int:
-        # the olmoe loader sizes ffn_*_exps with feed_forward_length: the exported width
-        flat = {w for layer in widths for w in layer}
-        if len(flat) != 1:
-            raise ValueError(f"olmoe GGUF needs one expert width, got {sorted(flat)}")
-        return flat.pop()
-
-    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
-        self.set_gguf_common_parameters(writer, widths)
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]], layout: Layout) -> None:
+        self.set_gguf_common_parameters(writer, widths, layout)

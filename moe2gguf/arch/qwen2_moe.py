@@ -8,6 +8,7 @@ from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 from moe2gguf.arch import register
 from moe2gguf.arch.base import MoEArch
 from moe2gguf.errors import UserError
+from moe2gguf.prune.allocate import Layout
 
 
 @register
@@ -37,11 +38,6 @@ class Qwen2Moe(MoEArch):
         if c.tie_word_embeddings:
             raise UserError("config flag tie_word_embeddings=true is not handled: llama.cpp's qwen2moe needs its own output.weight")
 
-    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
-        self.set_gguf_common_parameters(writer, widths)
-        # the loader uses layer 0's n_ff_exp for every layer: one scalar (already padded)
-        flat = {w for layer in widths for w in layer}
-        if len(flat) != 1:
-            raise ValueError(f"qwen2moe GGUF needs one expert width, got {sorted(flat)}")
-        writer.add_expert_feed_forward_length(flat.pop())
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]], layout: Layout) -> None:
+        self.set_gguf_common_parameters(writer, widths, layout)
         writer.add_expert_shared_feed_forward_length(self.hf_config.shared_expert_intermediate_size)

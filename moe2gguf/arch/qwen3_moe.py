@@ -9,6 +9,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from moe2gguf.arch import register
 from moe2gguf.arch.base import MoEArch
 from moe2gguf.errors import UserError
+from moe2gguf.prune.allocate import Layout
 
 
 @register
@@ -40,11 +41,5 @@ class Qwen3Moe(MoEArch):
                 block.gate.num_experts = len(w)
                 block.gate.weight = nn.Parameter(block.gate.weight.new_empty(len(w), self.hidden_size))
 
-    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]]) -> None:
-        self.set_gguf_common_parameters(writer, widths)
-        # qwen3moe creates every layer's expert tensors with layer 0's n_ff_exp, so one
-        # scalar (the exporter has already padded ragged widths to it).
-        flat = {w for layer in widths for w in layer}
-        if len(flat) != 1:
-            raise ValueError(f"qwen3moe GGUF needs one expert width, got {sorted(flat)}")
-        writer.add_expert_feed_forward_length(flat.pop())
+    def set_gguf_parameters(self, writer: gguf.GGUFWriter, widths: list[list[int]], layout: Layout) -> None:
+        self.set_gguf_common_parameters(writer, widths, layout)
