@@ -230,7 +230,7 @@ def torch_imatrix(model_dir: str | pathlib.Path, text_ids: np.ndarray) -> dict[s
 
     for mname, mod in model.named_modules():
         if isinstance(mod, ExpertList):
-            bid = int(mname.split(".")[2])
+            bid = arch.layer_of(mname)
             n = len(mod)
 
             def obs(xid, x, h, w, bid=bid, n=n):  # noqa: ANN001

@@ -42,8 +42,7 @@ class ShapeCheckpoint(Checkpoint):
         self.config = dict(config)
         arch = arch_for_config(self.config)
         model = build_model(arch)
-        tied = getattr(arch.hf_config, "tie_word_embeddings", False)
-        self._shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        self._shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (k == arch.head_name and arch.tied_embeddings)}
         self._dtypes = {k: "F16" for k in self._shapes}
         self._files = {k: "" for k in self._shapes}
         self._handles = {}

@@ -101,12 +101,13 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
     ckpt = Checkpoint(path)
     arch = arch_for_config(ckpt.config)
     model = build_model(arch)
-    tied = getattr(arch.hf_config, "tie_word_embeddings", False) and "lm_head.weight" not in ckpt
+    tied = arch.head_is_tied(ckpt)
+    head = model.get_output_embeddings()
     for name, child in list(model.named_children()):
-        if name == "lm_head" and tied:
+        if child is head and tied:
             continue
         load_weights(child, f"{name}.", ckpt, dtype)
     if tied:
-        model.lm_head.weight = model.get_input_embeddings().weight
+        head.weight = model.get_input_embeddings().weight
     arch.fresh_buffers(model)
     return model, arch, ckpt

@@ -73,17 +73,15 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 def _final_head(model: nn.Module, arch: MoEArch, ckpt: Checkpoint) -> tuple[nn.Module, torch.Tensor]:
     """The final norm (materialised) and the output projection's weight: the model's own, or
-    the input embedding's where the config ties them (every family here calls it `model.norm`)."""
+    the input embedding's where the config ties them (names from the arch hooks)."""
     from moe2gguf.modeling import load_weights
 
-    base_name = arch.layers_attr.rpartition(".")[0]
-    norm = model.get_submodule(base_name).norm
-    load_weights(norm, f"{base_name}.norm.", ckpt, torch.float32)
-    head = f"{_name_of(model, model.get_output_embeddings())}.weight"
-    if head in ckpt:
-        return norm, ckpt.tensor(head).float()
-    if not getattr(arch.hf_config, "tie_word_embeddings", False):
-        raise RuntimeError(f"{ckpt.path} has no {head} and does not tie it to the embeddings")
+    norm = model.get_submodule(arch.final_norm)
+    load_weights(norm, f"{arch.final_norm}.", ckpt, torch.float32)
+    if arch.head_name in ckpt:
+        return norm, ckpt.tensor(arch.head_name).float()
+    if not arch.head_is_tied(ckpt):
+        raise RuntimeError(f"{ckpt.path} has no {arch.head_name} and does not tie it to the embeddings")
     return norm, ckpt.tensor(f"{_name_of(model, model.get_input_embeddings())}.weight").float()
 
 

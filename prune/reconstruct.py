@@ -219,7 +219,7 @@ class BlockFit:
             got["block"] = hidden_of(out)
 
         def routed(_m, args, kw, out):  # noqa: ANN001, ANN202
-            h, idx, w = args if len(args) == 3 else (args[0], kw["top_k_index"], kw["top_k_weights"])
+            h, idx, w = MoEArch.experts_inputs(args, kw)
             got["feat"] = features(h, idx, w, self.experts) if self.joint else expert_features(h, idx, w, self.experts)
             got["routed"] = out
 

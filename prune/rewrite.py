@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import shutil
 
 import torch
@@ -137,9 +136,9 @@ def write_pruned(
     for name in ckpt.tensor_names:
         if name in expert_names or name in routers:
             continue
-        m = re.match(re.escape(arch.layers_attr) + r"\.(\d+)\.", name)
-        if m and int(m.group(1)) < arch.n_layers:
-            per_layer.setdefault(int(m.group(1)), []).append(name)
+        bid = arch.layer_of(name)
+        if bid is not None and bid < arch.n_layers:
+            per_layer.setdefault(bid, []).append(name)
         else:  # embeddings, final norm, head, and the MTP layers (MoEArch.is_mtp): copied
             # unchanged, since neither transformers nor the export reads the MTP layers
             rest.append(name)
