@@ -216,14 +216,13 @@ class Calibration:
             layer.to("meta")  # free it: the next layer reuses the memory
 
         # final norm, then the input of the output projection
-        base_path = arch.layers_attr.rpartition(".")[0]
-        norm = model.get_submodule(f"{base_path}.norm")
-        load_weights(norm, f"{base_path}.norm.", ckpt, torch.float32)
+        norm = model.get_submodule(arch.final_norm)
+        load_weights(norm, f"{arch.final_norm}.", ckpt, torch.float32)
         lm_head = model.get_output_embeddings()
-        out_stats = self.inputs.setdefault("lm_head", InputStats(lm_head.weight.shape[1]))
+        out_stats = self.inputs.setdefault(arch.head_name.removesuffix(".weight"), InputStats(lm_head.weight.shape[1]))
         for h in hidden:
             out_stats.add_batch(norm(h))
-        self.tied = "lm_head.weight" not in ckpt
+        self.tied = arch.head_is_tied(ckpt)
 
     def run_taylor(self) -> None:
         """The paper's first-order attribution by full-model backward, or a note why not."""
@@ -260,7 +259,7 @@ class Calibration:
         names = gguf.get_tensor_name_map(arch.gguf_arch, arch.n_layers)
         out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for hf, s in self.inputs.items():
-            if hf == "lm_head" and self.tied:
+            if f"{hf}.weight" == arch.head_name and self.tied:
                 # a tied output projection multiplies by token_embd, so that is the weight
                 # llama.cpp quantizes with these statistics
                 g = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD]
