@@ -9,7 +9,7 @@ import click
 import gguf
 
 from moe2gguf.errors import UserError, atomic_file, check_output, temp_dir
-from moe2gguf.exporter.quantize import check_override, ftype_of, quantize
+from moe2gguf.exporter.quantize import check_override, ftype_of, overrides_of, quantize
 from moe2gguf.exporter.writer import ExportPlan, plan_export, write_gguf
 from moe2gguf.inputs import read_json_object
 from moe2gguf.options import DEFAULT_QUANT
@@ -71,8 +71,6 @@ def planned_types(model: str, quant: str | None, overrides: list[tuple[str, str]
         raise UserError(f"prune report {rep}: tensor_types/quant are damaged; {fix}")
     if not planned.get("tensor_types"):
         return DEFAULT_QUANT, overrides
-    from moe2gguf.prune.deploy import overrides_of
-
     return planned["quant"], (overrides or []) + overrides_of(planned["tensor_types"])
 
 

@@ -39,6 +39,11 @@ def ggml_type_of(name: str) -> int:
         raise UserError(f"unknown tensor type {name!r}; choose one of {', '.join(t.name for t in gguf.GGMLQuantizationType)}") from None
 
 
+def overrides_of(types: dict[str, str]) -> list[tuple[str, str]]:
+    """llama_model_tensor_override entries that pin every tensor to its planned type."""
+    return [(f"^{re.escape(n)}$", t) for n, t in sorted(types.items())]
+
+
 def check_override(pattern: str, tname: str) -> None:
     """A per-tensor type override llama.cpp can apply: a regular expression that compiles (a
     bad one would abort inside llama.cpp's std::regex) and a ggml type it knows."""

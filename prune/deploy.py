@@ -26,11 +26,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import gguf
 import numpy as np
 import torch
 
+from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.errors import UserError
+from moe2gguf.exporter.quantize import overrides_of
+from moe2gguf.exporter.sizing import ShapeCheckpoint, _row_bytes, layout_config, predict_size
 from moe2gguf.options import PROBE_SHAPES
+from moe2gguf.prune import allocate as A
 from moe2gguf.prune.allocate import Allocation, Layout, coverage, group_topk, min_grouped_experts
+from moe2gguf.prune.calibrate import calibration_windows
 
 
 @dataclass(frozen=True)
@@ -205,8 +212,6 @@ def ratio_band(shapes: list[Shape], ratio: float, full_params: int, channel_cost
 def predict_layout_bytes(ckpt, arch, shape: Shape, quant: str, overrides=None):  # noqa: ANN001, ANN201
     """SizePlan of `ckpt` rewritten to `shape`: tensor bytes from a skeleton of that shape,
     metadata (tokenizer, names) from the real checkpoint's own skeleton."""
-    from moe2gguf.exporter.sizing import ShapeCheckpoint, layout_config, predict_size
-
     plan = predict_size(ShapeCheckpoint(layout_config(arch, shape.experts, shape.width), ckpt.path.name), quant, overrides)
     plan.total_bytes += _meta_delta(ckpt, arch, quant)
     return plan
@@ -218,8 +223,6 @@ _META: dict[tuple[str, str], int] = {}
 def _meta_delta(ckpt, arch, quant: str) -> int:  # noqa: ANN001
     """Real metadata bytes minus the skeleton's estimate, plus the per-expert widths array a
     pruned checkpoint's GGUF carries (4 bytes per expert and its key)."""
-    from moe2gguf.exporter.sizing import ShapeCheckpoint, predict_size
-
     key = (str(ckpt.path), quant)
     if key not in _META:
         real = predict_size(ckpt, quant).meta_bytes
@@ -232,9 +235,6 @@ def kquant_fallback(plan, wanted: dict[str, str]) -> dict[str, dict]:  # noqa: A
     """ffn_down_exps tensors whose type llama.cpp changed because the row width is not a
     multiple of the K-quant block (256): name -> {wanted, used, extra_bytes}, extra_bytes being
     what the fallback costs over the wanted type's bits per weight."""
-    import gguf
-    import numpy as np
-
     out = {}
     for name, t in plan.tensor_types.items():
         want = wanted.get(name, t)
@@ -256,8 +256,6 @@ def lean_down_types(plan) -> list[tuple[str, str]]:  # noqa: ANN001
     multiple of that type's block, at the block-32 type of the same bits (SAME_BITS). A size
     target starts every shape from this floor and spends what is left on upgrades, so that a
     shape with more experts is not priced out by llama.cpp's Q6_K -> Q8_0 fallback."""
-    import gguf
-
     out = []
     for name, t in plan.tensor_types.items():
         if "ffn_down_exps" not in name:
@@ -309,8 +307,6 @@ def plan_tensor_types(plan, leftover: int) -> tuple[dict[str, str], int]:  # noq
 
 
 def _next_type(t: str, shape: tuple[int, ...]) -> str | None:
-    import gguf
-
     if t not in LADDER:
         return None
     for nxt in LADDER[LADDER.index(t) + 1 :]:
@@ -320,10 +316,6 @@ def _next_type(t: str, shape: tuple[int, ...]) -> str | None:
 
 
 def _bytes(t: str, shape: tuple[int, ...]) -> int:
-    import gguf
-
-    from moe2gguf.exporter.sizing import _row_bytes
-
     return gguf.GGUFWriter.ggml_pad(_row_bytes(t, shape), 32)
 
 
@@ -346,11 +338,6 @@ def fallback_note(shape: Shape, ratio: float, plan, base, fallback: dict[str, di
     ]
 
 
-def overrides_of(types: dict[str, str]) -> list[tuple[str, str]]:
-    """llama_model_tensor_override entries that pin every tensor to its planned type."""
-    return [(f"^{re.escape(n)}$", t) for n, t in sorted(types.items())]
-
-
 MARGIN = 256  # bytes kept free under a target: a longer GGUF name than the model folder's (predictions are exact otherwise)
 
 
@@ -362,10 +349,7 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     """(per-MoE-layer Allocation, coverage, report entries) for `--layout llama.cpp`. With
     `probe` > 0 the shape is the one of least measured KLD (on calibration tokens) among the `probe` most
     promising fitting shapes (prune/probe.py); with 0, the one of best attribution quality."""
-    from moe2gguf.errors import UserError
-    from moe2gguf.exporter.sizing import predict_size
-    from moe2gguf.prune import allocate as A
-    from moe2gguf.prune.prune import channel_cost
+    from moe2gguf.prune.prune import channel_cost  # prune.py imports this module
 
     layout = A.LAYOUTS["llama.cpp"]
     attr = cal.attribution(score, normalise)
@@ -412,8 +396,7 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     def choose(fit: list[Shape]) -> tuple[Shape, float]:
         if probe <= 0:
             return table.best(fit)
-        from moe2gguf.prune.calibrate import calibration_windows
-        from moe2gguf.prune.probe import PROBE_TOKENS, candidates, shape_klds
+        from moe2gguf.prune.probe import PROBE_TOKENS, candidates, shape_klds  # probe.py imports this module
 
         cands = candidates(fit, table, probe)
         if len(cands) == 1:  # e.g. --experts given: nothing to compare
@@ -502,9 +485,6 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
 
 def finish_target(out, report: dict, target_size: int) -> dict:  # noqa: ANN001
     """Exact prediction for the written checkpoint with its planned tensor types."""
-    from moe2gguf.checkpoint import Checkpoint
-    from moe2gguf.exporter.sizing import predict_size
-
     plan = predict_size(Checkpoint(out), report["quant"], overrides_of(report["tensor_types"]))
     if plan.total_bytes > target_size:
         raise RuntimeError(f"planned {plan.total_bytes} bytes > target {target_size}: the layout prediction missed; report this")
@@ -524,7 +504,6 @@ __all__ = [
     "kquant_fallback",
     "lean_down_types",
     "nearest_widths",
-    "overrides_of",
     "plan_tensor_types",
     "predict_layout_bytes",
     "ratio_band",
