@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import gguf
 import numpy as np
 
+from moe2gguf.calib import CALIB_JSON, IMATRIX, read_calib_json
 from moe2gguf.errors import UserError
-from moe2gguf.inputs import first_line, read_json_object, require_fields
+from moe2gguf.inputs import first_line
 
 SUMS = ".in_sum2"
 COUNTS = ".counts"
-IMATRIX_FILE = "imatrix.gguf"
-CALIB_JSON = "calib.json"
 PAD_IMPORTANCE = 1e-6  # relative to the row's mean: zero-padded channels hold only zeros
 
 
@@ -83,28 +82,12 @@ def write_imatrix(
 def resolve(src: str | pathlib.Path) -> tuple[pathlib.Path, dict | None]:
     """A CALIB folder or an imatrix .gguf -> (imatrix file, calib.json contents or None)."""
     p = pathlib.Path(src)
-    f = p / IMATRIX_FILE if p.is_dir() else p
+    f = p / IMATRIX if p.is_dir() else p
     if not f.is_file():
-        raise UserError(f"--imatrix {src}: no {IMATRIX_FILE} found; pass a `moe2gguf calibrate` folder or an imatrix .gguf")
+        raise UserError(f"--imatrix {src}: no {IMATRIX} found; pass a `moe2gguf calibrate` folder or an imatrix .gguf")
     cj = f.parent / CALIB_JSON
     calib = read_calib_json(cj, required=()) if cj.exists() else None  # only what it has is compared
     return f, calib
-
-
-# calib.json fields later steps read, with their types
-CALIB_FIELDS: dict[str, type] = {
-    "architectures": list, "n_layers": int, "hidden_size": int, "n_experts": int, "expert_width": int, "tokens": int, "ctx": int, "texts": list,
-}
-
-
-def read_calib_json(path: pathlib.Path, required: tuple[str, ...] = tuple(CALIB_FIELDS)) -> dict:
-    """calib.json, with the `required` fields present and every known field of its type and range."""
-    fix = f"run `moe2gguf calibrate` again to rewrite {path.parent}"
-    info = read_json_object(path, "calibration record", fix)
-    require_fields(info, {k: t for k, t in CALIB_FIELDS.items() if k in required or k in info}, str(path), fix)
-    if info.get("tokens", 1) < 1 or info.get("ctx", 2) < 2 or ("texts" in info and not (info["texts"] and all(isinstance(t, str) for t in info["texts"]))):
-        raise UserError(f"{path}: tokens {info.get('tokens')}, ctx {info.get('ctx')} or texts {str(info.get('texts'))[:60]} are out of range; {fix}")
-    return info
 
 
 def read_imatrix(src: str | pathlib.Path) -> Imatrix:

@@ -11,6 +11,7 @@ import click
 from moe2gguf.arch import arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.inputs import read_json_object
+from moe2gguf.units import human_count
 
 # what a folder holding weights has (safetensors, or .bin/.pt that Checkpoint asks to convert)
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -71,13 +72,6 @@ def _widths_summary(widths: list[list[int]]) -> str:
     return f"{min(flat)}..{max(flat)} (per expert; {sum(flat.values())} experts)"
 
 
-def _fmt(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
 def inspect_main(model: str, as_json: bool) -> None:
     """The `inspect` verb once moe2gguf/commands.py has parsed its options."""
     info = inspect_model(model)
@@ -92,10 +86,10 @@ def inspect_main(model: str, as_json: bool) -> None:
         ("experts", f"{info['experts_routed']} routed, {info['experts_used']} used per token, {info['experts_shared']} shared"),
         ("experts kept per layer", info["experts_per_layer"] if info["pruned"] else "all"),
         ("expert width", _widths_summary(widths)),
-        ("params total", _fmt(info["params_total"])),
-        ("params routed experts", _fmt(info["params_routed_experts"])),
-        ("params active / token", _fmt(info["params_active_per_token"])),
-        *([("MTP (not exported)", _fmt(info["params_mtp_not_exported"]))] if info["params_mtp_not_exported"] else []),
+        ("params total", human_count(info["params_total"])),
+        ("params routed experts", human_count(info["params_routed_experts"])),
+        ("params active / token", human_count(info["params_active_per_token"])),
+        *([("MTP (not exported)", human_count(info["params_mtp_not_exported"]))] if info["params_mtp_not_exported"] else []),
         ("bytes at bf16", f"{info['bytes_bf16'] / 2**20:.1f} MiB"),
         ("weights on disk", f"{info['file_bytes'] / 2**20:.1f} MiB" if info["weights_read"] else "none: answered from config.json alone, no weights were read"),
     ]

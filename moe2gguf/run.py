@@ -25,13 +25,10 @@ from moe2gguf.outputs import release_dir
 from moe2gguf.inputs import read_json_object
 from moe2gguf.progress import silenced
 from moe2gguf.recipe import Recipe, load_recipe, parse_size
+from moe2gguf.units import human_bytes
 
 STATE = "run.json"
 REPORT = "report.json"
-
-
-def human_bytes(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
 def _fingerprint(*parts: object) -> str:

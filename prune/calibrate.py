@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
+from moe2gguf.calib import CALIB_JSON, IMATRIX, SCORES
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
@@ -36,12 +37,6 @@ from moe2gguf.protocol import read_text
 from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
 from moe2gguf.progress import bar
 
-CALIB_JSON = "calib.json"
-SCORES = "scores.safetensors"
-IMATRIX = "imatrix.gguf"
-
-# gguf-py's stacked-expert tensors, the same for every MoE family llama.cpp knows
-EXPERT_GGUF = {"gate": gguf.MODEL_TENSOR.FFN_GATE_EXP, "up": gguf.MODEL_TENSOR.FFN_UP_EXP, "down": gguf.MODEL_TENSOR.FFN_DOWN_EXP}
 # Gram matrices (for the least-squares refit, kept in float32 for all layers until saved) are
 # skipped when they would take more than this many bytes in all
 GRAM_LIMIT = 4 << 30
@@ -271,8 +266,7 @@ class Calibration:
         for bid, s in self.experts.items():
             counts = s.freq.numpy()[:, None]
             for part, x in (("gate", s.in_sum2), ("up", s.in_sum2), ("down", torch.stack(s.mid_sum2))):
-                g = gguf.TENSOR_NAMES[EXPERT_GGUF[part]].format(bid=bid)
-                out[f"{g}.weight"] = (x.numpy(), counts)
+                out[arch.gguf_expert_name(bid, part)] = (x.numpy(), counts)
         return out
 
     def save(self, out: pathlib.Path, texts: list[str]) -> None:

@@ -24,12 +24,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
+from moe2gguf.calib import CALIB_JSON, SCORES, read_calib_json
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.options import METHODS, PROBE_SHAPES, RENAMED
-from moe2gguf.exporter.imatrix import read_calib_json
 from moe2gguf.prune import allocate as A
-from moe2gguf.prune.calibrate import CALIB_JSON, SCORES
 from moe2gguf.prune.rewrite import routed_params, write_pruned
 from moe2gguf.prune.scores import channel_scores, normalise_layers, reap_saliency
 

@@ -15,10 +15,11 @@ from safetensors.torch import load_file, save_file
 from conftest import calibrated_tiny_qwen3moe
 
 from moe2gguf.arch import arch_for_config
+from moe2gguf.calib import CALIB_JSON, SCORES
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.cli import cli
 from moe2gguf.errors import UserError
-from moe2gguf.prune.calibrate import CALIB_JSON, SCORES, calibration_windows
+from moe2gguf.prune.calibrate import calibration_windows
 from moe2gguf.prune.prune import Calib, prune
 from moe2gguf.recipe import load_recipe
 
