@@ -21,6 +21,7 @@ import numpy as np
 
 from moe2gguf.errors import UserError, atomic_file, check_output
 from moe2gguf.inputs import hf_tokenizer, regular_file, require_gguf
+from moe2gguf.units import human_bytes
 
 
 
@@ -256,13 +257,6 @@ def task_rows(r: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _human(n: float) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def table(r: dict) -> str:
     rows = [("backend", r["backend"]), ("model", r["model"])]
     if "ppl" in r:
@@ -274,12 +268,12 @@ def table(r: dict) -> str:
         rows += [("KL-divergence", f"{r['kld']:.6f} ± {r['kld_se']:.6f}"), ("top-1 agreement", f"{100 * r['top1']:.2f} %")]
     if "acc" in r:
         rows += task_rows(r)
-    rows += [("file", _human(r["file_bytes"])), ("routed-expert params kept", f"{r['params_experts']:,}")]
+    rows += [("file", human_bytes(r["file_bytes"])), ("routed-expert params kept", f"{r['params_experts']:,}")]
     if "ppl" in r:
         rows += [
-            ("model buffer", _human(r["model_buffer_bytes"])),
-            ("KV cache", _human(r["kv_cache_bytes"])),
-            ("peak RSS", _human(r["peak_rss_bytes"])),
+            ("model buffer", human_bytes(r["model_buffer_bytes"])),
+            ("KV cache", human_bytes(r["kv_cache_bytes"])),
+            ("peak RSS", human_bytes(r["peak_rss_bytes"])),
             ("prompt", f"{r['prompt_tokens_per_s']:.1f} tok/s"),
             ("decode", f"{r['decode_tokens_per_s']:.1f} tok/s"),
         ]

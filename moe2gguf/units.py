@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 
-def human_bytes(n: float) -> str:
-    """Bytes in binary units (GiB, MiB, KiB), as llama.cpp and the tables of `check` print them."""
+def human_bytes(n: float, exact: bool = False) -> str:
+    """Bytes in binary units (GiB, MiB, KiB), as llama.cpp and the tables of `check` print
+    them; `exact` adds the byte count, for sizes a user compares with a target."""
     for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= div:
-            return f"{n / div:.2f} {unit}"
+            return f"{n / div:.2f} {unit}" + (f" ({int(n):,} bytes)" if exact else "")
     return f"{int(n)} B"
 
 

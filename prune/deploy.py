@@ -38,6 +38,7 @@ from moe2gguf.options import PROBE_SHAPES
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.allocate import Allocation, Layout, coverage, group_topk, min_grouped_experts
 from moe2gguf.prune.calibrate import calibration_windows
+from moe2gguf.units import human_bytes
 
 
 @dataclass(frozen=True)
@@ -341,10 +342,6 @@ def fallback_note(shape: Shape, ratio: float, plan, base, fallback: dict[str, di
 MARGIN = 256  # bytes kept free under a target: a longer GGUF name than the model folder's (predictions are exact otherwise)
 
 
-def _human(n: float) -> str:
-    return f"{n / 2**20:.2f} MiB ({int(n):,} bytes)"
-
-
 def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", normalise=True, width=None, experts=None, probe=PROBE_SHAPES, refit=True, reconstruct=False):  # noqa: ANN001, ANN201, PLR0913
     """(per-MoE-layer Allocation, coverage, report entries) for `--layout llama.cpp`. With
     `probe` > 0 the shape is the one of least measured KLD (on calibration tokens) among the `probe` most
@@ -423,15 +420,15 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     else:
         if target_size >= base.total_bytes:
             raise UserError(
-                f"--target-size {_human(target_size)} is not below the unpruned model at {quant} ({_human(base.total_bytes)}); "
+                f"--target-size {human_bytes(target_size, exact=True)} is not below the unpruned model at {quant} ({human_bytes(base.total_bytes, exact=True)}); "
                 f"export it without pruning, or give a smaller target"
             )
         fit = [s for s in shapes if sized[s].total_bytes <= target_size - MARGIN]
         if not fit:
             small = min(shapes, key=lambda s: sized[s].total_bytes)
             raise UserError(
-                f"--target-size {_human(target_size)} is below the smallest GGUF this model reaches at {quant}: "
-                f"{_human(sized[small].total_bytes)} ({small.experts} experts x width {small.width}); raise --target-size or use a smaller --quant"
+                f"--target-size {human_bytes(target_size, exact=True)} is below the smallest GGUF this model reaches at {quant}: "
+                f"{human_bytes(sized[small].total_bytes, exact=True)} ({small.experts} experts x width {small.width}); raise --target-size or use a smaller --quant"
             )
         shape, cov = choose(fit)
         types, _ = plan_tensor_types(sized[shape], target_size - MARGIN - sized[shape].total_bytes)
