@@ -9,6 +9,7 @@ import click
 import gguf
 
 from moe2gguf.errors import UserError, atomic_file, check_output, temp_dir
+from moe2gguf.exporter.imatrix import imatrix_for_plan
 from moe2gguf.exporter.quantize import check_override, ftype_of, overrides_of, quantize
 from moe2gguf.exporter.writer import ExportPlan, plan_export, write_gguf
 from moe2gguf.inputs import read_json_object
@@ -34,8 +35,6 @@ def export(
     plan = plan_export(model)
     imat = None
     if imatrix is not None:
-        from moe2gguf.exporter.imatrix import imatrix_for_plan
-
         imat = imatrix_for_plan(imatrix, plan)
     if plan.padded:
         click.echo(
@@ -62,8 +61,6 @@ def export(
 def planned_types(model: str, quant: str | None, overrides: list[tuple[str, str]] | None) -> tuple[str, list[tuple[str, str]] | None]:
     if quant is not None:
         return quant, overrides
-    import json
-
     rep = pathlib.Path(model) / "prune_report.json"
     fix = "prune the model again to rewrite it, or pass --quant"
     planned = read_json_object(rep, "prune report", fix) if rep.exists() else {}

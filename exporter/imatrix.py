@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
+import torch
 
 from moe2gguf.calib import CALIB_JSON, IMATRIX, read_calib_json
+from moe2gguf.checkpoint import read_prune_map
 from moe2gguf.errors import UserError
 from moe2gguf.inputs import first_line
+from moe2gguf.modeling import ExpertList, load_model
 
 SUMS = ".in_sum2"
 COUNTS = ".counts"
@@ -139,8 +142,6 @@ def _other_model(src: str, what: str) -> UserError:
 def imatrix_for_plan(src: str | pathlib.Path, plan) -> dict[str, np.ndarray]:  # noqa: ANN001 - ExportPlan (import cycle)
     """GGUF tensor name -> flat float32 importance for llama_model_quantize, matching the
     export's tensors exactly (kept experts, kept channels, zero-padding)."""
-    from moe2gguf.checkpoint import read_prune_map
-
     im = read_imatrix(src)
     arch = plan.arch
     if im.calib is not None:
@@ -196,10 +197,6 @@ def torch_imatrix(model_dir: str | pathlib.Path, text_ids: np.ndarray) -> dict[s
     """Reference importance matrix from a PyTorch forward pass over token windows [n, ctx]
     (sums of squared inputs per GGUF weight; experts observed through ExpertList). Used by
     tests and benchmarks; `moe2gguf calibrate` writes the production one."""
-    import torch
-
-    from moe2gguf.modeling import ExpertList, load_model
-
     model, arch, ckpt = load_model(str(model_dir))
     tmap = arch.gguf_tensor_map()
     entries: dict[str, list[np.ndarray]] = {}

@@ -14,6 +14,7 @@ import click
 
 from moe2gguf.errors import UserError
 from moe2gguf.inputs import require_gguf
+from moe2gguf.llama_runtime import open_llama
 
 EXIT_WORDS = {"/exit", "/quit"}
 MAX_LINE_BYTES = 1 << 20  # one message; a longer "line" is a stream without newlines
@@ -25,8 +26,6 @@ def open_gguf(path: str, n_ctx: int, seed: int):
     p = pathlib.Path(path)
     if not p.is_file():
         raise UserError(f"{p} does not exist; pass a .gguf file written by `moe2gguf export`")
-    from moe2gguf.llama_runtime import open_llama
-
     try:
         return open_llama(p, n_ctx=n_ctx, seed=seed, verbose=False)
     except ValueError as e:

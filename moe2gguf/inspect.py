@@ -10,6 +10,7 @@ import click
 
 from moe2gguf.arch import arch_for_config
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.exporter.sizing import ShapeCheckpoint
 from moe2gguf.inputs import read_json_object
 from moe2gguf.units import human_count
 
@@ -25,8 +26,6 @@ def _open_checkpoint(model: str) -> Checkpoint:
     if not path.is_dir() or not (path / "config.json").is_file() or any(p for pat in WEIGHT_FILES for p in path.glob(pat)):
         return Checkpoint(model)
     config = read_json_object(path / "config.json", "config", "restore the original config.json of the checkpoint")
-    from moe2gguf.exporter.sizing import ShapeCheckpoint
-
     return ShapeCheckpoint(config, model)
 
 

@@ -32,11 +32,14 @@ import pathlib
 from collections.abc import Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
-from moe2gguf.modeling import hidden_of
+from moe2gguf.modeling import build_model, hidden_of, load_weights
+from moe2gguf.prune.calibrate import catch_layer_inputs
 
 F64 = torch.float64
 RIDGE = 1e-3
@@ -262,9 +265,6 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
     """Re-fit the down_proj of every kept expert in the pruned checkpoint `pruned_dir` (written
     by the rewrite) in place. Returns per MoE layer the relative block-output error on the
     calibration tokens before and after."""
-    from moe2gguf.modeling import build_model, load_weights
-    from moe2gguf.prune.calibrate import catch_layer_inputs
-
     pck = Checkpoint(pruned_dir)
     parch = arch_for_config(pck.config)
     model, omodel = build_model(parch), build_model(arch)
@@ -305,9 +305,6 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
 
 def _rewrite_tensors(out: pathlib.Path, new: dict[str, torch.Tensor]) -> None:
     """Replace tensors in the safetensors files of `out`, each cast to its stored dtype."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     left = dict(new)
     for f in sorted(out.glob("*.safetensors")):
         if f.name == "prune_map.safetensors":
