@@ -21,9 +21,12 @@ import click
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_file, claim_dir
+from moe2gguf.exporter import check as check_step, export as export_step  # steps are called via their modules: tests replace one
+from moe2gguf.exporter.sizing import ShapeCheckpoint, layout_config, predict_size
 from moe2gguf.outputs import release_dir
 from moe2gguf.inputs import read_json_object
 from moe2gguf.progress import silenced
+from moe2gguf.prune import calibrate as calibrate_step, prune as prune_step
 from moe2gguf.recipe import Recipe, load_recipe, parse_size
 from moe2gguf.units import human_bytes
 
@@ -127,21 +130,15 @@ class Run:
         model = str(self.model_dir)
 
         def calibrate() -> None:
-            from moe2gguf.prune.calibrate import calibrate as run_calibrate
-
-            run_calibrate(model, texts, str(cal), r.calibration.tokens, r.calibration.ctx)
+            calibrate_step.calibrate(model, texts, str(cal), r.calibration.tokens, r.calibration.ctx)
 
         def prune() -> None:
-            from moe2gguf.prune.prune import prune as run_prune
-
             kw = {"target_size": parse_size(r.prune.target_size), "quant": quant} if r.prune.target_size else {}
-            run_prune(model, str(cal), r.prune.ratio, str(pruned), method=r.prune.method, layout=r.prune.layout, **kw)
+            prune_step.prune(model, str(cal), r.prune.ratio, str(pruned), method=r.prune.method, layout=r.prune.layout, **kw)
 
         def export(src: str, dst: pathlib.Path, q: str, imat: str | None) -> Callable[[], None]:
             def go() -> None:
-                from moe2gguf.exporter.export import export as run_export
-
-                run_export(src, str(dst), q, imat, overrides if q == quant else None, progress=not self.quiet)
+                export_step.export(src, str(dst), q, imat, overrides if q == quant else None, progress=not self.quiet)
 
             return go
 
@@ -162,8 +159,6 @@ class Run:
         ]
 
     def check_all(self) -> list[dict]:
-        from moe2gguf.exporter.check import check
-
         c = self.recipe.check
         text = self.recipe.resolve(c.text)
         if text is None:
@@ -180,7 +175,7 @@ class Run:
         self.say("[check] measuring every row against the unpruned F32 GGUF ...")
         rows = []
         for label, path in self.rows():
-            rep = check(str(path), str(text), base=base, ctx=c.ctx, chunks=c.chunks, task=str(task) if task else None, n_tasks=c.tasks)
+            rep = check_step.check(str(path), str(text), base=base, ctx=c.ctx, chunks=c.chunks, task=str(task) if task else None, n_tasks=c.tasks)
             rows.append({"label": label, **rep})
         with atomic_file(report_path, "run") as tmp:
             tmp.write_text(json.dumps({"recipe": str(self.recipe.source), "rows": rows}, indent=1) + "\n")
@@ -243,8 +238,6 @@ def run(recipe_file: str, model: str | None = None, output: str | None = None, q
 
 def plan_text(recipe_file: str) -> str:
     """The plan and the predicted GGUF sizes, from the recipe's architecture numbers alone."""
-    from moe2gguf.exporter.sizing import ShapeCheckpoint, layout_config, predict_size
-
     r = load_recipe(recipe_file)
     cfg = {**r.model.config, "architectures": [r.model.architecture]}
     arch = arch_for_config(cfg)

@@ -40,8 +40,12 @@ from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.modeling import build_model, hidden_of, load_weights
+from moe2gguf.prune.calibrate import catch_layer_inputs
 from moe2gguf.prune.deploy import Shape, ShapeScores, allocate_shape
 from moe2gguf.progress import bar
+from moe2gguf.prune.reconstruct import BlockFit
+from moe2gguf.prune.rewrite import pruned_config, pruned_layer
 
 PROBE_TOKENS = 8192  # calibration tokens the shapes are measured on
 
@@ -74,8 +78,6 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 def _final_head(model: nn.Module, arch: MoEArch, ckpt: Checkpoint) -> tuple[nn.Module, torch.Tensor]:
     """The final norm (materialised) and the output projection's weight: the model's own, or
     the input embedding's where the config ties them (names from the arch hooks)."""
-    from moe2gguf.modeling import load_weights
-
     norm = model.get_submodule(arch.final_norm)
     load_weights(norm, f"{arch.final_norm}.", ckpt, torch.float32)
     if arch.head_name in ckpt:
@@ -131,11 +133,6 @@ def shape_klds(
     KLD is taken on the odd ones, so that a shape is not credited for fitting its own test tokens
     (a single window is both). The KLD is before quantization: under `--target-size` the shapes
     then get different bytes left for type upgrades, which the probe does not see."""
-    from moe2gguf.modeling import build_model, hidden_of, load_weights
-    from moe2gguf.prune.calibrate import catch_layer_inputs
-    from moe2gguf.prune.reconstruct import BlockFit
-    from moe2gguf.prune.rewrite import pruned_config, pruned_layer
-
     if reconstruct:  # at least two batches: one to fit on, one to measure on
         batch = max(1, min(batch, len(windows) // 2))
     model = build_model(arch)
