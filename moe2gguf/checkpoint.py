@@ -9,6 +9,7 @@ from __future__ import annotations
 import pathlib
 from functools import cached_property
 
+from safetensors.torch import load_file, save_file
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -36,7 +37,7 @@ class Checkpoint:
     _fp8_scales: dict[str, str] = {}
 
     def __init__(self, path: str | pathlib.Path):
-        from moe2gguf.arch import arch_for_config
+        from moe2gguf.arch import arch_for_config  # arch imports this module
 
         self.path = pathlib.Path(path)
         if not self.path.is_dir():
@@ -111,7 +112,7 @@ class Checkpoint:
     def _check_experts(self, arch) -> None:  # noqa: ANN001 - MoEArch (import cycle)
         """Every routed-expert tensor the config implies is stored, as floats. Counted first, so
         a config claiming more experts than the files hold is refused before any name is made."""
-        from moe2gguf.arch.base import EXPERT_PARTS
+        from moe2gguf.arch.base import EXPERT_PARTS  # arch imports this module
 
         implied = 3 * sum(len(w) for w in arch.expert_widths())
         if implied > len(self._files):
@@ -194,8 +195,6 @@ def read_prune_map(path: str | pathlib.Path) -> dict[int, tuple[list[int], list[
     f = pathlib.Path(path) / PRUNE_MAP
     if not f.is_file():
         return None
-    from safetensors.torch import load_file
-
     t = load_file(f)
     out: dict[int, tuple[list[int], list[list[int]]]] = {}
     for key, v in t.items():
@@ -209,8 +208,6 @@ def read_prune_map(path: str | pathlib.Path) -> dict[int, tuple[list[int], list[
 
 
 def write_prune_map(folder: str | pathlib.Path, kept: dict[int, tuple[list[int], list[list[int]]]]) -> None:
-    from safetensors.torch import save_file
-
     t: dict[str, torch.Tensor] = {}
     for bid, (experts, channels) in kept.items():
         t[f"layers.{bid}.experts"] = torch.tensor(experts, dtype=torch.int64)

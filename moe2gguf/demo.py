@@ -19,7 +19,7 @@ RECIPE = pathlib.Path(__file__).resolve().parent / "data" / "reference-moe.yaml"
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
     """Perplexity against GGUF bytes, one labelled point per row."""
-    import matplotlib
+    import matplotlib  # its backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

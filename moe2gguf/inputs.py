@@ -142,7 +142,7 @@ def require_tokenizer(model_dir: str | os.PathLike) -> None:
 
 def hf_tokenizer(model_dir: str | os.PathLike):  # noqa: ANN201 - a transformers tokenizer
     """transformers' tokenizer of a model folder, for whole texts (no length limit)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # seconds to load; this module serves --help too
 
     require_tokenizer(model_dir)
     try:
@@ -152,7 +152,7 @@ def hf_tokenizer(model_dir: str | os.PathLike):  # noqa: ANN201 - a transformers
     tok.model_max_length = 1 << 62  # whole texts are tokenized once, then cut into windows
     cfg = pathlib.Path(model_dir) / "config.json"
     if cfg.is_file():
-        from moe2gguf.arch import arch_for_config
+        from moe2gguf.arch import arch_for_config  # arch imports this module
 
         vocab_size = arch_for_config(read_json_object(cfg, "config", "restore the original config.json")).hf_config.vocab_size
         top = max(tok.get_vocab().values(), default=-1)
@@ -184,7 +184,7 @@ def load_tokenizer_json(path: str | os.PathLike) -> dict:
 def require_gguf(path: str | os.PathLike) -> pathlib.Path:
     """A model GGUF whose header and tensor table gguf-py reads, checked before llama.cpp sees
     it: a truncated or corrupt file is named in one line, never a loader crash."""
-    import gguf
+    import gguf  # kept out of --help, which reads this module
 
     fix = "pass a .gguf file written by `moe2gguf export`"
     p = regular_file(path, "model", fix)

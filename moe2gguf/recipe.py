@@ -14,8 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moe2gguf.arch import arch_for_config
 from moe2gguf.errors import UserError
-from moe2gguf.inputs import decode_utf8, first_line, read_bytes
+from moe2gguf.exporter.quantize import check_override, ftype_of
+from moe2gguf.inputs import decode_utf8, first_line, read_bytes, regular_file
 from moe2gguf.options import RENAMED
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -62,8 +64,6 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _known_architecture(self) -> ModelSpec:
-        from moe2gguf.arch import arch_for_config
-
         try:
             arch_for_config({**self.config, "architectures": [self.architecture]})
         except UserError as e:
@@ -112,8 +112,6 @@ class ExportSpec(_Strict):
     @field_validator("quant")
     @classmethod
     def _known_quant(cls, v: str) -> str:
-        from moe2gguf.exporter.quantize import ftype_of
-
         try:
             ftype_of(v)
         except UserError as e:
@@ -123,8 +121,6 @@ class ExportSpec(_Strict):
     @field_validator("overrides")
     @classmethod
     def _valid_overrides(cls, v: dict[str, str]) -> dict[str, str]:
-        from moe2gguf.exporter.quantize import check_override
-
         for pattern, typ in v.items():
             try:
                 check_override(pattern, typ)
@@ -161,8 +157,6 @@ class Recipe(_Strict):
 
     def check_files(self) -> None:
         """The texts the run will read exist as regular files, checked before any step runs."""
-        from moe2gguf.inputs import regular_file
-
         fix = f"fix the path in recipe {self.source} (relative paths are relative to the recipe)"
         for t in self.calibration.texts:
             regular_file(self.resolve(t), "calibration text", fix)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import click
 import gguf
 import numpy as np
+from safetensors.torch import save_file
 import torch
 from torch import nn
 
@@ -270,8 +271,6 @@ class Calibration:
         return out
 
     def save(self, out: pathlib.Path, texts: list[str]) -> None:
-        from safetensors.torch import save_file
-
         save_file(self.score_tensors(), out / SCORES)
         write_imatrix(out / IMATRIX, self.imatrix_entries(), texts, len(self.windows), self.windows.shape[1])
         arch = self.arch

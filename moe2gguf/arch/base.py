@@ -318,7 +318,7 @@ class MoEArch:
         """Replace each MoE block's experts by an `ExpertList` of the given widths (and its
         router by one with as many rows), so that parameter names equal checkpoint names.
         Default: transformers' usual block (`.experts`, `.gate` with `weight` and `num_experts`)."""
-        from moe2gguf.modeling import ExpertList
+        from moe2gguf.modeling import ExpertList  # modeling imports this package
 
         for bid, w in enumerate(widths):
             if not w:

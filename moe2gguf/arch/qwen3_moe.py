@@ -30,7 +30,7 @@ class Qwen3Moe(MoEArch):
             raise UserError("config flag use_sliding_window=true is not handled by the qwen3moe export; set it false or use an unmodified Qwen3-MoE config")
 
     def install_experts(self, model: nn.Module, widths: list[list[int]]) -> None:
-        from moe2gguf.modeling import ExpertList
+        from moe2gguf.modeling import ExpertList  # modeling imports this package
 
         for bid, w in enumerate(widths):
             if not w:
