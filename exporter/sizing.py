@@ -18,10 +18,15 @@ import tempfile
 from dataclasses import dataclass, field
 
 import gguf
+import llama_cpp
+import llama_cpp._logger as lg
 import numpy as np
 
 from moe2gguf.arch import MoEArch, arch_for_config
-from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.checkpoint import EXPERT_WIDTHS_KEY, Checkpoint
+from moe2gguf.exporter.quantize import quantize
+from moe2gguf.exporter.writer import plan_export, write_gguf
+from moe2gguf.modeling import build_model
 
 # Bytes of tokenizer metadata per vocabulary entry when the tokenizer files are absent
 # (token text + its length + type + merges). Measured on Qwen-style BPE GGUFs: ~6 MB for
@@ -36,8 +41,6 @@ class ShapeCheckpoint(Checkpoint):
     has_files = False
 
     def __init__(self, config: dict, name: str = "planned"):
-        from moe2gguf.modeling import build_model
-
         self.path = pathlib.Path(name)
         self.config = dict(config)
         arch = arch_for_config(self.config)
@@ -72,8 +75,6 @@ class SizePlan:
 def layout_config(arch: MoEArch, n_experts: int, width: int) -> dict:
     """The config of the model with one expert count and one width in every MoE layer (what
     stock llama.cpp runs), as a pruned checkpoint records it."""
-    from moe2gguf.checkpoint import EXPERT_WIDTHS_KEY
-
     cfg = dict(arch.raw)
     cfg[EXPERT_WIDTHS_KEY] = [[width] * n_experts if arch.is_moe_layer(b) else [] for b in range(arch.n_layers)]
     return cfg
@@ -83,11 +84,6 @@ _CONVERT = re.compile(r"(\S+)\s+- \[[^\]]*\], type =\s*(\w+),.*?size =\s*[\d.]+ 
 
 
 def _dry_run_types(skeleton: pathlib.Path, quant: str, overrides: list[tuple[str, str]] | None) -> dict[str, str]:
-    import llama_cpp
-    import llama_cpp._logger as lg
-
-    from moe2gguf.exporter.quantize import quantize
-
     chunks: list[str] = []
 
     @llama_cpp.llama_log_callback
@@ -118,8 +114,6 @@ def _row_bytes(type_name: str, shape: tuple[int, ...]) -> int:
 
 def predict_size(ckpt: Checkpoint, quant: str, overrides: list[tuple[str, str]] | None = None) -> SizePlan:
     """The GGUF size llama.cpp would produce for `ckpt` at `quant` (types from its dry run)."""
-    from moe2gguf.exporter.writer import plan_export, write_gguf
-
     plan = plan_export(ckpt)
     with tempfile.TemporaryDirectory(prefix="moe2gguf-size-") as d:
         skel = pathlib.Path(d) / "skeleton.gguf"

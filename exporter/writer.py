@@ -23,6 +23,7 @@ from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError
 from moe2gguf.exporter.tokenizer import add_tokenizer
+from moe2gguf.modeling import build_model
 from moe2gguf.progress import bar
 from moe2gguf.prune.allocate import DEFAULT_LAYOUT, LAYOUTS, Layout
 
@@ -70,8 +71,6 @@ class ExportPlan:
 
 def check_against_config(ckpt: Checkpoint, arch: MoEArch) -> None:
     """Every tensor the config implies exists with the implied shape (meta model, no memory)."""
-    from moe2gguf.modeling import build_model
-
     model = build_model(arch)
     for name, p in model.state_dict().items():
         if name == arch.head_name and arch.head_is_tied(ckpt):
