@@ -105,13 +105,13 @@ def params_experts(path: pathlib.Path, backend: str) -> int:
         return arch.param_counts({n: ck.shape(n) for n in ck.tensor_names}).routed_experts
     import gguf
 
-    from moe2gguf.exporter.writer import KV_EXPERT_WIDTHS
+    from moe2gguf.gguf_names import EXPERT_TENSORS, KV_EXPERT_WIDTHS
 
     r = gguf.GGUFReader(path)
     fld = r.get_field(KV_EXPERT_WIDTHS)
     hidden = None
     total = 0
-    exps = {gguf.TENSOR_NAMES[t].split(".")[-1] for t in (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP, gguf.MODEL_TENSOR.FFN_DOWN_EXP)}
+    exps = {gguf.TENSOR_NAMES[t].split(".")[-1] for t in EXPERT_TENSORS.values()}
     for t in r.tensors:
         if t.name.split(".")[-2] in exps:
             total += int(np.prod([int(x) for x in t.shape]))

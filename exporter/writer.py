@@ -23,13 +23,10 @@ from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError
 from moe2gguf.exporter.tokenizer import add_tokenizer
+from moe2gguf.gguf_names import KV_EXPERT_WIDTHS
 from moe2gguf.modeling import build_model
 from moe2gguf.progress import bar
 from moe2gguf.prune.allocate import DEFAULT_LAYOUT, LAYOUTS, Layout
-
-# Our own KV: the true per-expert widths when the GGUF stores padding, so `check` can
-# report kept parameters honestly (llama.cpp ignores unknown keys).
-KV_EXPERT_WIDTHS = "moe2gguf.expert_widths"
 
 WRITE_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16}
 

@@ -20,6 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from moe2gguf.checkpoint import EXPERT_WIDTHS_KEY
 from moe2gguf.errors import UserError
+from moe2gguf.gguf_names import EXPERT_TENSORS
 from moe2gguf.inputs import first_line
 from moe2gguf.prune.allocate import Layout
 
@@ -335,12 +336,7 @@ class MoEArch:
         model.model.rotary_emb = type(rotary)(config=self.hf_config)
 
     # --- GGUF -------------------------------------------------------------------------
-    # Expert parts -> gguf-py's 3D expert tensors (one per layer, experts stacked).
-    gguf_expert_tensors: ClassVar[dict[str, gguf.MODEL_TENSOR]] = {
-        "gate": gguf.MODEL_TENSOR.FFN_GATE_EXP,
-        "up": gguf.MODEL_TENSOR.FFN_UP_EXP,
-        "down": gguf.MODEL_TENSOR.FFN_DOWN_EXP,
-    }
+    gguf_expert_tensors: ClassVar[dict[str, gguf.MODEL_TENSOR]] = EXPERT_TENSORS
     # GGUF tensors written F32 whatever the export type, besides norms, 1-D tensors and the
     # router (convert_hf_to_gguf keeps these F32 too, e.g. qwen2moe's ffn_gate_inp_shexp).
     gguf_f32_tensors: ClassVar[tuple[gguf.MODEL_TENSOR, ...]] = ()
