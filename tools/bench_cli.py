@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-VERBS = ["inspect", "calibrate", "prune", "export", "check", "run", "chat", "demo"]
+from moe2gguf.commands import VERBS
 
 
 def median_seconds(argv: list[str], n: int) -> float:
@@ -40,7 +40,7 @@ def main() -> None:
     print(f"{'command':<28} {'median s':>9} {'x import click':>14}")
     baseline = 'python -c "import click"'
     print(f"{baseline:<28} {floor:>9.3f} {1.0:>14.2f}")
-    for extra in [[]] + [[v] for v in VERBS]:
+    for extra in [[]] + [[v.name] for v in VERBS]:
         s = median_seconds([*cli, *extra, "--help"], args.n)
         print(f"{' '.join(['moe2gguf', *extra, '--help']):<28} {s:>9.3f} {s / floor:>14.2f}")
     print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}  (n = {args.n} runs per command)")
