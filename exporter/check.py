@@ -2,8 +2,10 @@
 and speed, for a GGUF (llama-cpp-python) or a checkpoint folder (PyTorch).
 
 Both backends follow moe2gguf.protocol (the llama-perplexity protocol), and run in a child
-process so peak RSS is the model's. A base's log-probabilities are computed once and cached
-(key: base path + mtime + text hash + ctx + chunks + KV type).
+process so peak RSS is the model's; neither holds more than one window of log-probabilities
+(moe2gguf/logprobs.py). A base's log-probabilities are computed once and cached as a uint16
+grid, as llama-perplexity's --kl-divergence-base file keeps them (key: base path + mtime +
+text hash + ctx + chunks + KV type).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import pathlib
 import tempfile
 import zipfile
@@ -19,8 +20,10 @@ import zipfile
 import click
 import numpy as np
 
+from moe2gguf import llama_runtime
 from moe2gguf.errors import UserError, atomic_file, check_output
-from moe2gguf.inputs import hf_tokenizer, regular_file, require_gguf
+from moe2gguf.exporter.runner import run_in_child
+from moe2gguf.inputs import hf_tokenizer, read_text, regular_file, require_gguf
 from moe2gguf.units import human_bytes
 
 
@@ -62,36 +65,36 @@ def _mtime(p: pathlib.Path) -> float:
 
 
 def cache_dir() -> pathlib.Path:
-    d = pathlib.Path(os.environ.get("MOE2GGUF_CACHE", pathlib.Path.home() / ".cache" / "moe2gguf"))
+    d = llama_runtime.cache_folder()
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def base_logprobs(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """(windows, logprobs) of the base, from the cache or computed once."""
-    from moe2gguf.exporter.runner import run_in_child
-    from moe2gguf.protocol import windows
-
+def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, threads: int) -> tuple[np.ndarray, pathlib.Path]:
+    """(windows, the base's log-prob grid file; moe2gguf/logprobs.py), from the cache or
+    computed once. Two files: the grid, then the windows, which say the grid is whole."""
     p = pathlib.Path(base).resolve()
     backend = backend_of(p)
     key = hashlib.sha256(
         json.dumps([str(p), _mtime(p), hashlib.sha256(text.encode()).hexdigest(), ctx, chunks, kv_type]).encode()
     ).hexdigest()[:24]
-    f = cache_dir() / f"base-{key}.npz"
-    if f.is_file():
-        try:
-            with np.load(f) as z:
-                return z["windows"], z["logprobs"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # a damaged cache entry (a full disk, a kill) is computed again
+    grid, wins_f = cache_dir() / f"base-{key}.npy", cache_dir() / f"base-{key}.npz"
+    try:
+        with np.load(wins_f) as z:
+            wins = z["windows"]
+        rows = np.load(grid, mmap_mode="r").shape[0]
+        if rows == wins.size // 2 and grid.stat().st_mtime <= wins_f.stat().st_mtime:
+            return wins, grid
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # missing or damaged (a full disk, a kill): computed again
+    from moe2gguf.protocol import windows  # imports torch, which check's --help must not
+
     wins = windows(tokenize(str(p), backend, text), ctx, chunks)
-    with tempfile.TemporaryDirectory(prefix="moe2gguf-base-") as d:
-        lp, _ = run_in_child(backend, str(p), wins, d, kv_type, threads)
-        lp = np.array(lp)
-    with atomic_file(f, "cache") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, windows=wins, logprobs=lp)
-    return wins, lp
+    with tempfile.TemporaryDirectory(prefix="moe2gguf-base-") as d, atomic_file(grid, "cache") as tmp:
+        run_in_child(backend, str(p), wins, d, kv_type, threads, save_lp=str(tmp))
+    with atomic_file(wins_f, "cache") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, windows=wins)
+    return wins, grid
 
 
 def params_experts(path: pathlib.Path, backend: str) -> int:
@@ -141,11 +144,8 @@ def check(
 ) -> dict:
     """The report dict (DESIGN.md keys) for MODEL on TEXT and/or the multiple-choice TASK file,
     against BASE if given."""
-    import torch
-
     from moe2gguf.exporter import tasks as T
-    from moe2gguf.exporter.runner import run_in_child
-    from moe2gguf.protocol import read_text, score_logprobs, targets_of, windows
+    from moe2gguf.protocol import windows  # imports torch, which check's --help must not
 
     path = pathlib.Path(model).resolve()
     backend = backend_of(path)
@@ -165,18 +165,12 @@ def check(
     body = read_text(text)
     base_wins = base_lp = None
     if base is not None:
-        base_wins, base_lp = base_logprobs(base, body, ctx, chunks, kv_type, threads)
+        base_wins, base_lp = base_grid(base, body, ctx, chunks, kv_type, threads)
     wins = windows(tokenize(str(path), backend, body), ctx, chunks)
     if base_wins is not None and not np.array_equal(base_wins, wins):
         raise UserError(f"{model} and --base {base} tokenize the text differently; KL-divergence needs the same tokenizer")
     with tempfile.TemporaryDirectory(prefix="moe2gguf-check-") as d:
-        lp, measured = run_in_child(backend, str(path), wins, d, kv_type, threads)
-        lp_t = torch.from_numpy(np.array(lp))
-        base_t = torch.from_numpy(np.asarray(base_lp)) if base_lp is not None else None
-        if base_t is not None and base_t.shape != lp_t.shape:
-            raise UserError(f"{model} has vocabulary {lp_t.shape[1]}, --base {base} has {base_t.shape[1]}; compare models of one family")
-        s = score_logprobs(lp_t, targets_of(wins), base_t)
-        del lp
+        s, measured = run_in_child(backend, str(path), wins, d, kv_type, threads, base_lp=None if base_lp is None else str(base_lp))
     report = {
         "backend": backend,
         "model": str(path),

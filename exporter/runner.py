@@ -1,26 +1,34 @@
 """Run one model over token windows, in a child process, so that its peak RSS is the
 model's own. Module-level imports are numpy only: the llama.cpp child never imports torch.
 
-Each backend writes `logprobs.npy` ([n_windows * ctx/2, V] float32, the scored positions)
-and returns the measured numbers as a dict.
+The child scores each window as it goes (moe2gguf/logprobs.py): it writes each scored
+position's NLL, and against a base's log-prob grid file its KLD and top-1 match, to
+`scores.npz`; asked to, it also writes its own grid file, to be a base later. No more than
+one window of log-probabilities is ever held, so memory does not grow with the windows.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import resource
+import subprocess
 import sys
 import time
 
 import numpy as np
 
+from moe2gguf import llama_runtime
+from moe2gguf.errors import UserError
+from moe2gguf.logprobs import HEADER, GridFile, Scores, score_window
+from moe2gguf.subproc import failure
+
 DECODE_TOKENS = 32
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return (x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))).astype(np.float32)
+JOB = "job.json"
+WINDOWS = "windows.npy"
+RESULT = "result.json"
+SCORES = "scores.npz"
 
 
 def _peak_rss() -> int:
@@ -36,21 +44,53 @@ def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def run_llama(gguf_path: str, wins: np.ndarray, out_dir: str, kv_type: str, threads: int) -> dict:
-    import llama_cpp
+class Scorer:
+    """Scores windows one at a time against the base's grid file (if any) and writes this
+    model's own grid file (if asked), reading and writing one window's rows at a time."""
 
-    from moe2gguf.llama_runtime import extra_bufts_in_use, open_llama
+    def __init__(self, wins: np.ndarray, base_lp: str | None, save_lp: str | None):
+        self.half = wins.shape[1] // 2
+        self.targets = wins[:, self.half :]
+        self.base = GridFile(base_lp, "r") if base_lp else None
+        if self.base is not None and self.base.shape[0] != wins.size // 2:
+            raise ValueError(f"the base's grid holds {self.base.shape[0]} positions, not {wins.size // 2}; run check again")
+        self.save_lp = save_lp
+        self.save: GridFile | None = None
+        self.parts: list[Scores] = []
+
+    def add(self, i: int, logits: np.ndarray) -> None:
+        base_rows = None
+        if self.base is not None:
+            if self.base.shape[1] != HEADER + logits.shape[1]:
+                raise ValueError(f"vocabulary {logits.shape[1]} vs the base's {self.base.shape[1] - HEADER}; compare models of one family")
+            base_rows = self.base.read(i * self.half, self.half)
+        if self.save_lp and self.save is None:
+            self.save = GridFile(self.save_lp, "w", (len(self.targets) * self.half, HEADER + logits.shape[1]))
+        s, rows = score_window(logits, self.targets[i], base_rows, grid=self.save is not None)
+        if self.save is not None:
+            self.save.write(rows)
+        self.parts.append(s)
+
+    def finish(self, out_dir: pathlib.Path) -> None:
+        for f in (self.save, self.base):
+            if f is not None:
+                f.close()
+        s = Scores.concat(self.parts)
+        extra = {} if s.kld is None else {"kld": s.kld, "top1": s.top1}
+        np.savez(out_dir / SCORES, nll=s.nll, **extra)
+
+
+def run_llama(gguf_path: str, wins: np.ndarray, scorer: Scorer, kv_type: str, threads: int) -> dict:
+    import llama_cpp
 
     ctx = wins.shape[1]
     half = ctx // 2
     kv = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv_type]
     # the parent decided (and said) whether extra buffer types run here; see run_in_child
-    llm = open_llama(
+    llm = llama_runtime.open_llama(
         gguf_path, announce=False, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, verbose=False,
         n_threads=threads, n_threads_batch=threads, type_k=kv, type_v=kv,
     )
-    n_vocab = llm.n_vocab()
-    out = np.lib.format.open_memmap(pathlib.Path(out_dir) / "logprobs.npy", "w+", np.float32, (len(wins) * half, n_vocab))
     t_eval = 0.0
     kv_bytes = 0
     for i, w in enumerate(wins):
@@ -61,9 +101,7 @@ def run_llama(gguf_path: str, wins: np.ndarray, out_dir: str, kv_type: str, thre
         if i == 0:
             # KV cells of one full window, as llama.cpp serialises them
             kv_bytes = int(llama_cpp.llama_state_seq_get_size(llm.ctx, 0))
-        logits = np.asarray(llm.scores[half - 1 : ctx - 1])
-        out[i * half : (i + 1) * half] = _log_softmax(logits)
-    out.flush()
+        scorer.add(i, llm.scores[half - 1 : ctx - 1])
     # greedy decode after half a window of prompt
     llm.reset()
     llm.eval(wins[0, :half].tolist())
@@ -79,11 +117,11 @@ def run_llama(gguf_path: str, wins: np.ndarray, out_dir: str, kv_type: str, thre
         "prompt_tokens_per_s": wins.size / t_eval,
         "decode_tokens_per_s": DECODE_TOKENS / t_dec,
         "peak_rss_bytes": _peak_rss(),
-        "llama_extra_bufts": extra_bufts_in_use(llm),
+        "llama_extra_bufts": llama_runtime.extra_bufts_in_use(llm),
     }
 
 
-def run_torch(model_dir: str, wins: np.ndarray, out_dir: str, threads: int) -> dict:
+def run_torch(model_dir: str, wins: np.ndarray, scorer: Scorer, threads: int) -> dict:
     import torch
 
     from moe2gguf.modeling import load_model
@@ -99,8 +137,6 @@ def run_torch(model_dir: str, wins: np.ndarray, out_dir: str, threads: int) -> d
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             buf += t.numel() * t.element_size()
-    first = True
-    out = None
     t_eval = 0.0
     kv_bytes = 0
     with torch.no_grad():
@@ -109,14 +145,10 @@ def run_torch(model_dir: str, wins: np.ndarray, out_dir: str, threads: int) -> d
             t0 = time.perf_counter()
             res = model(ids, use_cache=True)
             t_eval += time.perf_counter() - t0
-            lp = torch.log_softmax(res.logits[0, scored(ctx)].float(), -1).numpy()
-            if first:
-                out = np.lib.format.open_memmap(pathlib.Path(out_dir) / "logprobs.npy", "w+", np.float32, (len(wins) * half, lp.shape[-1]))
+            if i == 0:
                 kv_bytes = _cache_bytes(res.past_key_values)
-                first = False
-            out[i * half : (i + 1) * half] = lp
+            scorer.add(i, res.logits[0, scored(ctx)].float().numpy())
             del res
-        out.flush()
         ids = torch.from_numpy(np.ascontiguousarray(wins[0, :half]))[None]
         res = model(ids, use_cache=True)
         cache = res.past_key_values
@@ -146,59 +178,50 @@ def _cache_bytes(cache) -> int:  # noqa: ANN001 - transformers Cache
 
 
 def main(argv: list[str]) -> None:
-    """python -m moe2gguf.exporter.runner BACKEND PATH OUT_DIR KV_TYPE THREADS (windows in OUT_DIR)."""
-    import json
-
-    backend, path, out_dir, kv_type, threads = argv
-    wins = np.load(pathlib.Path(out_dir) / "windows.npy")
+    """python -m moe2gguf.exporter.runner OUT_DIR (the job and its windows in OUT_DIR)."""
+    out_dir = pathlib.Path(argv[0])
+    job = json.loads((out_dir / JOB).read_text())
+    wins = np.load(out_dir / WINDOWS)
     try:
-        if backend == "llama.cpp":
-            res = run_llama(path, wins, out_dir, kv_type, int(threads))
+        scorer = Scorer(wins, job["base_lp"], job["save_lp"])
+        if job["backend"] == "llama.cpp":
+            res = run_llama(job["path"], wins, scorer, job["kv_type"], job["threads"])
         else:
-            res = run_torch(path, wins, out_dir, int(threads))
+            res = run_torch(job["path"], wins, scorer, job["threads"])
+        scorer.finish(out_dir)
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         res = {"error": f"{type(e).__name__}: {e}"}
-    (pathlib.Path(out_dir) / "result.json").write_text(json.dumps(res))
+    (out_dir / RESULT).write_text(json.dumps(res))
 
 
-def child_command(backend: str, path: str, out_dir: str, kv_type: str, threads: int) -> list[str]:
-    return [sys.executable, "-m", "moe2gguf.exporter.runner", backend, path, out_dir, kv_type, str(threads)]
+def child_command(out_dir: str) -> list[str]:
+    return [sys.executable, "-m", "moe2gguf.exporter.runner", out_dir]
 
 
-def run_in_child(backend: str, path: str, wins: np.ndarray, out_dir: str, kv_type: str = "f16", threads: int = 0) -> tuple[np.ndarray, dict]:
-    """(logprobs [n*ctx/2, V] memory-mapped, measurements) from a fresh interpreter, so
-    nothing the parent imported (torch for a GGUF run) counts in the model's peak RSS."""
-    import json
-    import os
-    import signal
-    import subprocess
-
-    from moe2gguf.errors import UserError
-    from moe2gguf.subproc import failure
-
+def run_in_child(
+    backend: str, path: str, wins: np.ndarray, out_dir: str, kv_type: str = "f16", threads: int = 0,
+    base_lp: str | None = None, save_lp: str | None = None,
+) -> tuple[Scores, dict]:
+    """(per-position scores, measurements) from a fresh interpreter, so nothing the parent
+    imported (torch for a GGUF run) counts in the model's peak RSS. Against the grid file
+    `base_lp` the scores hold KLD and top-1; `save_lp` receives this model's own grid."""
+    d = pathlib.Path(out_dir)
     threads = threads or os.cpu_count() or 1
-    np.save(pathlib.Path(out_dir) / "windows.npy", wins)
-    env = None
-    extra_bufts = False
-    if backend == "llama.cpp":
-        from moe2gguf import llama_runtime
-
-        # decided (probed, announced) here, where stderr reaches the user; the child obeys
-        extra_bufts = llama_runtime.extra_bufts_verdict().extra_bufts
-        env = {**os.environ, llama_runtime.ENV: "1" if extra_bufts else "0"}
-    cmd = child_command(backend, path, out_dir, kv_type, threads)
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    res_file = pathlib.Path(out_dir) / "result.json"
+    np.save(d / WINDOWS, wins)
+    job = {"backend": backend, "path": path, "kv_type": kv_type, "threads": threads, "base_lp": base_lp, "save_lp": save_lp}
+    (d / JOB).write_text(json.dumps(job))
+    env, extra_bufts = llama_runtime.child_env(backend)
+    proc = subprocess.run(child_command(out_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    res_file = d / RESULT
     if proc.returncode != 0 or not res_file.is_file():
         why = failure(proc) if proc.returncode != 0 else "it ended without a result"
-        hint = ""
-        if extra_bufts and proc.returncode == -signal.SIGILL:
-            hint = f"; if this CPU cannot run llama.cpp's AMX/repacked kernels, run again with {llama_runtime.ENV}=0"
-        raise UserError(f"{backend} could not run {path}: {why}{hint}")
+        raise UserError(f"{backend} could not run {path}: {why}{llama_runtime.child_hint(proc.returncode, extra_bufts)}")
     res = json.loads(res_file.read_text())
     if "error" in res:
         raise UserError(f"{backend} could not run {path}: {res['error']}")
-    return np.load(pathlib.Path(out_dir) / "logprobs.npy", mmap_mode="r"), res
+    with np.load(d / SCORES) as z:
+        scores = Scores(z["nll"], z["kld"] if "kld" in z else None, z["top1"] if "top1" in z else None)
+    return scores, res
 
 
 if __name__ == "__main__":

@@ -14,14 +14,20 @@ Module-level imports are numpy only: the llama.cpp child never imports torch.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
 
+from moe2gguf import llama_runtime
 from moe2gguf.errors import UserError
 from moe2gguf.exporter import tasks as T
+from moe2gguf.progress import bar
+from moe2gguf.subproc import exit_reason
 
 READY, PROGRESS = "@ready", "@task"  # the child's stdout lines: model loaded, one task done
 PARALLEL = 32  # sequences per llama.cpp batch, as `llama-perplexity -np 32` (context 32 x 512 tokens)
@@ -31,9 +37,7 @@ BATCH = 2048  # tokens per llama_decode call (llama-perplexity's n_batch)
 def load_llama(path: str, **kw: object):  # noqa: ANN201 - llama_cpp.Llama, imported lazily
     """The one place this module loads a GGUF: through moe2gguf.llama_runtime, which the parent
     told (run_tasks_in_child) whether llama.cpp's extra buffer types run on this CPU."""
-    from moe2gguf.llama_runtime import open_llama
-
-    return open_llama(path, announce=False, verbose=False, **kw)
+    return llama_runtime.open_llama(path, announce=False, verbose=False, **kw)
 
 
 def _logprob(logits: np.ndarray, tok: int) -> float:
@@ -177,25 +181,12 @@ def main(argv: list[str]) -> None:
 
 def run_tasks_in_child(backend: str, path: str, fmt: str, items: list[T.Task], kv_type: str = "f16", threads: int = 0, label: str = "tasks") -> list[T.Scored]:
     """Each task's outcome, from a fresh interpreter; a progress bar with ETA meanwhile."""
-    import os
-    import subprocess
-    import tempfile
-
-    from moe2gguf.progress import bar
-    from moe2gguf.subproc import exit_reason
-
     threads = threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="moe2gguf-tasks-") as d:
         dp = pathlib.Path(d)
         (dp / "tasks.json").write_text(json.dumps({"format": fmt, "tasks": [t.to_json() for t in items]}))
         cmd = [sys.executable, "-m", "moe2gguf.exporter.task_runner", backend, path, d, kv_type, str(threads)]
-        env = None
-        if backend == "llama.cpp":
-            from moe2gguf import llama_runtime
-
-            # decided (probed, announced) here, where stderr reaches the user; the child obeys
-            extra = llama_runtime.extra_bufts_verdict().extra_bufts
-            env = {**os.environ, llama_runtime.ENV: "1" if extra else "0"}
+        env, extra_bufts = llama_runtime.child_env(backend)
         with open(dp / "stderr.txt", "wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
             assert proc.stdout is not None
@@ -210,7 +201,8 @@ def run_tasks_in_child(backend: str, path: str, fmt: str, items: list[T.Task], k
         res_file = dp / "result.json"
         if proc.returncode != 0 or not res_file.is_file():
             tail = [ln for ln in (dp / "stderr.txt").read_text(errors="replace").splitlines() if ln.strip()][-1:]
-            raise UserError(f"{backend} could not score {path}: {exit_reason(proc.returncode)}{': ' + tail[0] if tail else ''}")
+            why = exit_reason(proc.returncode) + (f": {tail[0]}" if tail else "")
+            raise UserError(f"{backend} could not score {path}: {why}{llama_runtime.child_hint(proc.returncode, extra_bufts)}")
         res = json.loads(res_file.read_text())
     if "error" in res:
         raise UserError(res["error"] if res.get("user") else f"{backend} could not score {path}: {res['error']}")

@@ -204,6 +204,24 @@ def extra_bufts_verdict(announce: bool = True) -> Verdict:
     return v
 
 
+def child_env(backend: str) -> tuple[dict[str, str] | None, bool]:
+    """(environment, extra buffer types on) for a child process that runs `backend`. The
+    verdict is decided (probed, announced) in the parent, where stderr reaches the user; a
+    llama.cpp child obeys it through ENV."""
+    if backend != "llama.cpp":
+        return None, False
+    extra = extra_bufts_verdict().extra_bufts
+    return {**os.environ, ENV: "1" if extra else "0"}, extra
+
+
+def child_hint(returncode: int, extra_bufts: bool) -> str:
+    """What to add to a failed llama.cpp child's error line: a SIGILL with extra buffer types
+    on points at the override (the probe passed, yet a kernel it did not reach crashed)."""
+    if extra_bufts and returncode == -signal.SIGILL:
+        return f"; if this CPU cannot run llama.cpp's AMX/repacked kernels, run again with {ENV}=0"
+    return ""
+
+
 @functools.lru_cache(maxsize=1)
 def _plain_cpu_llama() -> type:
     import llama_cpp

@@ -70,8 +70,10 @@ def in_run_folder(path: pathlib.Path) -> bool:
     return marked_verb(path.parent) == "run"
 
 
-def is_npz(path: pathlib.Path) -> bool:
-    return _head(path, 4) == b"PK\x03\x04"
+def is_numpy_file(path: pathlib.Path) -> bool:
+    """An .npz (a zip) or an .npy, the two forms moe2gguf's cache files take."""
+    head = _head(path, 6)
+    return head[:4] == b"PK\x03\x04" or head == b"\x93NUMPY"
 
 
 # verb -> (what its file output is, how to recognise an earlier one)
@@ -79,7 +81,7 @@ FILE_KINDS: dict[str, tuple[str, Callable[[pathlib.Path], bool]]] = {
     "export": ("a GGUF", is_gguf),
     "check": ("a `moe2gguf check --json` report", is_check_report),
     "run": ("a file of a moe2gguf run folder", in_run_folder),
-    "cache": ("a moe2gguf cache file", is_npz),
+    "cache": ("a moe2gguf cache file", is_numpy_file),
 }
 
 

@@ -7,14 +7,12 @@ from its prefix inside the window). KL-divergence and top-1 agreement use the sa
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from moe2gguf.errors import UserError
 from moe2gguf.inputs import read_text  # noqa: F401 - texts are read here by both backends' callers
+from moe2gguf.logprobs import Scores
 
 
 def windows(ids: list[int] | np.ndarray, ctx: int, chunks: int | None) -> np.ndarray:
@@ -37,24 +35,6 @@ def windows(ids: list[int] | np.ndarray, ctx: int, chunks: int | None) -> np.nda
 def scored(ctx: int) -> slice:
     """Positions whose logits are scored: they predict tokens ctx/2 .. ctx-1."""
     return slice(ctx // 2 - 1, ctx - 1)
-
-
-@dataclass
-class Scores:
-    """Per-position negative log-likelihoods (and, against a base, KLD and top-1 match)."""
-
-    nll: np.ndarray
-    kld: np.ndarray | None = None
-    top1: np.ndarray | None = None
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(float(self.nll.mean()))
-
-    @property
-    def ppl_se(self) -> float:
-        # delta method, as llama-perplexity reports it: se(ppl) = ppl * se(mean nll)
-        return self.ppl * float(self.nll.std(ddof=1) / math.sqrt(len(self.nll))) if len(self.nll) > 1 else 0.0
 
 
 def score_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, base_logprobs: torch.Tensor | None = None) -> Scores:

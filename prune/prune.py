@@ -27,10 +27,14 @@ from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
 from moe2gguf.calib import CALIB_JSON, SCORES, read_calib_json
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
+from moe2gguf.exporter.quantize import ftype_of
 from moe2gguf.options import METHODS, PROBE_SHAPES, RENAMED
 from moe2gguf.prune import allocate as A
+from moe2gguf.prune.calibrate import calibration_windows
+from moe2gguf.prune.reconstruct import reconstruct as run_reconstruct
 from moe2gguf.prune.rewrite import routed_params, write_pruned
 from moe2gguf.prune.scores import channel_scores, normalise_layers, reap_saliency
+from moe2gguf.recipe import parse_size
 
 EXPERT_METHODS = ("reap", "frequency")  # whole experts removed, kept ones stay whole
 REPORT = "prune_report.json"
@@ -238,8 +242,7 @@ def prune(
     cal = Calib(calib, arch, ckpt)
     deploy_entries: dict = {}
     if layout == "llama.cpp" and method == "coverage":
-        from moe2gguf.exporter.quantize import ftype_of
-        from moe2gguf.prune.deploy import plan_deployable
+        from moe2gguf.prune.deploy import plan_deployable  # deploy.py imports this module
 
         ftype_of(quant)
         layer_alloc, cov, deploy_entries = plan_deployable(cal, ckpt, arch, ratio, target_size, quant.upper(), score, normalise, width, experts, probe, refit, reconstruct)
@@ -258,9 +261,6 @@ def prune(
         shapes = write_pruned(ckpt, arch, alloc, tmp, grams)
         recon = None
         if reconstruct:
-            from moe2gguf.prune.calibrate import calibration_windows
-            from moe2gguf.prune.reconstruct import reconstruct as run_reconstruct
-
             recon = run_reconstruct(ckpt, arch, tmp, calibration_windows(model, cal.info))
         new_arch = arch_for_config(json.loads((tmp / "config.json").read_text()))
         after = routed_params(new_arch, shapes)
@@ -296,8 +296,6 @@ def prune_main(
     width: int | None, experts: int | None, probe: int, score: str, min_width: int, refit: bool, reconstruct: bool | None,
 ) -> None:
     """The `prune` verb once moe2gguf/commands.py has parsed its options."""
-    from moe2gguf.recipe import parse_size
-
     if (ratio is None) == (target_size is None):
         raise UserError("give exactly one of --ratio (fraction of expert parameters removed) and --target-size (GGUF bytes)")
     try:

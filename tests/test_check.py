@@ -58,7 +58,8 @@ def test_base_log_probs_are_cached(tiny_qwen3moe, reference_model, tmp_path, cac
     monkeypatch.setattr(chk, "tokenize", lambda *a: calls.append(a) or real(*a))
     second = check(str(out), text, base=str(out), ctx=64, chunks=2)
     assert len(calls) == 1  # only the model itself; the base came from the cache
-    assert second["kld"] == first["kld"] and abs(first["kld"]) < 1e-9 and first["top1"] == 1.0
+    # against itself: the cached base is a uint16 grid (moe2gguf/logprobs.py), exact to its step
+    assert second["kld"] == first["kld"] and abs(first["kld"]) < 1e-6 and first["top1"] == 1.0
 
 
 def test_ppl_agrees_between_backends_bundled(reference_model, tmp_path, cache):
