@@ -16,6 +16,7 @@ import pathlib
 import re
 import tempfile
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import gguf
 import llama_cpp
@@ -24,6 +25,7 @@ import numpy as np
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import EXPERT_WIDTHS_KEY, Checkpoint
+from moe2gguf.exporter.quantize import overrides_of
 from moe2gguf.exporter.quantize import quantize
 from moe2gguf.exporter.writer import plan_export, write_gguf
 from moe2gguf.modeling import build_model
@@ -136,3 +138,135 @@ def predict_size(ckpt: Checkpoint, quant: str, overrides: list[tuple[str, str]] 
 def _data_offset(path: pathlib.Path) -> int:
     reader = gguf.GGUFReader(path)
     return int(reader.data_offset)
+
+
+# ----- byte and type planning of pruned shapes (prune/deploy.py asks; llama.cpp's own dry run) ---
+
+
+class ShapeLike(Protocol):
+    """K experts of width W in every MoE layer (prune/deploy.py's Shape)."""
+
+    experts: int
+    width: int
+
+
+def predict_layout_bytes(ckpt: Checkpoint, arch: MoEArch, shape: ShapeLike, quant: str, overrides: list[tuple[str, str]] | None = None) -> SizePlan:
+    """SizePlan of `ckpt` rewritten to `shape`: tensor bytes from a skeleton of that shape,
+    metadata (tokenizer, names) from the real checkpoint's own skeleton."""
+    plan = predict_size(ShapeCheckpoint(layout_config(arch, shape.experts, shape.width), ckpt.path.name), quant, overrides)
+    plan.total_bytes += _meta_delta(ckpt, arch, quant)
+    return plan
+
+
+_META: dict[tuple[str, str], int] = {}
+
+
+def _meta_delta(ckpt: Checkpoint, arch: MoEArch, quant: str) -> int:
+    """Real metadata bytes minus the skeleton's estimate, plus the per-expert widths array a
+    pruned checkpoint's GGUF carries (4 bytes per expert and its key)."""
+    key = (str(ckpt.path), quant)
+    if key not in _META:
+        real = predict_size(ckpt, quant).meta_bytes
+        skel = predict_size(ShapeCheckpoint(ckpt.config, ckpt.path.name), quant).meta_bytes
+        _META[key] = real - skel + 4 * arch.n_experts * len(arch.moe_layers) + 64
+    return _META[key]
+
+
+def kquant_fallback(plan: SizePlan, wanted: dict[str, str]) -> dict[str, dict]:
+    """ffn_down_exps tensors whose type llama.cpp changed because the row width is not a
+    multiple of the K-quant block (256): name -> {wanted, used, extra_bytes}, extra_bytes being
+    what the fallback costs over the wanted type's bits per weight."""
+    out = {}
+    for name, t in plan.tensor_types.items():
+        want = wanted.get(name, t)
+        if "ffn_down_exps" in name and want != t:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[want]]
+            n = int(np.prod(plan.tensor_shapes[name]))
+            out[name] = {"wanted": want, "used": t, "extra_bytes": int(plan.tensor_bytes[name] - n * size / block)}
+    return out
+
+
+# K-quant -> the block-32 type of the same bits per weight (IQ4_NL is llama.cpp's 4.5-bpw
+# non-linear type; Q5_0 the 5.5-bpw legacy one); llama.cpp itself falls back one size up
+SAME_BITS = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "IQ4_NL", "Q5_K": "Q5_0"}
+
+
+def lean_down_types(plan: SizePlan) -> list[tuple[str, str]]:
+    """Overrides that put every ffn_down_exps at its layer's ffn_gate_exps type (the file type's
+    base type, before the _M mixes' extra bits on ffn_down), or, where the width is not a
+    multiple of that type's block, at the block-32 type of the same bits (SAME_BITS). A size
+    target starts every shape from this floor and spends what is left on upgrades, so that a
+    shape with more experts is not priced out by llama.cpp's Q6_K -> Q8_0 fallback."""
+    out = []
+    for name, t in plan.tensor_types.items():
+        if "ffn_down_exps" not in name:
+            continue
+        want = plan.tensor_types.get(name.replace("ffn_down_exps", "ffn_gate_exps"), t)
+        if plan.tensor_shapes[name][-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[want]][0]:
+            want = SAME_BITS.get(want, want)
+        if want != t:
+            out.append((f"^{re.escape(name)}$", want))
+    return out
+
+
+# per-tensor upgrades to spend bytes left under a target, most useful first (llama.cpp's own
+# Q4_K_M gives attn_v and ffn_down more bits for the same reason)
+UPGRADE_ORDER = (r"ffn_down_exps", r"attn_v", r"ffn_down_shexp", r"attn_output", r"output\.weight", r"ffn_gate_exps", r"ffn_up_exps", r"attn_[qk]\.weight", r"token_embd")
+LADDER = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_K", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
+
+
+def plan_tensor_types(plan: SizePlan, leftover: int) -> tuple[dict[str, str], int]:
+    """Spend `leftover` bytes on type upgrades, one ladder step at a time, in UPGRADE_ORDER:
+    first whole tensor groups (every ffn_down_exps), then single tensors of the group where a
+    whole-group step no longer fits. Returns (types, bytes spent)."""
+    types = dict(plan.tensor_types)
+    spent = 0
+
+    def step(names: list[str]) -> bool:
+        nonlocal spent
+        new = {n: _next_type(types[n], plan.tensor_shapes[n]) for n in names}
+        if not names or any(t is None for t in new.values()):
+            return False
+        extra = sum(_bytes(new[n], plan.tensor_shapes[n]) - plan.tensor_bytes[n] for n in names)
+        if spent + extra > leftover:
+            return False
+        spent += extra
+        for n in names:
+            types[n] = new[n]
+            plan.tensor_bytes[n] = _bytes(new[n], plan.tensor_shapes[n])
+        return True
+
+    for pat in UPGRADE_ORDER:
+        rx = re.compile(pat)
+        names = [n for n in types if rx.search(n) and types[n] in LADDER]
+        while step(names):
+            pass
+        for n in names:
+            while step([n]):
+                pass
+    return types, spent
+
+
+def _next_type(t: str, shape: tuple[int, ...]) -> str | None:
+    if t not in LADDER:
+        return None
+    for nxt in LADDER[LADDER.index(t) + 1 :]:
+        if shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[nxt]][0] == 0:
+            return nxt
+    return None
+
+
+def _bytes(t: str, shape: tuple[int, ...]) -> int:
+    return gguf.GGUFWriter.ggml_pad(_row_bytes(t, shape), 32)
+
+
+
+MARGIN = 256  # bytes kept free under a target: a longer GGUF name than the model folder's (predictions are exact otherwise)
+
+
+def finish_target(out: pathlib.Path, report: dict, target_size: int) -> dict:
+    """Exact prediction for the written checkpoint with its planned tensor types."""
+    plan = predict_size(Checkpoint(out), report["quant"], overrides_of(report["tensor_types"]))
+    if plan.total_bytes > target_size:
+        raise RuntimeError(f"planned {plan.total_bytes} bytes > target {target_size}: the layout prediction missed; report this")
+    return {"predicted_bytes": plan.total_bytes, "tensor_types": plan.tensor_types}

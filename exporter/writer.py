@@ -26,7 +26,7 @@ from moe2gguf.exporter.tokenizer import add_tokenizer
 from moe2gguf.gguf_names import KV_EXPERT_WIDTHS
 from moe2gguf.modeling import build_model
 from moe2gguf.progress import bar
-from moe2gguf.prune.allocate import DEFAULT_LAYOUT, LAYOUTS, Layout
+from moe2gguf.layout import DEFAULT_LAYOUT, LAYOUTS, Layout
 
 WRITE_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16}
 

@@ -15,6 +15,7 @@ import click
 
 from moe2gguf.errors import UserError
 from moe2gguf.inputs import FiniteFloatRange
+from moe2gguf.layout import DEFAULT_LAYOUT, PRUNE_LAYOUTS
 from moe2gguf.options import DEFAULT_QUANT, KV_TYPES, MAX_CTX, MAX_PROBE, METHODS, PROBE_SHAPES, QUANT_TYPES, RENAMED, SCORE_KINDS, TASK_FORMATS
 
 
@@ -62,7 +63,7 @@ def calibrate_cmd(**kwargs: Any) -> None:
 @click.option("--ratio", type=FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True), help="Fraction of routed-expert parameters to remove, 0 < R < 1.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output checkpoint folder.")
 @click.option("--method", type=MethodChoice(METHODS), default="coverage", show_default=True, help="coverage: channels of all experts chosen jointly by attribution; uniform/magnitude: one width, channels by attribution/weight norm; reap: whole experts by REAP saliency (router weight x expert-output norm); frequency: whole experts by router mass.")
-@click.option("--layout", type=click.Choice(["ragged", "llama.cpp"]), default="ragged", show_default=True, help="Widths/counts the target allows (llama.cpp: one width, one expert count).")
+@click.option("--layout", type=click.Choice(PRUNE_LAYOUTS), default=DEFAULT_LAYOUT, show_default=True, help="Widths/counts the target holds (llama.cpp: one width and one expert count for the model, what export writes; ragged: free per expert, for PyTorch evaluation).")
 @click.option("--target-size", type=str, help="GGUF size to land at or under (12GB, 11.5GiB, bytes); picks ratio, width, expert count and tensor types.")
 @click.option("--quant", default="Q4_K_M", show_default=True, help="llama.cpp file type the target size and width alignment are planned for.")
 @click.option("--width", type=click.IntRange(1), help="llama.cpp layout: force this expert width (a multiple of 32).")

@@ -25,6 +25,7 @@ from moe2gguf.exporter import check as check_step, export as export_step  # step
 from moe2gguf.exporter.sizing import ShapeCheckpoint, layout_config, predict_size
 from moe2gguf.outputs import release_dir
 from moe2gguf.inputs import read_json_object
+from moe2gguf.layout import LAYOUTS
 from moe2gguf.progress import silenced
 from moe2gguf.prune import calibrate as calibrate_step, prune as prune_step
 from moe2gguf.recipe import Recipe, load_recipe, parse_size
@@ -280,10 +281,10 @@ def deployable_shapes(arch: MoEArch, ratio: float) -> list[tuple[str, tuple[int,
     """The two ends of the layouts stock llama.cpp runs at this ratio: fewer experts of full
     width, or every expert narrower (the allocator picks between and in between them from
     the calibration scores)."""
-    e, w = arch.n_experts, arch.expert_width
+    e, w, a = arch.n_experts, arch.expert_width, LAYOUTS["llama.cpp"].align
     k = max(arch.n_used, round((1 - ratio) * e))
-    width32 = max(32, int((1 - ratio) * w) // 32 * 32)
-    return [("fewer experts", (k, w)), ("narrower experts", (e, width32))]
+    narrower = max(a, int((1 - ratio) * w) // a * a)
+    return [("fewer experts", (k, w)), ("narrower experts", (e, narrower))]
 
 
 def run_main(recipe_file: str, model: str | None, output: str | None, dry_run: bool, quiet: bool) -> None:

@@ -214,8 +214,8 @@ class Calibration:
         # final norm, then the input of the output projection
         norm = model.get_submodule(arch.final_norm)
         load_weights(norm, f"{arch.final_norm}.", ckpt, torch.float32)
-        lm_head = model.get_output_embeddings()
-        out_stats = self.inputs.setdefault(arch.head_name.removesuffix(".weight"), InputStats(lm_head.weight.shape[1]))
+        head = model.get_output_embeddings()
+        out_stats = self.inputs.setdefault(arch.head_name.removesuffix(".weight"), InputStats(head.weight.shape[1]))
         for h in hidden:
             out_stats.add_batch(norm(h))
         self.tied = arch.head_is_tied(ckpt)

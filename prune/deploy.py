@@ -1,7 +1,8 @@
-"""Allocation inside the layout stock llama.cpp runs, and planning to a GGUF size target.
+"""Allocation inside a layout of one shape for the model (`Layout.one_shape`; stock llama.cpp's
+`LAYOUTS["llama.cpp"]`), and planning to a GGUF size target.
 
-Stock llama.cpp (0.3.36, qwen3moe/qwen2moe/deepseek2) stores one expert width W and one expert
-count K for the whole model (`LAYOUTS["llama.cpp"]`); which K experts each layer keeps and which
+Such a layout holds one width W for every expert and one count K for every layer of the model
+(the layout says so, moe2gguf/layout.py); which K experts each layer keeps and which
 W channels each kept expert keeps are free. For a given (K, W) the best choice is exact and
 cheap: per expert its top-W channels by attribution, per layer the K experts whose top-W channels
 hold the most. So the allocation enumerates the feasible (K, W) pairs (K >= top-k, W a multiple of
@@ -18,27 +19,37 @@ layer), and measures the most promising ones as pruned models on calibration tok
   shape is sized from the same floor of types (`lean_down_types`), and the bytes left under
   the target are then spent on per-tensor type upgrades (`tensor_types`).
 
-Pure functions apart from `predict_layout_bytes`/`plan_tensor_types`, which ask llama.cpp.
+Shape math here; bytes and tensor types come from exporter/sizing.py (llama.cpp's own dry run).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import gguf
 import numpy as np
 import torch
 
+from moe2gguf.arch import MoEArch
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError
-from moe2gguf.exporter.quantize import overrides_of
-from moe2gguf.exporter.sizing import ShapeCheckpoint, _row_bytes, layout_config, predict_size
+from moe2gguf.exporter.sizing import (
+    MARGIN,
+    SizePlan,
+    kquant_fallback,
+    lean_down_types,
+    plan_tensor_types,
+    predict_layout_bytes,
+    predict_size,
+)
 from moe2gguf.options import PROBE_SHAPES
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.allocate import Allocation, Layout, coverage, group_topk, min_grouped_experts
 from moe2gguf.prune.calibrate import calibration_windows
 from moe2gguf.units import human_bytes
+
+if TYPE_CHECKING:
+    from moe2gguf.prune.prune import Calib
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,8 @@ def feasible_shapes(layout: Layout, n_experts: int, width: int, n_used: int, gro
     """Every (K, W) the layout can hold short of the unpruned model, K >= top-k. Under grouped
     routing (`groups` contiguous expert groups, `groups_used` picked per token) K is a multiple
     of `groups` whose best `groups_used` groups still hold top-k's experts."""
-    if layout.width != "model" or layout.count != "model":
-        raise NotImplementedError(f"layout {layout.name}: shape enumeration is for one width and one count per model")
+    if not layout.one_shape:
+        raise ValueError(f"layout {layout.name} has no one shape for the model; allocate it with prune.allocate.allocate")
     widths = sorted({w for w in range(layout.align, width + 1, layout.align)} | {width})
     k_min = min_grouped_experts(n_used, groups, groups_used)
     ks = [k for k in range(k_min, n_experts + 1) if k % groups == 0]
@@ -207,120 +218,7 @@ def ratio_band(shapes: list[Shape], ratio: float, full_params: int, channel_cost
     return [s for s in shapes if dist(s) <= near + 1e-9], False
 
 
-# ----- bytes (llama.cpp's own dry run) -------------------------------------------------------
-
-
-def predict_layout_bytes(ckpt, arch, shape: Shape, quant: str, overrides=None):  # noqa: ANN001, ANN201
-    """SizePlan of `ckpt` rewritten to `shape`: tensor bytes from a skeleton of that shape,
-    metadata (tokenizer, names) from the real checkpoint's own skeleton."""
-    plan = predict_size(ShapeCheckpoint(layout_config(arch, shape.experts, shape.width), ckpt.path.name), quant, overrides)
-    plan.total_bytes += _meta_delta(ckpt, arch, quant)
-    return plan
-
-
-_META: dict[tuple[str, str], int] = {}
-
-
-def _meta_delta(ckpt, arch, quant: str) -> int:  # noqa: ANN001
-    """Real metadata bytes minus the skeleton's estimate, plus the per-expert widths array a
-    pruned checkpoint's GGUF carries (4 bytes per expert and its key)."""
-    key = (str(ckpt.path), quant)
-    if key not in _META:
-        real = predict_size(ckpt, quant).meta_bytes
-        skel = predict_size(ShapeCheckpoint(ckpt.config, ckpt.path.name), quant).meta_bytes
-        _META[key] = real - skel + 4 * arch.n_experts * len(arch.moe_layers) + 64
-    return _META[key]
-
-
-def kquant_fallback(plan, wanted: dict[str, str]) -> dict[str, dict]:  # noqa: ANN001
-    """ffn_down_exps tensors whose type llama.cpp changed because the row width is not a
-    multiple of the K-quant block (256): name -> {wanted, used, extra_bytes}, extra_bytes being
-    what the fallback costs over the wanted type's bits per weight."""
-    out = {}
-    for name, t in plan.tensor_types.items():
-        want = wanted.get(name, t)
-        if "ffn_down_exps" in name and want != t:
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[want]]
-            n = int(np.prod(plan.tensor_shapes[name]))
-            out[name] = {"wanted": want, "used": t, "extra_bytes": int(plan.tensor_bytes[name] - n * size / block)}
-    return out
-
-
-# K-quant -> the block-32 type of the same bits per weight (IQ4_NL is llama.cpp's 4.5-bpw
-# non-linear type; Q5_0 the 5.5-bpw legacy one); llama.cpp itself falls back one size up
-SAME_BITS = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "IQ4_NL", "Q5_K": "Q5_0"}
-
-
-def lean_down_types(plan) -> list[tuple[str, str]]:  # noqa: ANN001
-    """Overrides that put every ffn_down_exps at its layer's ffn_gate_exps type (the file type's
-    base type, before the _M mixes' extra bits on ffn_down), or, where the width is not a
-    multiple of that type's block, at the block-32 type of the same bits (SAME_BITS). A size
-    target starts every shape from this floor and spends what is left on upgrades, so that a
-    shape with more experts is not priced out by llama.cpp's Q6_K -> Q8_0 fallback."""
-    out = []
-    for name, t in plan.tensor_types.items():
-        if "ffn_down_exps" not in name:
-            continue
-        want = plan.tensor_types.get(name.replace("ffn_down_exps", "ffn_gate_exps"), t)
-        if plan.tensor_shapes[name][-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[want]][0]:
-            want = SAME_BITS.get(want, want)
-        if want != t:
-            out.append((f"^{re.escape(name)}$", want))
-    return out
-
-
-# per-tensor upgrades to spend bytes left under a target, most useful first (llama.cpp's own
-# Q4_K_M gives attn_v and ffn_down more bits for the same reason)
-UPGRADE_ORDER = (r"ffn_down_exps", r"attn_v", r"ffn_down_shexp", r"attn_output", r"output\.weight", r"ffn_gate_exps", r"ffn_up_exps", r"attn_[qk]\.weight", r"token_embd")
-LADDER = ("Q2_K", "Q3_K", "Q4_0", "IQ4_NL", "Q4_K", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
-
-
-def plan_tensor_types(plan, leftover: int) -> tuple[dict[str, str], int]:  # noqa: ANN001
-    """Spend `leftover` bytes on type upgrades, one ladder step at a time, in UPGRADE_ORDER:
-    first whole tensor groups (every ffn_down_exps), then single tensors of the group where a
-    whole-group step no longer fits. Returns (types, bytes spent)."""
-    types = dict(plan.tensor_types)
-    spent = 0
-
-    def step(names: list[str]) -> bool:
-        nonlocal spent
-        new = {n: _next_type(types[n], plan.tensor_shapes[n]) for n in names}
-        if not names or any(t is None for t in new.values()):
-            return False
-        extra = sum(_bytes(new[n], plan.tensor_shapes[n]) - plan.tensor_bytes[n] for n in names)
-        if spent + extra > leftover:
-            return False
-        spent += extra
-        for n in names:
-            types[n] = new[n]
-            plan.tensor_bytes[n] = _bytes(new[n], plan.tensor_shapes[n])
-        return True
-
-    for pat in UPGRADE_ORDER:
-        rx = re.compile(pat)
-        names = [n for n in types if rx.search(n) and types[n] in LADDER]
-        while step(names):
-            pass
-        for n in names:
-            while step([n]):
-                pass
-    return types, spent
-
-
-def _next_type(t: str, shape: tuple[int, ...]) -> str | None:
-    if t not in LADDER:
-        return None
-    for nxt in LADDER[LADDER.index(t) + 1 :]:
-        if shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[nxt]][0] == 0:
-            return nxt
-    return None
-
-
-def _bytes(t: str, shape: tuple[int, ...]) -> int:
-    return gguf.GGUFWriter.ggml_pad(_row_bytes(t, shape), 32)
-
-
-def fallback_note(shape: Shape, ratio: float, plan, base, fallback: dict[str, dict], aligned: tuple[Shape, float, int] | None = None) -> list[str]:  # noqa: ANN001
+def fallback_note(shape: Shape, ratio: float, plan: SizePlan, base: SizePlan, fallback: dict[str, dict], aligned: tuple[Shape, float, int] | None = None) -> list[str]:
     """What llama.cpp's type fallback on an unaligned width does to the bytes `--ratio` saves,
     and the aligned shape of the band (shape, ratio, bytes) that would keep the native types."""
     if not fallback:
@@ -339,16 +237,35 @@ def fallback_note(shape: Shape, ratio: float, plan, base, fallback: dict[str, di
     ]
 
 
-MARGIN = 256  # bytes kept free under a target: a longer GGUF name than the model folder's (predictions are exact otherwise)
 
 
-def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", normalise=True, width=None, experts=None, probe=PROBE_SHAPES, refit=True, reconstruct=False):  # noqa: ANN001, ANN201, PLR0913
-    """(per-MoE-layer Allocation, coverage, report entries) for `--layout llama.cpp`. With
-    `probe` > 0 the shape is the one of least measured KLD (on calibration tokens) among the `probe` most
-    promising fitting shapes (prune/probe.py); with 0, the one of best attribution quality."""
+@dataclass(frozen=True)
+class DeployRequest:
+    """What `prune` asks of a layout with one shape for the model: a parameter ratio or a GGUF
+    size target at `quant`, optionally a forced width / expert count, and how to choose."""
+
+    ratio: float | None
+    target_size: int | None
+    quant: str
+    layout: Layout = A.LAYOUTS["llama.cpp"]
+    score: str = "energy"
+    normalise: bool = True
+    width: int | None = None
+    experts: int | None = None
+    probe: int = PROBE_SHAPES  # candidate shapes measured as pruned models (0: attribution alone)
+    refit: bool = True
+    reconstruct: bool = False
+
+
+def plan_deployable(cal: Calib, ckpt: Checkpoint, arch: MoEArch, req: DeployRequest) -> tuple[Allocation, float, dict]:
+    """(per-MoE-layer Allocation, coverage, report entries) for a layout of one shape (K experts
+    of width W in every layer). With `probe` > 0 the shape is the one of least measured KLD (on
+    calibration tokens) among the `probe` most promising fitting shapes (prune/probe.py); with 0,
+    the one of best attribution quality."""
     from moe2gguf.prune.prune import channel_cost  # prune.py imports this module
 
-    layout = A.LAYOUTS["llama.cpp"]
+    layout, ratio, target_size, quant, width, experts = req.layout, req.ratio, req.target_size, req.quant.upper(), req.width, req.experts
+    score, normalise, probe, refit, reconstruct = req.score, req.normalise, req.probe, req.refit, req.reconstruct
     attr = cal.attribution(score, normalise)
     cost = channel_cost(ckpt, arch)
     full_w, n_e, k_min = arch.expert_width, arch.n_experts, arch.n_used
@@ -480,15 +397,8 @@ def plan_deployable(cal, ckpt, arch, ratio, target_size, quant, score="energy", 
     return allocate_shape(attr, shape, groups), cov, entries
 
 
-def finish_target(out, report: dict, target_size: int) -> dict:  # noqa: ANN001
-    """Exact prediction for the written checkpoint with its planned tensor types."""
-    plan = predict_size(Checkpoint(out), report["quant"], overrides_of(report["tensor_types"]))
-    if plan.total_bytes > target_size:
-        raise RuntimeError(f"planned {plan.total_bytes} bytes > target {target_size}: the layout prediction missed; report this")
-    return {"predicted_bytes": plan.total_bytes, "tensor_types": plan.tensor_types}
-
-
 __all__ = [
+    "DeployRequest",
     "plan_deployable",
     "RATIO_BAND",
     "Shape",
@@ -498,11 +408,7 @@ __all__ = [
     "coverage",
     "fallback_note",
     "feasible_shapes",
-    "kquant_fallback",
-    "lean_down_types",
     "nearest_widths",
-    "plan_tensor_types",
-    "predict_layout_bytes",
     "ratio_band",
     "shape_coverage",
     "shape_params",

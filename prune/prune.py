@@ -28,6 +28,7 @@ from moe2gguf.calib import CALIB_JSON, SCORES, read_calib_json
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.quantize import ftype_of
+from moe2gguf.layout import DEFAULT_LAYOUT, PRUNE_LAYOUTS
 from moe2gguf.options import METHODS, PROBE_SHAPES, RENAMED
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.calibrate import calibration_windows
@@ -176,8 +177,6 @@ def plan(
     attr = calib.attribution(score, normalise)
     cost = channel_cost(ckpt, arch)
     budget = (1.0 - ratio) * sum(c * arch.n_experts * arch.expert_width for c in cost)
-    if min_width > arch.expert_width:
-        raise UserError(f"--min-width {min_width} is wider than the experts themselves ({arch.expert_width} channels); give 0..{arch.expert_width}")
     if method == "coverage":
         floor = A.top_expert_floor([s.sum(1) for s in attr], arch.n_used)
         if min_width:  # every expert keeps at least min_width channels (none is removed)
@@ -211,7 +210,7 @@ def prune(
     ratio: float | None,
     output: str,
     method: str = "coverage",
-    layout: str = "ragged",
+    layout: str = DEFAULT_LAYOUT,
     score: str = "energy",
     normalise: bool = True,
     refit: bool = True,
@@ -230,22 +229,26 @@ def prune(
         layout = "llama.cpp"
     elif ratio is None or not 0.0 < ratio < 1.0:
         raise UserError(f"--ratio {ratio} is outside (0, 1); it is the fraction of routed-expert parameters removed, e.g. 0.25 (or give --target-size)")
-    if layout not in A.LAYOUTS or layout == "uniform":
-        raise UserError(f"--layout {layout} is not available; use --layout ragged or llama.cpp")
+    if layout not in PRUNE_LAYOUTS:
+        raise UserError(f"--layout {layout} is not available; use one of {', '.join(PRUNE_LAYOUTS)}")
+    shape_choice = A.LAYOUTS[layout].one_shape and method == "coverage"  # one (count, width) for the model
     if reconstruct is None:  # on where it measurably pays (prune/reconstruct.py): removed experts' tokens are re-routed
-        reconstruct = layout == "llama.cpp" and method == "coverage"
+        reconstruct = shape_choice
     check_output(output, "prune", [model, calib], folder=True)  # before the work, not after it
     ckpt = Checkpoint(model)
     arch = arch_for_config(ckpt.config)
     if ckpt.expert_widths is not None:
         raise UserError(f"{ckpt.path} is already pruned; prune the unpruned model with a larger --ratio instead")
+    if min_width > arch.expert_width:  # whatever the layout: a number the model cannot hold
+        raise UserError(f"--min-width {min_width} is wider than the experts themselves ({arch.expert_width} channels); give 0..{arch.expert_width}")
     cal = Calib(calib, arch, ckpt)
     deploy_entries: dict = {}
-    if layout == "llama.cpp" and method == "coverage":
-        from moe2gguf.prune.deploy import plan_deployable  # deploy.py imports this module
+    if shape_choice:
+        from moe2gguf.prune.deploy import DeployRequest, plan_deployable  # deploy.py imports this module
 
         ftype_of(quant)
-        layer_alloc, cov, deploy_entries = plan_deployable(cal, ckpt, arch, ratio, target_size, quant.upper(), score, normalise, width, experts, probe, refit, reconstruct)
+        req = DeployRequest(ratio, target_size, quant, A.LAYOUTS[layout], score, normalise, width, experts, probe, refit, reconstruct)
+        layer_alloc, cov, deploy_entries = plan_deployable(cal, ckpt, arch, req)
         for note in deploy_entries["notes"]:  # the ratio band missed, bytes lost to the type fallback
             click.echo(f"note: {note}", err=True)
     else:
@@ -284,7 +287,7 @@ def prune(
         }
         report.update(group_note(arch, method, layout))
         if target_size is not None:
-            from moe2gguf.prune.deploy import finish_target
+            from moe2gguf.exporter.sizing import finish_target
 
             report.update(finish_target(tmp, report, target_size))
         (tmp / REPORT).write_text(json.dumps(report, indent=1))

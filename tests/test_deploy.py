@@ -53,7 +53,7 @@ def test_feasible_shapes_follow_the_layout_entry() -> None:
     assert {s.experts for s in feasible_shapes(lay, 8, 64, 2, groups=2, groups_used=1)} == {4, 6, 8}
     # the alignment is data: a layout entry made here with 64-channel blocks offers 64s
     assert {s.width for s in feasible_shapes(replace(lay, align=64), 8, 256, 2)} == {64, 128, 192, 256}
-    with pytest.raises(NotImplementedError):  # per-layer widths are not one (K, W) for the model
+    with pytest.raises(ValueError, match="no one shape"):  # per-layer widths are not one (K, W) for the model
         feasible_shapes(replace(lay, width="layer"), 8, 256, 2)
 
 

@@ -94,3 +94,25 @@ def test_stock_layout_refuses_different_counts_and_pads_widths() -> None:
     strict = A.Layout("strict", width="layer", ragged="refuse")
     with pytest.raises(ValueError, match="refuses to pad"):
         strict.stored_widths([[32, 16]])
+
+
+def test_prune_defaults_to_the_layout_export_writes(tmp_path) -> None:
+    """`prune` without --layout allocates for stock llama.cpp (one width, one count), so the
+    GGUF `export` writes from it stores no padding; ragged stays an explicit choice."""
+    import json
+
+    from click.testing import CliRunner
+
+    from conftest import calibrated_tiny_qwen3moe
+    from moe2gguf.cli import cli
+
+    model, calib = calibrated_tiny_qwen3moe(tmp_path, seed=0, tokens=512, ctx=64)
+    out = tmp_path / "pruned"
+    r = CliRunner().invoke(cli, ["prune", str(model), "--calib", str(calib), "--ratio", "0.25", "--probe", "0", "--no-reconstruct", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["layout"] == A.DEFAULT_LAYOUT == "llama.cpp"
+    assert len({w for layer in rep["widths"] for w in layer if w}) == 1 and len(set(rep["experts_kept"])) == 1
+    e = CliRunner().invoke(cli, ["export", str(out), "-o", str(tmp_path / "p.gguf"), "--quant", "F32"])
+    assert e.exit_code == 0, e.output
+    assert "padding saves nothing" not in e.stderr

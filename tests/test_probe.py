@@ -11,9 +11,10 @@ import torch
 from conftest import REFERENCE, calibrated_tiny_qwen3moe
 from moe2gguf.arch import arch_for_config
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.exporter.sizing import lean_down_types, predict_layout_bytes
 from moe2gguf.modeling import load_model
 from moe2gguf.prune.calibrate import calibration_windows
-from moe2gguf.prune.deploy import Shape, ShapeScores, lean_down_types, predict_layout_bytes
+from moe2gguf.prune.deploy import Shape, ShapeScores
 from moe2gguf.prune.probe import PROBE_TOKENS, candidates, shape_klds
 from moe2gguf.prune.prune import Calib, prune
 
@@ -59,7 +60,7 @@ def test_llama_cpp_layout_keeps_the_least_kld_candidate_and_reconstructs(model64
     assert (rep["deployable"]["experts"], rep["deployable"]["width"]) == (best["experts"], best["width"])
     assert rep["deployable"]["chosen_by"].startswith("probe")
     assert rep["reconstruct"] is not None  # on by default in this layout
-    ragged = prune(str(model), str(calib_dir), 0.5, str(tmp_path / "ragged"))
+    ragged = prune(str(model), str(calib_dir), 0.5, str(tmp_path / "ragged"), layout="ragged")
     assert ragged["reconstruct"] is None
 
 

@@ -85,7 +85,7 @@ def test_removing_zero_attribution_channels_changes_nothing(tmp_path: pathlib.Pa
     cal = tmp_path / "calib"
     calibrate(str(src), [text], str(cal), tokens=512, ctx=64)
     out = tmp_path / "out"
-    rep = prune(str(src), str(cal), 0.25, str(out), "coverage", refit=False)
+    rep = prune(str(src), str(cal), 0.25, str(out), "coverage", "ragged", refit=False)
     assert rep["coverage"] == pytest.approx(1.0)
     pmap = read_prune_map(out)
     for bid, (experts, channels) in pmap.items():
@@ -95,7 +95,7 @@ def test_removing_zero_attribution_channels_changes_nothing(tmp_path: pathlib.Pa
     assert torch.allclose(_logits(out), _logits(src), atol=1e-5)
     # the least-squares refit must not undo that: kept columns stay (up to the tiny ridge)
     out2 = tmp_path / "out2"
-    prune(str(src), str(cal), 0.25, str(out2), "coverage", refit=True)
+    prune(str(src), str(cal), 0.25, str(out2), "coverage", "ragged", refit=True)
     assert torch.allclose(_logits(out2), _logits(src), atol=1e-3)
 
 
@@ -115,7 +115,7 @@ def test_refit_reduces_the_output_error_on_correlated_channels() -> None:
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_report_budget_reload_and_inspect(method: str, ratio: float, tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path) -> None:
     out = tmp_path / "out"
-    r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(calib), "--ratio", str(ratio), "-o", str(out), "--method", method])
+    r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(calib), "--ratio", str(ratio), "-o", str(out), "--method", method, "--layout", "ragged"])
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "prune_report.json").read_text())
     for k in ("method", "layout", "ratio_requested", "ratio_achieved", "widths", "experts_kept", "coverage"):
@@ -156,7 +156,7 @@ def test_calib_from_another_model_is_exit_2(calib: pathlib.Path, tmp_path: pathl
 def test_unreachable_budget_is_exit_2(args: list[str], tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """A floor above the budget, or dropping whole experts below top-k experts, is refused, not silently missed."""
     out = tmp_path / "out"
-    r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(calib), "--ratio", "0.9", "-o", str(out), *args])
+    r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(calib), "--ratio", "0.9", "-o", str(out), "--layout", "ragged", *args])
     assert r.exit_code == 2 and "lower --" in r.output, r.output
     assert not out.exists()
 

@@ -22,7 +22,7 @@ from moe2gguf.checkpoint import EXPERT_WIDTHS_KEY
 from moe2gguf.errors import UserError
 from moe2gguf.gguf_names import EXPERT_TENSORS
 from moe2gguf.inputs import first_line
-from moe2gguf.prune.allocate import Layout
+from moe2gguf.layout import Layout
 
 EXPERT_PARTS = ("gate", "up", "down")
 

@@ -15,7 +15,7 @@ from moe2gguf.arch import register
 from moe2gguf.arch.base import MoEArch
 from moe2gguf.errors import UserError
 from moe2gguf.fp8 import is_block_fp8
-from moe2gguf.prune.allocate import Layout
+from moe2gguf.layout import Layout
 
 _SHARED = re.compile(r"\.mlp\.shared_experts\.(gate|up|down)_proj\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

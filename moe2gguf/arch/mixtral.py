@@ -11,7 +11,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from moe2gguf.arch import register
 from moe2gguf.arch.base import MoEArch
 from moe2gguf.errors import UserError
-from moe2gguf.prune.allocate import Layout
+from moe2gguf.layout import Layout
 
 
 def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from transformers import OlmoeConfig, OlmoeForCausalLM
 from moe2gguf.arch import register
 from moe2gguf.arch.base import MoEArch
 from moe2gguf.errors import UserError
-from moe2gguf.prune.allocate import Layout
+from moe2gguf.layout import Layout
 
 
 @register
