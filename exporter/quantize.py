@@ -12,8 +12,10 @@ import os
 import pathlib
 import re
 
+import gguf
 import llama_cpp
 import numpy as np
+from llama_cpp._utils import suppress_stdout_stderr
 
 from moe2gguf.errors import UserError
 from moe2gguf.options import QUANT_TYPES
@@ -31,8 +33,6 @@ def ftype_of(name: str) -> int:
 
 def ggml_type_of(name: str) -> int:
     """GGML tensor type by name (Q4_K, Q8_0, F16...) for per-tensor overrides."""
-    import gguf
-
     try:
         return int(gguf.GGMLQuantizationType[name.upper()])
     except KeyError:
@@ -66,8 +66,6 @@ def quantize(
 ) -> None:
     """llama_model_quantize(src -> dst). `imatrix`: GGUF tensor name -> mean squared
     activations, flat float32 of n_mat * n_in. `overrides`: (regex, ggml type name)."""
-    from llama_cpp._utils import suppress_stdout_stderr
-
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_of(quant)
     params.nthread = nthread or os.cpu_count() or 1

@@ -169,7 +169,7 @@ def read_tokenizer_json(model_dir: pathlib.Path) -> dict:
     if f.is_file():
         return load_tokenizer_json(f)  # checked: JSON object with a model, vocab and added tokens
     if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # seconds to load, for the rare vocab.json + merges.txt model
 
         try:
             hf = AutoTokenizer.from_pretrained(model_dir)
