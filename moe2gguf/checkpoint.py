@@ -9,9 +9,9 @@ from __future__ import annotations
 import pathlib
 from functools import cached_property
 
-from safetensors.torch import load_file, save_file
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from moe2gguf.errors import UserError
 from moe2gguf.fp8 import SCALE_SUFFIX, dequantize_block_fp8, hide_scales

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import click
 import gguf
 import numpy as np
-from safetensors.torch import save_file
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
