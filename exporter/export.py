@@ -8,12 +8,15 @@ import pathlib
 import click
 import gguf
 
+from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_file, check_output, temp_dir
 from moe2gguf.exporter.imatrix import imatrix_for_plan
 from moe2gguf.exporter.quantize import check_override, ftype_of, overrides_of, quantize
-from moe2gguf.exporter.writer import ExportPlan, plan_export, write_gguf
+from moe2gguf.exporter.writer import ExportPlan, intermediate_type, plan_export, write_gguf
 from moe2gguf.inputs import read_json_object
 from moe2gguf.options import DEFAULT_QUANT
+
+INTERMEDIATE_FTYPE = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16}
 
 
 def export(
@@ -32,7 +35,11 @@ def export(
     out = pathlib.Path(output)
     check_output(output, "export", [model, imatrix], folder=False)  # before the work, not after it
     ftype = ftype_of(quant)
-    plan = plan_export(model)
+    ckpt = Checkpoint(model)
+    # llama.cpp quantizes from an intermediate GGUF holding the weights exactly: BF16 for a bf16
+    # checkpoint (half the temporary disk of F32), as convert_hf_to_gguf would write it
+    inter = "F32" if quant.upper() == "F32" else intermediate_type(ckpt)
+    plan = plan_export(ckpt, inter)
     imat = None
     if imatrix is not None:
         imat = imatrix_for_plan(imatrix, plan)
@@ -48,13 +55,12 @@ def export(
         if quant.upper() == "F32":
             write_gguf(plan, tmp, ftype, progress=progress)
         else:
-            # gguf-py writes exact F32 next to the output; llama.cpp quantizes from it
-            with temp_dir(out, "f32") as d:
-                f32 = d / "model-f32.gguf"
-                write_gguf(plan, f32, gguf.LlamaFileType.ALL_F32, progress=progress)
+            with temp_dir(out, inter.lower()) as d:
+                src = d / f"model-{inter.lower()}.gguf"
+                write_gguf(plan, src, INTERMEDIATE_FTYPE[inter], progress=progress)
                 if progress:
                     click.echo(f"quantizing to {quant.upper()} with llama.cpp{' and the importance matrix' if imat else ''} ...", err=True)
-                quantize(f32, tmp, quant.upper(), imatrix=imat, overrides=overrides, verbose=verbose)
+                quantize(src, tmp, quant.upper(), imatrix=imat, overrides=overrides, verbose=verbose)
     return plan
 
 

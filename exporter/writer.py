@@ -28,7 +28,11 @@ from moe2gguf.modeling import build_model
 from moe2gguf.progress import bar
 from moe2gguf.layout import DEFAULT_LAYOUT, LAYOUTS, Layout
 
-WRITE_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16}
+WRITE_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16, "BF16": gguf.GGMLQuantizationType.BF16}
+# the numpy dtype gguf-py writes each type from (bf16 as its 16 bits)
+NUMPY_OF = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16, gguf.GGMLQuantizationType.BF16: np.uint16}
+# the checkpoint's own float types that an intermediate GGUF holds exactly
+EXACT_WRITE_TYPE = {"BF16": "BF16", "F16": "F16"}
 
 
 @dataclass
@@ -163,10 +167,20 @@ def _expert_loader(ckpt: Checkpoint, arch: MoEArch, bid: int, part: str, layer: 
 
 
 def _to_numpy(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    t = t.float()
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return t.to(torch.float16).numpy()
-    return t.numpy().astype(np.float32, copy=False)
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return t.float().numpy().astype(NUMPY_OF[qtype], copy=False)
+
+
+def _nbytes(p: Planned) -> int:
+    return int(np.prod(p.shape)) * np.dtype(NUMPY_OF[p.dtype]).itemsize
+
+
+def intermediate_type(ckpt: Checkpoint) -> str:
+    """The write type that holds every 2-D+ float weight of the checkpoint exactly, at its own
+    size: BF16 for a bf16 checkpoint, as convert_hf_to_gguf writes one, F16 for f16, else F32."""
+    kinds = {ckpt.dtype(n) for n in ckpt.tensor_names if len(ckpt.shape(n)) >= 2}
+    return EXACT_WRITE_TYPE.get(kinds.pop(), "F32") if len(kinds) == 1 else "F32"
 
 
 def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: bool = True, data: bool = True) -> None:
@@ -181,9 +195,7 @@ def write_gguf(plan: ExportPlan, path: pathlib.Path, file_type: int, progress: b
     if plan.ckpt.has_files:
         add_tokenizer(writer, plan.ckpt.path, arch.hf_config.vocab_size)
     for p in plan.tensors:
-        itemsize = 2 if p.dtype == gguf.GGMLQuantizationType.F16 else 4
-        n = int(np.prod(p.shape))
-        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float16 if itemsize == 2 else np.float32), n * itemsize)
+        writer.add_tensor_info(p.name, p.shape, np.dtype(NUMPY_OF[p.dtype]), _nbytes(p), raw_dtype=p.dtype)
     add_general_metadata(writer, plan.ckpt.path if plan.ckpt.has_files else None, plan.ckpt.path.name)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -221,8 +233,7 @@ def _skip_data(writer: gguf.GGUFWriter, plan: ExportPlan) -> None:
     writer.write_padding(fout, fout.tell())
     size = fout.tell()
     for p in plan.tensors:
-        itemsize = 2 if p.dtype == gguf.GGMLQuantizationType.F16 else 4
-        size += gguf.GGUFWriter.ggml_pad(int(np.prod(p.shape)) * itemsize, writer.data_alignment)
+        size += gguf.GGUFWriter.ggml_pad(_nbytes(p), writer.data_alignment)
     fout.flush()
     fout.truncate(size)
     fout.close()

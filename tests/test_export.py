@@ -166,3 +166,39 @@ def test_bad_input_exits_2_without_output(tiny_qwen3moe, tmp_path, case):
     assert res.output.startswith("error: ") and len(res.output.strip().splitlines()) == 1
     assert not out.exists()
     assert [p for p in out.parent.glob("*out.gguf*")] == [] if out.parent.exists() else True
+
+
+def test_bf16_checkpoint_quantizes_from_a_bf16_intermediate_to_the_same_gguf(tiny_qwen3moe, tmp_path, monkeypatch):
+    """No F32 copy of a bf16 model: the temporary GGUF llama.cpp quantizes from is BF16 (the
+    checkpoint's own size), and the result is the GGUF quantized from the exact F32 copy."""
+    import shutil
+
+    from moe2gguf.exporter import export as ex
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_qwen3moe, bf16)
+    weights = load_file(str(tiny_qwen3moe / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, str(bf16 / "model.safetensors"), metadata={"format": "pt"})
+    f32 = tmp_path / "f32"
+    shutil.copytree(tiny_qwen3moe, f32)  # the same values, exactly, as float32
+    save_file({k: v.to(torch.bfloat16).float() for k, v in weights.items()}, str(f32 / "model.safetensors"), metadata={"format": "pt"})
+
+    seen = {}
+    real = ex.quantize
+
+    def spy(src, dst, *a, **kw):  # noqa: ANN001, ANN202
+        r = gguf.GGUFReader(src)
+        seen[pathlib.Path(dst).name] = (src.stat().st_size, {t.tensor_type.name for t in r.tensors if "_exps" in t.name})
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(ex, "quantize", spy)
+    export(str(bf16), str(tmp_path / "from-bf16.gguf"), "Q8_0", progress=False)
+    export(str(f32), str(tmp_path / "from-f32.gguf"), "Q8_0", progress=False)
+    (size_b, types_b), (size_f, types_f) = [v for _, v in sorted(seen.items())]
+    assert types_b == {"BF16"} and types_f == {"F32"}
+    assert size_b <= (bf16 / "model.safetensors").stat().st_size * 1.1 + (1 << 20)  # tokenizer and metadata
+    a, b = gguf.GGUFReader(tmp_path / "from-bf16.gguf"), gguf.GGUFReader(tmp_path / "from-f32.gguf")
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors, strict=True):
+        assert x.tensor_type == y.tensor_type and np.array_equal(x.data, y.data), x.name
+    assert not list(tmp_path.glob(".*moe2gguf*")) and not list(tmp_path.glob("*.partial"))  # nothing left behind
