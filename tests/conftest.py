@@ -4,6 +4,7 @@ transformers' real config classes (no download anywhere)."""
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
 
 import pytest
@@ -26,6 +27,23 @@ def save_tiny(model: torch.nn.Module, out: pathlib.Path) -> pathlib.Path:
         if (REFERENCE / f).exists():
             shutil.copy(REFERENCE / f, out / f)
     return out
+
+
+def build_tiny(model_cls: type, config, out: pathlib.Path, seed: int = 0, attn_std: float | None = None) -> pathlib.Path:
+    """A random tiny checkpoint of the real HF class, with the reference tokenizer.
+    HF's 0.02-std init makes near-uniform routers; widen them so top-k choices are decided
+    by clear margins (a near-tie could route differently in F32 llama.cpp vs torch).
+    `attn_std` re-draws the attention projections wider, so attention is sharp and a wrong
+    RoPE / attention scale shows in the logits (at 0.02 attention is nearly uniform)."""
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.search(r"\.gate\.weight$|shared_expert_gate\.weight$", name):
+                p.normal_(0.0, 0.5)
+            elif attn_std is not None and ".self_attn." in name and name.endswith("proj.weight"):
+                p.normal_(0.0, attn_std)
+    return save_tiny(model, out)
 
 
 def tiny_qwen3moe_config(**overrides):

@@ -29,7 +29,7 @@ from moe2gguf.exporter.export import export
 from moe2gguf.errors import UserError
 from moe2gguf.fp8 import dequantize_block_fp8, hide_scales
 from moe2gguf.inspect import inspect_model
-from test_arch_deepseek_v3 import add_mtp_layer
+from test_families import add_mtp_layer
 from test_tokenizer_real import PUBLISHED, build_published
 
 QUANTIZED = re.compile(r"\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")

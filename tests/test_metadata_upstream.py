@@ -13,8 +13,8 @@ from transformers import MixtralForCausalLM
 
 from conftest import REFERENCE
 from moe2gguf.exporter.export import export
-from test_arch_common import build_tiny, gguf_value
-from test_arch_mixtral import config as mixtral_config
+from conftest import build_tiny
+from test_families import FAMILIES, GGUF
 from test_tokenizer_real import PUBLISHED
 from test_tokenizer_spm import save_spm_tokenizer
 
@@ -37,11 +37,12 @@ def test_sentencepiece_added_tokens_typed_as_upstream(tmp_path):
     folder = tmp_path / "mixtral-spm"
     folder.mkdir()
     n = save_spm_tokenizer(folder, text)
-    build_tiny(MixtralForCausalLM, mixtral_config(vocab_size=n + 3, bos_token_id=1, eos_token_id=2, pad_token_id=None), folder)
+    build_tiny(MixtralForCausalLM, FAMILIES["mixtral"].config(vocab_size=n + 3, bos_token_id=1, eos_token_id=2, pad_token_id=None), folder)
     save_spm_tokenizer(folder, text)  # build_tiny copied the reference tokenizer over it
     out = tmp_path / "spm.gguf"
     export(str(folder), str(out), "F32", progress=False)
-    types, scores = gguf_value(out, "tokenizer.ggml.token_type"), gguf_value(out, "tokenizer.ggml.scores")
+    g = GGUF(out)
+    types, scores = g.value("tokenizer.ggml.token_type"), g.value("tokenizer.ggml.scores")
     assert types[:3] == [gguf.TokenType.CONTROL] * 3  # <unk> too: tokenizer_config lists it as special
     assert scores[:3] == [-1000.0] * 3
     assert types[-3:] == [gguf.TokenType.UNUSED] * 3 and scores[-3:] == [-10000.0] * 3  # padding past the SentencePiece model
@@ -55,5 +56,6 @@ def test_byte_level_post_processor_adds_no_bos_nor_eos(tiny_qwen3moe, tmp_path):
     (tiny_qwen3moe / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": True}), encoding="utf-8")
     out = tmp_path / "qwen.gguf"
     export(str(tiny_qwen3moe), str(out), "F32", progress=False)
-    assert gguf_value(out, "tokenizer.ggml.add_bos_token") is False
-    assert gguf_value(out, "tokenizer.ggml.add_eos_token") is False
+    g = GGUF(out)
+    assert g.value("tokenizer.ggml.add_bos_token") is False
+    assert g.value("tokenizer.ggml.add_eos_token") is False

@@ -16,32 +16,17 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from conftest import REFERENCE, tiny_qwen3moe_config
+from conftest import REFERENCE, build_tiny
 from moe2gguf.cli import cli
 from moe2gguf.prune.calibrate import calibrate
-from test_arch_common import build_tiny
+from test_families import FAMILIES as ROWS
 
 W, E, TOP_K = 48, 8, 2
 
 
 def _families() -> dict[str, tuple[type, object, int]]:
-    """name -> (HF class, config with experts 48 wide, router groups)."""
-    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
-
-    import test_arch_deepseek as v2
-    import test_arch_deepseek_v3 as v3
-    import test_arch_mixtral as mixtral
-    import test_arch_olmoe as olmoe
-    import test_arch_qwen2_moe as qwen2
-
-    return {
-        "qwen3moe": (Qwen3MoeForCausalLM, tiny_qwen3moe_config(moe_intermediate_size=W), 1),
-        "qwen2moe": (Qwen2MoeForCausalLM, qwen2.config(moe_intermediate_size=W), 1),
-        "deepseek-v2": (DeepseekV2ForCausalLM, v2.config(moe_intermediate_size=W), 1),
-        "deepseek-v3": (DeepseekV3ForCausalLM, v3.config(moe_intermediate_size=W), 2),  # n_group 2, topk_group 1
-        "mixtral": (MixtralForCausalLM, mixtral.config(intermediate_size=W), 1),
-        "olmoe": (OlmoeForCausalLM, olmoe.config(intermediate_size=W), 1),
-    }
+    """name -> (HF class, config with experts 48 wide, router groups), from tests/test_families.py's table."""
+    return {name: (f.cls, f.config(**{f.config_width_key: W}), f.groups) for name, f in ROWS.items()}
 
 
 FAMILIES = ["qwen3moe", "qwen2moe", "deepseek-v2", "deepseek-v3", "mixtral", "olmoe"]

@@ -1,8 +1,10 @@
 """Byte-level BPE pre-tokenizers beyond Qwen2/Llama-3: tokenizers built here (no download)
-with exactly the pre-tokenizer of DeepSeek-V2 (deepseek-llm), DeepSeek-V3 (deepseek-v3) and
-OLMoE / GPT-2 (ByteLevel with GPT-2's regex), trained on a few KB of the bundled calibration
-text, exported with a tiny OLMoE checkpoint; llama.cpp must tokenize sample texts exactly like
-Hugging Face. A wrong pre-tokenizer name makes the same check fail."""
+with the pre-tokenizer blocks DeepSeek-V2 (deepseek-llm), DeepSeek-V3 (deepseek-v3) and
+OLMoE / GPT-2 (ByteLevel with GPT-2's regex) publish in their tokenizer.json (copied as data in
+tests/data/published_tokenizers.json, never built from moe2gguf's regexes), trained on a few KB
+of the bundled calibration text, exported with a tiny OLMoE checkpoint; llama.cpp must tokenize
+sample texts exactly like Hugging Face. Those blocks split hand-written texts as written here,
+and a wrong pre-tokenizer name makes the llama.cpp check fail."""
 
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, OlmoeForCausalLM, PreTrainedTokenizerFast
 
-from conftest import REFERENCE, TOKENIZER_FILES
+from conftest import REFERENCE, TOKENIZER_FILES, build_tiny
 from moe2gguf.errors import UserError
 from moe2gguf.exporter import tokenizer as tokmod
 from moe2gguf.exporter.export import export
-from test_arch_common import build_tiny
-from test_arch_olmoe import config
+from test_families import FAMILIES
+from test_tokenizer_real import PUBLISHED
 
 TEXTS = [
     "def f(x):\n    if x > 0:\n        return x  # positive\n\treturn -x\n\n\nclass A:\n    pass\n",
@@ -32,15 +34,42 @@ TEXTS = [
     "'sure, 'tis 'sun'\n'round cafe\u0301 nai\u0308ve re\u0301sume\u0301 \u00a9Corp \u20acuro",
 ]
 
-_SPLIT_SEQUENCES = {"deepseek-llm": tokmod._DEEPSEEK_V2, "deepseek-v3": tokmod._DEEPSEEK_V3}
+# llama.cpp's name -> the published tokenizer.json whose pre_tokenizer block it stands for
+PUBLISHED_FOR = {"deepseek-llm": "deepseek-v2", "deepseek-v3": "deepseek-v3", "olmo": "gpt-2", "gpt-2": "gpt-2"}
+
+
+def tok_json(pre: dict) -> dict:
+    """An empty BPE tokenizer.json with this pre_tokenizer block."""
+    return json.loads(Tokenizer(models.BPE()).to_str()) | {"pre_tokenizer": pre}
 
 
 def hf_pre_tokenizer(name: str):
-    """The pre_tokenizer of the real models' tokenizer.json."""
-    if name in _SPLIT_SEQUENCES:  # DeepSeek: Isolated Splits, then ByteLevel without its regex
-        splits = [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in _SPLIT_SEQUENCES[name]]
-        return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)  # OLMoE, GPT-2
+    """The pre_tokenizer of the real models' tokenizer.json, as the tokenizers library reads it."""
+    return Tokenizer.from_str(json.dumps(tok_json(PUBLISHED[PUBLISHED_FOR[name]]["pre_tokenizer"]))).pre_tokenizer
+
+
+# Pre-tokenization worked out by hand from each published regex (Ġ: a space after ByteLevel).
+# GPT-2: contractions, optional space + letters / digits / other; a run of spaces keeps its
+# last one for the next word. V3: digits cut in groups of 3 first, then letters with a leading
+# non-letter. V2: letter runs with one optional leading space, punctuation runs, then every
+# digit alone (Digits(individual)).
+EXPECTED_SPLITS = {
+    "gpt-2": [("I'm 12345 x  y!!", ["I", "'m", "Ġ12345", "Ġx", "Ġ", "Ġy", "!!"])],
+    "deepseek-v3": [
+        ("Call 1234567 or 3.14", ["Call", "Ġ", "123", "456", "7", "Ġor", "Ġ", "3", ".", "14"]),
+        ("中文123", ["ä¸Ńæĸĩ", "123"]),
+    ],
+    "deepseek-llm": [
+        ("Call 1234567 or 3.14", ["Call", "Ġ", "1", "2", "3", "4", "5", "6", "7", "Ġor", "Ġ", "3", ".", "1", "4"]),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_SPLITS))
+def test_published_pre_tokenizers_split_as_written(name):
+    pre = hf_pre_tokenizer(name)
+    for text, pieces in EXPECTED_SPLITS[name]:
+        assert [p for p, _ in pre.pre_tokenize_str(text)] == pieces, text
 
 
 def train_bpe(name: str) -> Tokenizer:
@@ -61,7 +90,7 @@ def save_bpe_tokenizer(tk: Tokenizer, out: pathlib.Path) -> None:
 
 def export_with_tokenizer(name: str, tmp: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     tk = train_bpe(name)
-    folder = build_tiny(OlmoeForCausalLM, config(vocab_size=tk.get_vocab_size()), tmp / f"tiny-{name}")
+    folder = build_tiny(OlmoeForCausalLM, FAMILIES["olmoe"].config(vocab_size=tk.get_vocab_size()), tmp / f"tiny-{name}")
     save_bpe_tokenizer(tk, folder)  # in place of the reference tokenizer build_tiny copied
     out = tmp / f"{name}.gguf"
     export(str(folder), str(out), "F32", progress=False)
@@ -107,24 +136,24 @@ def test_wrong_pre_tokenizer_name_is_caught(name, wrong, tmp_path, monkeypatch):
     assert mismatches(folder, out)
 
 
-def tok_json(pre) -> dict:
-    return json.loads(Tokenizer(models.BPE()).to_str()) | {"pre_tokenizer": json.loads(pre.__getstate__())}
+def _regex(published: str, step: int) -> str:
+    return PUBLISHED[published]["pre_tokenizer"]["pretokenizers"][step]["pattern"]["Regex"]
 
 
 def test_pre_tokenizer_names():
-    for name in ("deepseek-llm", "deepseek-v3"):
-        assert tokmod.pre_tokenizer_name(tok_json(hf_pre_tokenizer(name))) == name
-    bl = tok_json(hf_pre_tokenizer("gpt-2"))
-    assert tokmod.pre_tokenizer_name(bl) == "gpt-2"
-    assert tokmod.pre_tokenizer_name(bl, "olmoe") == "olmo"
+    """The published blocks get llama.cpp's names for them; blocks llama.cpp would cut
+    differently are refused."""
+    for name in ("deepseek-llm", "deepseek-v3", "gpt-2"):
+        assert tokmod.pre_tokenizer_name(tok_json(PUBLISHED[PUBLISHED_FOR[name]]["pre_tokenizer"])) == name
+    assert tokmod.pre_tokenizer_name(tok_json(PUBLISHED["gpt-2"]["pre_tokenizer"]), "olmoe") == "olmo"
     ref = json.loads((REFERENCE / "tokenizer.json").read_text(encoding="utf-8"))
     assert tokmod.pre_tokenizer_name(ref) == "qwen2"
     refused = [
         pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True),  # llama.cpp adds no prefix space
-        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tokmod._DEEPSEEK_V3[0]), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)]),  # a part of V3
-        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tokmod._QWEN2), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=True)]),  # split twice
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_regex("deepseek-v3", 0)), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)]),  # a part of V3
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_regex("qwen2", 0)), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=True)]),  # split twice
         pre_tokenizers.Whitespace(),
     ]
     for pre in refused:
         with pytest.raises(UserError, match="not one llama.cpp knows"):
-            tokmod.pre_tokenizer_name(tok_json(pre))
+            tokmod.pre_tokenizer_name(tok_json(json.loads(pre.__getstate__())))

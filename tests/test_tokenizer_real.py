@@ -184,7 +184,7 @@ def build_published(name: str, out: pathlib.Path, seed: int = 0, **over) -> path
     torch.manual_seed(seed)
     cfg = transformers.AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw_no_q.items() if k not in ("architectures", "model_type", "auto_map")})
     model = cls(cfg).eval()
-    with torch.no_grad():  # routers decided by clear margins (see test_arch_common.build_tiny)
+    with torch.no_grad():  # routers decided by clear margins (see conftest.build_tiny)
         for pname, p in model.named_parameters():
             if pname.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 0.5)

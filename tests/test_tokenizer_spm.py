@@ -12,9 +12,10 @@ import pathlib
 import pytest
 from transformers import MixtralForCausalLM
 
-from conftest import REFERENCE
-from test_arch_common import build_tiny, f32_roundtrip, gguf_value
-from test_arch_mixtral import config
+from conftest import REFERENCE, build_tiny
+from test_families import FAMILIES, GGUF, f32_roundtrip
+
+config = FAMILIES["mixtral"].config
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -91,10 +92,11 @@ def test_llama_cpp_tokenizes_like_sentencepiece_and_hf(spm_mixtral, tmp_path):
     rel = f32_roundtrip(spm_mixtral, tmp_path)
     print(f"spm mixtral max logit diff {rel:.2e} of range")
     out = tmp_path / f"{spm_mixtral.name}-f32.gguf"
-    assert gguf_value(out, "tokenizer.ggml.model") == "llama"
-    assert gguf_value(out, "tokenizer.ggml.bos_token_id") == 1 and gguf_value(out, "tokenizer.ggml.eos_token_id") == 2
-    assert gguf_value(out, "tokenizer.ggml.add_bos_token") is True and gguf_value(out, "tokenizer.ggml.add_eos_token") is False
-    assert gguf_value(out, "tokenizer.chat_template") == TEMPLATE
+    gguf_value = GGUF(out).value
+    assert gguf_value("tokenizer.ggml.model") == "llama"
+    assert gguf_value("tokenizer.ggml.bos_token_id") == 1 and gguf_value("tokenizer.ggml.eos_token_id") == 2
+    assert gguf_value("tokenizer.ggml.add_bos_token") is True and gguf_value("tokenizer.ggml.add_eos_token") is False
+    assert gguf_value("tokenizer.chat_template") == TEMPLATE
 
     sp = spm.SentencePieceProcessor(model_file=str(spm_mixtral / "tokenizer.model"))
     hf = PreTrainedTokenizerFast(tokenizer_file=str(spm_mixtral / "tokenizer.json"))

@@ -10,7 +10,7 @@ llama-cpp-python, and every metadata key (tokenizer.* included): keys only one s
 keys whose values differ, token by token for the vocabulary arrays.
 
 Checkpoints:
-- each family's tiny model as its test builds it (tests/test_arch_*.py: the real transformers
+- each family's tiny model as its test builds it (tests/test_families.py: the real transformers
   config class, sharp attention, the bundled reference tokenizer). Upstream identifies
   pre-tokenizers by a hash of known tokenizers and does not know the reference one, so its
   get_vocab_base_pre answers "qwen2" (the reference tokenizer's regex) there;
@@ -36,7 +36,7 @@ with its types, scores and merges) is equal:
   config.json has a `scoring_func` key (conversion/base.py). transformers' DeepseekV3Config does
   not save one, so upstream's GGUF of a V3 checkpoint saved by transformers gates with
   llama.cpp's default, softmax, instead of V3's sigmoid (row "deepseek3": logits 3.3e-3 apart,
-  while ours matches transformers to 2.8e-7, tests/test_arch_deepseek_v3.py). With the key, as
+  while ours matches transformers to 2.8e-7, tests/test_families.py). With the key, as
   DeepSeek's released config.json has it (row "deepseek3 (+scoring_func)"): identical. For V2
   llama.cpp's default is V2's own softmax, so the extra key changes nothing there.
 - `attention.key_length` / `value_length` (Qwen2-MoE, OLMoE, Mixtral): ours states the head
@@ -78,12 +78,8 @@ SKIP_KEYS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
 def tiny_families() -> list[tuple[str, Callable[[pathlib.Path], tuple[pathlib.Path, str]]]]:
     """(name, build(dir) -> (checkpoint, pre-tokenizer to tell upstream)) for each family's
     test model."""
-    import test_arch_deepseek as ds
-    import test_arch_deepseek_v3 as d3
-    import test_arch_mixtral as mx
-    import test_arch_olmoe as ol
-    import test_arch_qwen2_moe as q2
-    from test_arch_common import build_tiny
+    from conftest import build_tiny
+    from test_families import FAMILIES as F
     from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM
 
     def tiny(cls: type, cfg: object, scoring_func: bool = False) -> Callable[[pathlib.Path], tuple[pathlib.Path, str]]:
@@ -97,14 +93,14 @@ def tiny_families() -> list[tuple[str, Callable[[pathlib.Path], tuple[pathlib.Pa
         return build
 
     return [
-        ("qwen2moe", tiny(Qwen2MoeForCausalLM, q2.config())),
-        ("olmoe", tiny(OlmoeForCausalLM, ol.config())),
-        ("mixtral", tiny(MixtralForCausalLM, mx.config())),
+        ("qwen2moe", tiny(Qwen2MoeForCausalLM, F["qwen2moe"].config())),
+        ("olmoe", tiny(OlmoeForCausalLM, F["olmoe"].config())),
+        ("mixtral", tiny(MixtralForCausalLM, F["mixtral"].config())),
         # upstream writes no q_lora_rank when it is absent, and llama.cpp then refuses a
         # 2-layer deepseek2; the q_lora variant is the one both converters can express
-        ("deepseek2 (q_lora)", tiny(DeepseekV2ForCausalLM, ds.config(q_lora_rank=32))),
-        ("deepseek3", tiny(DeepseekV3ForCausalLM, d3.config())),
-        ("deepseek3 (+scoring_func)", tiny(DeepseekV3ForCausalLM, d3.config(), scoring_func=True)),
+        ("deepseek2 (q_lora)", tiny(DeepseekV2ForCausalLM, F["deepseek-v2"].config(q_lora_rank=32))),
+        ("deepseek3", tiny(DeepseekV3ForCausalLM, F["deepseek-v3"].config())),
+        ("deepseek3 (+scoring_func)", tiny(DeepseekV3ForCausalLM, F["deepseek-v3"].config(), scoring_func=True)),
     ]
 
 
@@ -128,9 +124,8 @@ def published_families() -> list[tuple[str, Callable[[pathlib.Path], tuple[pathl
 
     def mixtral_spm(d: pathlib.Path) -> tuple[pathlib.Path, str]:
         import test_tokenizer_spm as tspm
-        from conftest import REFERENCE
-        from test_arch_common import build_tiny
-        from test_arch_mixtral import config as mixtral_config
+        from conftest import REFERENCE, build_tiny
+        from test_families import FAMILIES
         from transformers import MixtralForCausalLM
 
         text = d / "spm.txt"
@@ -138,7 +133,7 @@ def published_families() -> list[tuple[str, Callable[[pathlib.Path], tuple[pathl
         sp_dir = d / "spm"
         sp_dir.mkdir()
         n = tspm.save_spm_tokenizer(sp_dir, text)
-        folder = build_tiny(MixtralForCausalLM, mixtral_config(vocab_size=n), d / "mixtral-spm", attn_std=0.15)
+        folder = build_tiny(MixtralForCausalLM, FAMILIES["mixtral"].config(vocab_size=n), d / "mixtral-spm", attn_std=0.15)
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             (folder / f).unlink(missing_ok=True)
         for f in sp_dir.iterdir():
