@@ -16,7 +16,9 @@ def test_predicted_size_equals_the_written_gguf(tiny_qwen3moe, tmp_path, quant):
     out = tmp_path / f"{quant}.gguf"
     export(str(tiny_qwen3moe), str(out), quant, progress=False)
     plan = predict_size(Checkpoint(tiny_qwen3moe), quant)
-    assert abs(plan.total_bytes - out.stat().st_size) <= 64  # header padding only
+    # README promises sizes exact to 32 bytes (GGUF's data alignment: only the header's
+    # padding to it can differ)
+    assert abs(plan.total_bytes - out.stat().st_size) <= 32
 
 
 def test_shape_only_prediction_needs_no_weights_and_lands_close(tiny_qwen3moe, tmp_path):
@@ -26,7 +28,7 @@ def test_shape_only_prediction_needs_no_weights_and_lands_close(tiny_qwen3moe, t
     plan = predict_size(ShapeCheckpoint(ckpt.config), "Q4_K_M")
     real_tensors = out.stat().st_size - int(gguf.GGUFReader(out).data_offset)
     # tensor bytes follow from llama.cpp's types exactly; only tokenizer metadata is estimated
-    assert abs((plan.total_bytes - plan.meta_bytes) - real_tensors) <= 64
+    assert abs((plan.total_bytes - plan.meta_bytes) - real_tensors) <= 32
     assert abs(plan.total_bytes / out.stat().st_size - 1) < 0.1
 
 
