@@ -46,7 +46,7 @@ def tiny_recipe(tmp_path: pathlib.Path, model: pathlib.Path, **prune) -> pathlib
 def test_dry_run_plans_every_recipe_without_weights(path):
     r = cli("run", "--recipe", str(path), "--dry-run")
     assert r.returncode == 0, r.stderr
-    unpruned = re.search(r"unpruned\s+\S+: [\d.]+ [GM]B\s+\(([\d.]+)x smaller than bf16", r.stdout, re.M)
+    unpruned = re.search(r"unpruned\s+\S+: [\d.]+ [GMK]iB\s+\(([\d.]+)x smaller than bf16", r.stdout, re.M)
     pruned = re.findall(r"^pruned\s+.*?\(([\d.]+)x smaller than bf16", r.stdout, re.M)
     assert unpruned and len(pruned) == 2, r.stdout
     assert all(float(p) > float(unpruned.group(1)) for p in pruned)  # pruning shrinks the quantized file
