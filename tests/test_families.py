@@ -12,9 +12,9 @@ tiny config and what is particular to it, and the same tests run on each row:
   is within PPL_BOUND of the unpruned GGUF's.
 
 The tiny models are random: their perplexity is near the vocabulary size and barely depends on
-the experts, so the perplexity bound guards the file (a GGUF that computes something else
-lands outside it), not the pruning's quality (README's benchmarks measure that on the trained
-bundled model). Family-specific tests (DeepSeek's shared-expert padding and router groups,
+the experts, so the perplexity bound guards the file against gross breakage, not the pruning's
+quality (README's benchmarks measure that on the trained bundled model; training a tiny model
+per family here would cost about a minute each). Family-specific tests (DeepSeek's shared-expert padding and router groups,
 V3's MTP layer, Mixtral's renamed expert parts) follow the table.
 """
 
@@ -43,7 +43,10 @@ from test_export import assert_same_logits
 
 H, W, E, TOP_K = 64, 32, 8, 2  # every row: hidden 64, routed experts 8 x 32 wide, top-2
 RATIO = 0.3  # ragged lands within 2 points; llama.cpp (widths in 32s) has no shape there: nearest printed
-PPL_BOUND = 0.02  # pruned GGUF's PPL within 2% of the unpruned GGUF's (measured: under 0.2%)
+# pruned GGUF's PPL within 1% of the unpruned GGUF's (measured at RATIO, both layouts, every
+# family: 0.33% at most). Random tiny models of other seeds differ from each other by 0.2-3%,
+# so the bound catches a file that computes something else only when that moves PPL this much.
+PPL_BOUND = 0.01
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
 
@@ -390,6 +393,7 @@ def test_prune_flow_keeps_the_reported_parameters_and_perplexity(calibrated: dic
     FLOW_CHECKS.get(fam.name, lambda *a: None)(g, report, k, width)
 
     rep = json.loads(rep_path.read_text())
+    print(f"{fam.name} {layout}: ratio {got:.4f}, kept {kept:,} of {calibrated['routed']:,}, PPL {rep['ppl']:.1f} vs unpruned {calibrated['ppl']:.1f}")
     assert rep["backend"] == "llama.cpp"
     assert abs(rep["ppl"] / calibrated["ppl"] - 1) <= PPL_BOUND, (rep["ppl"], calibrated["ppl"])
 
