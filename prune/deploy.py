@@ -218,7 +218,7 @@ def ratio_band(shapes: list[Shape], ratio: float, full_params: int, channel_cost
     return [s for s in shapes if dist(s) <= near + 1e-9], False
 
 
-def fallback_note(shape: Shape, ratio: float, plan: SizePlan, base: SizePlan, fallback: dict[str, dict], aligned: tuple[Shape, float, int] | None = None) -> list[str]:
+def fallback_note(shape: Shape, ratio: float, plan: SizePlan, base: SizePlan, fallback: dict[str, dict], aligned: tuple[Shape, float, int] | None, kquant_align: int) -> list[str]:
     """What llama.cpp's type fallback on an unaligned width does to the bytes `--ratio` saves,
     and the aligned shape of the band (shape, ratio, bytes) that would keep the native types."""
     if not fallback:
@@ -233,7 +233,7 @@ def fallback_note(shape: Shape, ratio: float, plan: SizePlan, base: SizePlan, fa
     return [
         f"{shape.experts} experts x width {shape.width} removes {100 * ratio:.1f}% of routed parameters, but the {plan.quant} GGUF is "
         f"{smaller(plan.total_bytes)} smaller ({smaller(plan.total_bytes - extra)} without the fallback): width {shape.width} is no multiple "
-        f"of 256, so llama.cpp stores ffn_down_exps {moves} (+{extra:,} bytes){alt}; --target-size plans bytes instead"
+        f"of {kquant_align}, so llama.cpp stores ffn_down_exps {moves} (+{extra:,} bytes){alt}; --target-size plans bytes instead"
     ]
 
 
@@ -366,7 +366,7 @@ def plan_deployable(cal: Calib, ckpt: Checkpoint, arch: MoEArch, req: DeployRequ
             if a not in sized:
                 sized[a] = predict_layout_bytes(ckpt, arch, a, quant)
             aligned = (a, 1 - shape_params(a, cost) / total, sized[a].total_bytes)
-        notes += fallback_note(shape, 1 - shape_params(shape, cost) / total, plan, base, fallback, aligned)
+        notes += fallback_note(shape, 1 - shape_params(shape, cost) / total, plan, base, fallback, aligned, layout.kquant_align)
     entries = {
         "deployable": {"experts": shape.experts, "width": shape.width, "coverage": cov, "quality": table.quality(shape),
                        "chosen_by": "probe KLD on calibration tokens" if measured else "attribution quality"},
