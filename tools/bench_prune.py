@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
                 if "deployable" in rep:
                     name += f" ({rep['deployable']['experts']}x{rep['deployable']['width']})"
                 rows.append((name, r, rep["ratio_achieved"], rep["coverage"], rep["experts_kept"], s))
-                print(f"{name} R={r}: ppl {s.ppl:.3f}", file=sys.stderr)
+                # each row as it is measured, so a run cut short still reports what it finished
+                print(f"{name} R={r}: ratio {rep['ratio_achieved']:.4f} coverage {rep['coverage']:.4f} experts {sum(rep['experts_kept'])} "
+                      f"ppl {s.ppl:.3f} kld {s.kld.mean():.4f} top1 {s.top1.mean():.3f}", file=sys.stderr)
 
     base_ppl = rows[0][5].ppl
     print(f"model {model} | eval {eval_text} | ctx {a.ctx} | chunks {a.chunks} | calib {calib_text} ({a.tokens} tokens)\n")
