@@ -6,6 +6,9 @@ process so peak RSS is the model's; neither holds more than one window of log-pr
 (moe2gguf/logprobs.py). A base's log-probabilities are computed once and cached as a uint16
 grid, as llama-perplexity's --kl-divergence-base file keeps them (key: base path + mtime +
 text hash + ctx + chunks + KV type).
+
+The checkpoint stack (torch) and llama.cpp are imported where a backend needs them: a GGUF
+check never loads torch, a checkpoint check never loads llama.cpp.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ import tempfile
 import zipfile
 
 import click
+import gguf
 import numpy as np
 
 from moe2gguf import llama_runtime
 from moe2gguf.errors import UserError, atomic_file, check_output
+from moe2gguf.exporter import tasks as T
 from moe2gguf.exporter.runner import run_in_child
+from moe2gguf.exporter.task_runner import run_tasks_in_child
+from moe2gguf.gguf_names import EXPERT_TENSORS, KV_EXPERT_WIDTHS
 from moe2gguf.inputs import hf_tokenizer, read_text, regular_file, require_gguf
+from moe2gguf.protocol import windows
 from moe2gguf.units import human_bytes
 
 
@@ -48,10 +56,8 @@ def tokenize(path: str, backend: str, text: str) -> list[int]:
     if backend == "llama.cpp":
         from llama_cpp._utils import suppress_stdout_stderr
 
-        from moe2gguf.llama_runtime import open_llama
-
         with suppress_stdout_stderr(disable=False):  # its default (True) suppresses nothing
-            llm = open_llama(path, vocab_only=True, verbose=False)
+            llm = llama_runtime.open_llama(path, vocab_only=True, verbose=False)
         # BOS only if the model asks for it, as llama-perplexity does
         return llm.tokenize(text.encode("utf-8"), add_bos=llm._model.add_bos_token(), special=False)
     tok = hf_tokenizer(path)  # the whole text is tokenized once, then windowed
@@ -87,8 +93,6 @@ def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, 
             return wins, grid
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass  # missing or damaged (a full disk, a kill): computed again
-    from moe2gguf.protocol import windows  # imports torch, which check's --help must not
-
     wins = windows(tokenize(str(p), backend, text), ctx, chunks)
     with tempfile.TemporaryDirectory(prefix="moe2gguf-base-") as d, atomic_file(grid, "cache") as tmp:
         run_in_child(backend, str(p), wins, d, kv_type, threads, save_lp=str(tmp))
@@ -106,28 +110,19 @@ def params_experts(path: pathlib.Path, backend: str) -> int:
         ck = Checkpoint(path)
         arch = arch_for_config(ck.config)
         return arch.param_counts({n: ck.shape(n) for n in ck.tensor_names}).routed_experts
-    import gguf
-
-    from moe2gguf.gguf_names import EXPERT_TENSORS, KV_EXPERT_WIDTHS
-
     r = gguf.GGUFReader(path)
     fld = r.get_field(KV_EXPERT_WIDTHS)
+    suffix = {part: gguf.TENSOR_NAMES[t].split(".")[-1] for part, t in EXPERT_TENSORS.items()}
     hidden = None
     total = 0
-    exps = {gguf.TENSOR_NAMES[t].split(".")[-1] for t in EXPERT_TENSORS.values()}
     for t in r.tensors:
-        if t.name.split(".")[-2] in exps:
+        kind = t.name.split(".")[-2]
+        if kind in suffix.values():
             total += int(np.prod([int(x) for x in t.shape]))
-            hidden = int(t.shape[0]) if t.name.split(".")[-2] != exps_down_name() else int(t.shape[1])
+            hidden = int(t.shape[1]) if kind == suffix["down"] else int(t.shape[0])
     if fld is not None and hidden is not None:
-        return 3 * hidden * int(sum(int(v) for v in fld.contents()))
+        return len(EXPERT_TENSORS) * hidden * int(sum(int(v) for v in fld.contents()))
     return total
-
-
-def exps_down_name() -> str:
-    import gguf
-
-    return gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_DOWN_EXP].split(".")[-1]
 
 
 def check(
@@ -144,9 +139,6 @@ def check(
 ) -> dict:
     """The report dict (DESIGN.md keys) for MODEL on TEXT and/or the multiple-choice TASK file,
     against BASE if given."""
-    from moe2gguf.exporter import tasks as T
-    from moe2gguf.protocol import windows  # imports torch, which check's --help must not
-
     path = pathlib.Path(model).resolve()
     backend = backend_of(path)
     if text is None and task is None:
@@ -198,9 +190,6 @@ def check(
 
 def task_report(path: pathlib.Path, backend: str, task: str, fmt: str, items: list, base: str | None, kv_type: str, threads: int) -> dict:
     """Task accuracy (exporter/tasks.py keys), and with BASE the agreement of chosen answers."""
-    from moe2gguf.exporter import tasks as T
-    from moe2gguf.exporter.task_runner import run_tasks_in_child
-
     scored = run_tasks_in_child(backend, str(path), fmt, items, kv_type, threads, label=f"{fmt} {path.name}")
     out = {"task": str(pathlib.Path(task).resolve()), "task_format": fmt, **T.summary(fmt, scored)}
     if base is not None:
@@ -213,9 +202,6 @@ def task_report(path: pathlib.Path, backend: str, task: str, fmt: str, items: li
 def base_task_results(base: str, task: str, fmt: str, items: list, kv_type: str, threads: int, known: list | None = None) -> list:
     """The base's outcome on each task, from the cache or computed once (key: base path +
     mtime + task file hash + format + the tasks chosen + KV type); `known`: already scored."""
-    from moe2gguf.exporter import tasks as T
-    from moe2gguf.exporter.task_runner import run_tasks_in_child
-
     p = pathlib.Path(base).resolve()
     digest = hashlib.sha256(pathlib.Path(task).read_bytes()).hexdigest()
     key = hashlib.sha256(json.dumps([str(p), _mtime(p), digest, fmt, [t.index for t in items], kv_type]).encode()).hexdigest()[:24]

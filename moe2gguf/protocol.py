@@ -3,16 +3,23 @@
 Tokenize the whole text once; cut non-overlapping windows of `ctx` tokens; keep the first
 `chunks`; score only the second half of each window (tokens ctx/2 .. ctx-1, each predicted
 from its prefix inside the window). KL-divergence and top-1 agreement use the same positions.
+
+numpy at module level: a GGUF check cuts windows here without loading torch (3 s); the
+PyTorch helpers below import it when called, and their callers have it loaded already.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from moe2gguf.errors import UserError
 from moe2gguf.inputs import read_text  # noqa: F401 - texts are read here by both backends' callers
 from moe2gguf.logprobs import Scores
+
+if TYPE_CHECKING:
+    import torch
 
 
 def windows(ids: list[int] | np.ndarray, ctx: int, chunks: int | None) -> np.ndarray:
@@ -47,17 +54,21 @@ def score_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, base_logprobs:
     return Scores(nll.double().numpy(), kld.double().numpy(), top1.numpy())
 
 
-@torch.no_grad()
 def torch_logprobs(model: torch.nn.Module, wins: np.ndarray) -> torch.Tensor:
     """Log-probabilities at the scored positions of every window, [n_windows * ctx/2, V]."""
+    import torch
+
     ctx = wins.shape[1]
     out = []
-    for w in wins:
-        logits = model(torch.from_numpy(w)[None]).logits[0, scored(ctx)].float()
-        out.append(torch.log_softmax(logits, -1))
+    with torch.no_grad():
+        for w in wins:
+            logits = model(torch.from_numpy(w)[None]).logits[0, scored(ctx)].float()
+            out.append(torch.log_softmax(logits, -1))
     return torch.cat(out)
 
 
 def targets_of(wins: np.ndarray) -> torch.Tensor:
+    import torch
+
     ctx = wins.shape[1]
     return torch.from_numpy(wins[:, ctx // 2 :].reshape(-1))
