@@ -25,7 +25,7 @@ from moe2gguf.modeling import load_model
 from moe2gguf.protocol import score_logprobs, targets_of, torch_logprobs, windows
 from moe2gguf.prune.calibrate import calibrate, tokenize
 from moe2gguf.prune.prune import prune
-from moe2gguf.prune.scores import SCORE_KINDS
+from moe2gguf.options import SCORE_KINDS
 
 REF = pathlib.Path(__file__).resolve().parent.parent / "moe2gguf" / "data" / "reference-moe"
 
