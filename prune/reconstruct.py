@@ -20,9 +20,9 @@ Measured on the bundled model (calibration 32,768 tokens of calib.txt, ctx 256; 
   --layout llama.cpp R=0.25 (6x256)   39.821 / 0.00232  ->  --reconstruct 39.799 / 0.00150
   --layout llama.cpp R=0.5  (6x160)   40.244 / 0.00869  ->  --reconstruct 40.183 / 0.00700
   frequency          R=0.5  (4x256)   44.665 / 0.10691  ->  --reconstruct 41.251 / 0.02366
-Expert-drop gains more (it removes more experts, so more tokens are re-routed); the deployable
-layout stays ahead of frequency (whole experts by router mass) with the refit too. It is on by default for `--layout
-llama.cpp` (and `--target-size`), where experts are removed; off for the ragged layout.
+Frequency (whole experts by router mass) gains more: it removes more experts, so more tokens
+are re-routed; the deployable layout stays ahead of it with the refit too. It is on by default
+for `--layout llama.cpp` (and `--target-size`), where experts are removed; off for ragged.
 """
 
 from __future__ import annotations
