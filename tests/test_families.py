@@ -383,6 +383,10 @@ def test_prune_flow_keeps_the_reported_parameters_and_perplexity(calibrated: dic
         m = re.search(r"nearest feasible: (\d+) experts x width (\d+), ratio ([0-9.]+)", res.stderr)
         assert layout == "llama.cpp" and m, res.stderr
         assert (int(m.group(1)), int(m.group(2))) == (k, width) and got == pytest.approx(float(m.group(3)), abs=1e-4)
+        # and it is the nearest: widths come in 32s, so at W = 32 the shapes are K x 32, K from
+        # top-k (grouped routing: a multiple of the groups from 2 x top-k) to E - 1
+        counts = range(TOP_K * fam.groups if fam.groups > 1 else TOP_K, E, fam.groups)
+        assert abs(got - RATIO) == pytest.approx(min(abs(1 - c / E - RATIO) for c in counts))
     # one count and one width for the model, as stock llama.cpp loads them
     for b in range(fam.config().num_hidden_layers):
         if b not in fam.dense_layers:
