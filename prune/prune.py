@@ -28,7 +28,7 @@ from moe2gguf.calib import CALIB_JSON, SCORES, read_calib_json
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.quantize import ftype_of
-from moe2gguf.layout import DEFAULT_LAYOUT, PRUNE_LAYOUTS
+from moe2gguf.layout import DEFAULT_LAYOUT, LAYOUTS, PRUNE_LAYOUTS
 from moe2gguf.options import METHODS, PROBE_SHAPES, RENAMED
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.calibrate import calibration_windows
@@ -313,7 +313,7 @@ def prune_main(
             f"ragged at the same budget {r['ragged']['coverage']:.4f}, lost {r['coverage_lost']:.4f})"
         )
         for name, fb in r["ffn_down_exps_fallback"].items():
-            click.echo(f"note: width {d['width']} is not a multiple of 256: {name} falls back {fb['wanted']} -> {fb['used']} (+{fb['extra_bytes']:,} bytes)")
+            click.echo(f"note: width {d['width']} is not a multiple of {LAYOUTS[layout].kquant_align}: {name} falls back {fb['wanted']} -> {fb['used']} (+{fb['extra_bytes']:,} bytes)")
     if target_size is not None:
         click.echo(f"predicted GGUF at {r['quant']}: {r['predicted_bytes']:,} bytes for target {r['target_size']:,} ({100 * r['predicted_bytes'] / r['target_size']:.2f}%)")
     click.echo(f"wrote {output}: {r['method']} ratio {r['ratio_achieved']:.4f}, coverage {r['coverage']:.4f}, experts kept {r['experts_kept']}")
