@@ -4,6 +4,10 @@ its file names and calib.json read back and checked.
   calib.json          what was measured (model shape, tokens, ctx, texts, peak layer memory)
   scores.safetensors  per MoE layer statistics for prune (prune/calibrate.py lists them)
   imatrix.gguf        llama.cpp's GGUF importance matrix (exporter/imatrix.py)
+  gram/layer-N.safetensors
+                      per MoE layer, each expert's Gram matrix of down_proj inputs for the
+                      least-squares refit (written as each layer finishes: together they
+                      grow with the model, 14 GiB at Qwen3-30B-A3B, so none stays in RAM)
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from moe2gguf.inputs import read_json_object, require_fields
 CALIB_JSON = "calib.json"
 SCORES = "scores.safetensors"
 IMATRIX = "imatrix.gguf"
+GRAM_DIR = "gram"
+
+
+def gram_file(folder: pathlib.Path, bid: int) -> pathlib.Path:
+    return folder / GRAM_DIR / f"layer-{bid}.safetensors"
 
 # calib.json fields later steps read, with their types
 CALIB_FIELDS: dict[str, type] = {

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
-from moe2gguf.calib import CALIB_JSON, IMATRIX, SCORES
+from moe2gguf.calib import CALIB_JSON, IMATRIX, SCORES, gram_file
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
@@ -38,9 +38,6 @@ from moe2gguf.protocol import read_text
 from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
 from moe2gguf.progress import bar
 
-# Gram matrices (for the least-squares refit, kept in float32 for all layers until saved) are
-# skipped when they would take more than this many bytes in all
-GRAM_LIMIT = 4 << 30
 # The Taylor pass holds the whole model (float32) for a full-model backward; above this many
 # weight bytes (or half the machine's memory) it is skipped and `prune --score taylor` refuses
 TAYLOR_LIMIT = 8 << 30
@@ -152,8 +149,8 @@ class Calibration:
         if any(w and len(set(w)) > 1 for w in widths) or ckpt.expert_widths is not None:
             raise UserError(f"{ckpt.path} is already pruned; calibrate the unpruned model and prune it once")
         self.ckpt, self.arch, self.windows, self.batch = ckpt, arch, windows, batch
-        W = arch.expert_width
-        self.gram = gram and len(arch.moe_layers) * arch.n_experts * W * W * 4 <= GRAM_LIMIT
+        self.gram = gram
+        self.spill: pathlib.Path | None = None  # where each layer's Gram matrices go once it is done
         self.experts: dict[int, ExpertStats] = {}
         self.scale: dict[int, ScaleStats] = {}
         self.inputs: dict[str, InputStats] = {}  # HF module name -> stats
@@ -171,8 +168,12 @@ class Calibration:
         return handles
 
     @torch.no_grad()
-    def run(self, on_layer: Callable[[int, nn.Module], None] | None = None) -> None:
+    def run(self, on_layer: Callable[[int, nn.Module], None] | None = None, spill: pathlib.Path | None = None) -> None:
+        """One pass over the layers. With `spill` (the CALIB folder being written), each layer's
+        Gram matrices are written there as soon as the layer is done, so memory holds one
+        layer's; without it they stay in memory until `save`."""
         arch, ckpt = self.arch, self.ckpt
+        self.spill = spill
         model = build_model(arch)
         layers = model.get_submodule(arch.layers_attr)
         hidden, kwargs, self.peak_bytes = catch_layer_inputs(model, arch, ckpt, self.windows, self.batch)
@@ -201,8 +202,12 @@ class Calibration:
                 if experts is not None:
                     experts.observer = None
             if experts is not None:
-                if stats.gram is not None:  # done accumulating: halve what it holds until saved
-                    stats.gram = [g.float() for g in stats.gram]
+                if stats.gram is not None:  # done accumulating: float32 is what the refit reads
+                    for i, g in enumerate(stats.gram):  # one at a time: never both copies of the layer
+                        stats.gram[i] = g.float()
+                    if spill is not None:
+                        save_gram(spill, bid, stats.gram)
+                        stats.gram = None
                 self.weights[f"layers.{bid}.down_norm"] = torch.stack([e.down_proj.weight.double().norm(dim=0) for e in experts])
                 self.weights[f"layers.{bid}.magnitude"] = torch.stack(
                     [weight_norms(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in experts]
@@ -240,8 +245,6 @@ class Calibration:
             t[p + "reap"] = s.reap
             t[p + "abs_act"] = torch.stack(s.abs_act)
             t[p + "sq_act"] = torch.stack(s.sq_act)
-            if s.gram is not None:
-                t[p + "gram"] = torch.stack(s.gram).float()
         for bid, s in self.taylor.items():
             t[f"layers.{bid}.taylor"] = torch.stack(s.taylor)
         for bid, s in self.scale.items():
@@ -272,6 +275,9 @@ class Calibration:
 
     def save(self, out: pathlib.Path, texts: list[str]) -> None:
         save_file(self.score_tensors(), out / SCORES)
+        for bid, s in self.experts.items():
+            if s.gram is not None:  # not spilled during the pass
+                save_gram(out, bid, s.gram)
         write_imatrix(out / IMATRIX, self.imatrix_entries(), texts, len(self.windows), self.windows.shape[1])
         arch = self.arch
         info = {
@@ -288,12 +294,19 @@ class Calibration:
             "windows": int(len(self.windows)),
             "texts": texts,
             "score": "router-weighted channel moments; see moe2gguf.prune.scores",
-            "gram": bool(self.gram),
+            "gram": bool(self.gram),  # in gram/layer-N.safetensors (older CALIBs: in scores)
             "taylor": self.taylor_note,
             "peak_param_bytes": self.peak_bytes,
             "max_layer_param_bytes": self.layer_bytes,
         }
         (out / CALIB_JSON).write_text(json.dumps(info, indent=1))
+
+
+def save_gram(folder: pathlib.Path, bid: int, grams: list[torch.Tensor]) -> None:
+    """Layer `bid`'s Gram matrices, one tensor per expert, in CALIB's gram/ folder."""
+    f = gram_file(folder, bid)
+    f.parent.mkdir(exist_ok=True)
+    save_file({str(x): g.contiguous() for x, g in enumerate(grams)}, f)
 
 
 def _with_output(stats: ExpertStats, experts: nn.Module) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]:
@@ -403,7 +416,7 @@ def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens
     wins = spread_windows(tokenize(model, texts), texts, tokens, ctx)
     cal = Calibration(ckpt, arch, wins, batch=batch)
     with atomic_dir(output, "calibrate", [model, *texts]) as tmp:
-        cal.run()
+        cal.run(spill=tmp)
         cal.run_taylor()
         cal.save(tmp, texts)
     return cal

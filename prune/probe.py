@@ -32,7 +32,7 @@ the 32,768 calibration tokens it ranks 7x224 < 6x256 < 8x192 as eval.txt does (6
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -121,7 +121,7 @@ def shape_klds(
     scores: list[torch.Tensor],
     groups: list[int],
     windows: np.ndarray,
-    grams: dict[int, torch.Tensor] | None = None,
+    grams: Mapping[int, Sequence[torch.Tensor]] | None = None,
     reconstruct: bool = False,
     batch: int = 8,
 ) -> dict[Shape, float]:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import click
 import torch
 from safetensors import SafetensorError, safe_open
 
 from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
-from moe2gguf.calib import CALIB_JSON, SCORES, read_calib_json
+from moe2gguf.calib import CALIB_JSON, SCORES, gram_file, read_calib_json
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.quantize import ftype_of
@@ -87,7 +88,7 @@ class Calib:
                         f"{self.path}: scores of layer {bid} ({what}) have shape {None if got is None else tuple(got.shape)}, "
                         f"{ckpt.path} needs {shape}; recalibrate on this model"
                     )
-            gram = self.t.get(f"layers.{bid}.gram")
+            gram = self.t.get(f"layers.{bid}.gram")  # older CALIBs kept them here
             if gram is not None and tuple(gram.shape) != (E, W, W):
                 raise UserError(f"{self.path}: gram of layer {bid} has shape {tuple(gram.shape)}, {ckpt.path} needs {(E, W, W)}; {again}")
         for what, shape in {"reap": (E,), "taylor": (E, W)}.items():  # optional: older CALIBs lack them
@@ -133,10 +134,48 @@ class Calib:
         return [self.t[f"layers.{b}.{what}"] for b in self.layers]
 
     @property
-    def grams(self) -> dict[int, torch.Tensor] | None:
-        if not all(f"layers.{b}.gram" in self.t for b in self.layers):
-            return None
-        return {b: self.t[f"layers.{b}.gram"] for b in self.layers}
+    def grams(self) -> Mapping[int, Sequence[torch.Tensor]] | None:
+        """Each MoE layer's per-expert Gram matrices for the refit, or None when this CALIB has
+        none (`refit_note` says why)."""
+        if all(f"layers.{b}.gram" in self.t for b in self.layers):
+            return {b: self.t[f"layers.{b}.gram"] for b in self.layers}
+        if all(gram_file(self.path, b).is_file() for b in self.layers):
+            return LayerGrams(self)
+        return None
+
+    @property
+    def refit_note(self) -> str:
+        return f"{self.path} has no Gram matrices (calibrated by an older moe2gguf); the least-squares refit needs them: {self.again}"
+
+
+class LayerGrams(Mapping[int, Sequence[torch.Tensor]]):
+    """CALIB/gram/, read one layer at a time as the rewrite or the probe reaches it (and checked
+    then): at Qwen3-30B-A3B a layer's are 302 MB and the model's 14 GiB."""
+
+    def __init__(self, cal: Calib):
+        self.cal = cal
+        self._last: tuple[int, list[torch.Tensor]] | None = None  # the probe asks one layer per shape
+
+    def __getitem__(self, bid: int) -> list[torch.Tensor]:
+        if self._last is not None and self._last[0] == bid:
+            return self._last[1]
+        cal, f = self.cal, gram_file(self.cal.path, bid)
+        E, W = cal.info["n_experts"], cal.info["expert_width"]
+        try:
+            with safe_open(f, framework="pt") as fh:
+                grams = [fh.get_tensor(str(x)) for x in range(E)]
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{f} is truncated or corrupt ({e}); {cal.again}") from None
+        if any(tuple(g.shape) != (W, W) or not g.is_floating_point() or not bool(torch.isfinite(g).all()) for g in grams):
+            raise UserError(f"{f}: a Gram matrix is not {W}x{W} finite floats; the calibration is damaged, {cal.again}")
+        self._last = (bid, grams)
+        return grams
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.cal.layers)
+
+    def __len__(self) -> int:
+        return len(self.cal.layers)
 
 
 def channel_cost(ckpt: Checkpoint, arch: MoEArch) -> list[int]:
@@ -259,6 +298,8 @@ def prune(
         per_layer[b] = ch
     alloc = A.Allocation(per_layer)
     grams = cal.grams if refit else None
+    if refit and grams is None:
+        click.echo(f"note: {cal.refit_note}", err=True)
     before = routed_params(arch, {n: ckpt.shape(n) for n in ckpt.tensor_names})
     with atomic_dir(output, "prune", [model, calib]) as tmp:
         shapes = write_pruned(ckpt, arch, alloc, tmp, grams)
@@ -278,6 +319,7 @@ def prune(
             "score": score,
             "normalise": "residual mean square" if normalise else "none",
             "refit_down": grams is not None,
+            **({"refit_skipped": cal.refit_note} if refit and grams is None else {}),
             "reconstruct": recon,
             "min_width": min_width,
             "calib": str(cal.path),

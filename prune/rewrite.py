@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -44,10 +45,10 @@ def slice_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, keep:
 
 
 def pruned_layer(
-    ckpt: Checkpoint, arch: MoEArch, bid: int, channels: list[torch.Tensor], grams: torch.Tensor | None = None
+    ckpt: Checkpoint, arch: MoEArch, bid: int, channels: list[torch.Tensor], grams: Sequence[torch.Tensor] | None = None
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """MoE layer `bid` as the rewrite stores it: kept experts (non-empty `channels`) sliced,
-    refit when `grams` [n_experts, width, width] is given, renumbered 0..K-1, and the router
+    refit when `grams` (per expert, [width, width]) is given, renumbered 0..K-1, and the router
     tensors cut to their rows. Returns (tensors by checkpoint name, original index of each kept expert)."""
     rows = [xid for xid, ch in enumerate(channels) if ch.numel() > 0]
     out: dict[str, torch.Tensor] = {}
@@ -122,7 +123,7 @@ def write_pruned(
     arch: MoEArch,
     alloc: Allocation,
     out: pathlib.Path,
-    grams: dict[int, torch.Tensor] | None = None,
+    grams: Mapping[int, Sequence[torch.Tensor]] | None = None,
     shard_bytes: int = SHARD_BYTES,
 ) -> dict[str, tuple[int, ...]]:
     """Write config.json, the weights (layer by layer, sharded), prune_map.safetensors and the

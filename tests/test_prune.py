@@ -194,3 +194,51 @@ def test_one_count_one_width_checkpoint_loads_in_stock_transformers(tiny_qwen3mo
     stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(stock(IDS).logits, _logits(out), atol=1e-5)
+
+
+def test_refit_reads_the_gram_matrices_calibrate_wrote_per_layer(tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """CALIB keeps each layer's Gram matrices in gram/layer-N.safetensors (never all in RAM);
+    prune's refit reads them a layer at a time and gives what the older one-file CALIB gave;
+    without them prune says so and the report records why; a damaged one is one line, exit 2."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from moe2gguf.calib import gram_file
+
+    with safe_open(calib / "scores.safetensors", framework="pt") as f:
+        assert not [k for k in f.keys() if "gram" in k]
+    for bid in range(2):
+        with safe_open(gram_file(calib, bid), framework="pt") as f:
+            assert sorted(f.keys(), key=int) == [str(x) for x in range(8)]
+            g = f.get_tensor("0")
+        assert g.shape == (32, 32) and torch.allclose(g, g.T) and float(torch.linalg.eigvalsh(g.double()).min()) > -1e-6 * float(g.diagonal().max())
+    args = ["prune", str(tiny_qwen3moe), "--ratio", "0.3", "--layout", "ragged"]
+    r = CliRunner().invoke(cli, [*args, "--calib", str(calib), "-o", str(tmp_path / "new")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "new" / "prune_report.json").read_text())["refit_down"] is True
+
+    old = tmp_path / "old-calib"  # the earlier layout: the Gram matrices inside scores.safetensors
+    shutil.copytree(calib, old)
+    t = load_file(str(old / "scores.safetensors"))
+    for bid in range(2):
+        t[f"layers.{bid}.gram"] = torch.stack([load_file(str(gram_file(old, bid)))[str(x)] for x in range(8)])
+    save_file(t, str(old / "scores.safetensors"))
+    shutil.rmtree(old / "gram")
+    r = CliRunner().invoke(cli, [*args, "--calib", str(old), "-o", str(tmp_path / "old")])
+    assert r.exit_code == 0, r.output
+    new_w, old_w = load_file(str(tmp_path / "new" / "model.safetensors")), load_file(str(tmp_path / "old" / "model.safetensors"))
+    assert new_w.keys() == old_w.keys() and all(torch.equal(new_w[k], old_w[k]) for k in new_w)
+
+    none = tmp_path / "no-gram"
+    shutil.copytree(calib, none)
+    shutil.rmtree(none / "gram")
+    r = CliRunner().invoke(cli, [*args, "--calib", str(none), "-o", str(tmp_path / "unfit")])
+    assert r.exit_code == 0 and "no Gram matrices" in r.output, r.output
+    rep = json.loads((tmp_path / "unfit" / "prune_report.json").read_text())
+    assert rep["refit_down"] is False and "calibrate" in rep["refit_skipped"]
+
+    gram_file(calib, 1).write_bytes(gram_file(calib, 1).read_bytes()[:100])  # truncated
+    r = CliRunner().invoke(cli, [*args, "--calib", str(calib), "-o", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "layer-1.safetensors" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
