@@ -95,7 +95,7 @@ def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, 
         pass  # missing or damaged (a full disk, a kill): computed again
     wins = windows(tokenize(str(p), backend, text), ctx, chunks)
     with tempfile.TemporaryDirectory(prefix="moe2gguf-base-") as d, atomic_file(grid, "cache") as tmp:
-        run_in_child(backend, str(p), wins, d, kv_type, threads, save_lp=str(tmp))
+        run_in_child(backend, str(p), wins, d, kv_type, threads, save_lp=str(tmp), label="base")
     with atomic_file(wins_f, "cache") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, windows=wins)
     return wins, grid

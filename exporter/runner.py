@@ -13,7 +13,6 @@ import json
 import os
 import pathlib
 import resource
-import subprocess
 import sys
 import time
 
@@ -22,7 +21,7 @@ import numpy as np
 from moe2gguf import llama_runtime
 from moe2gguf.errors import UserError
 from moe2gguf.logprobs import HEADER, GridFile, Scores, score_window
-from moe2gguf.subproc import failure
+from moe2gguf.subproc import run_with_progress, say_ready, say_step
 
 DECODE_TOKENS = 32
 JOB = "job.json"
@@ -93,6 +92,7 @@ def run_llama(gguf_path: str, wins: np.ndarray, scorer: Scorer, kv_type: str, th
     )
     t_eval = 0.0
     kv_bytes = 0
+    say_ready()
     for i, w in enumerate(wins):
         llm.reset()  # next eval drops the previous window's KV cells
         t0 = time.perf_counter()
@@ -102,6 +102,7 @@ def run_llama(gguf_path: str, wins: np.ndarray, scorer: Scorer, kv_type: str, th
             # KV cells of one full window, as llama.cpp serialises them
             kv_bytes = int(llama_cpp.llama_state_seq_get_size(llm.ctx, 0))
         scorer.add(i, llm.scores[half - 1 : ctx - 1])
+        say_step()
     # greedy decode after half a window of prompt
     llm.reset()
     llm.eval(wins[0, :half].tolist())
@@ -139,6 +140,7 @@ def run_torch(model_dir: str, wins: np.ndarray, scorer: Scorer, threads: int) ->
             buf += t.numel() * t.element_size()
     t_eval = 0.0
     kv_bytes = 0
+    say_ready()
     with torch.no_grad():
         for i, w in enumerate(wins):
             ids = torch.from_numpy(np.ascontiguousarray(w))[None]
@@ -148,6 +150,7 @@ def run_torch(model_dir: str, wins: np.ndarray, scorer: Scorer, threads: int) ->
             if i == 0:
                 kv_bytes = _cache_bytes(res.past_key_values)
             scorer.add(i, res.logits[0, scored(ctx)].float().numpy())
+            say_step()
             del res
         ids = torch.from_numpy(np.ascontiguousarray(wins[0, :half]))[None]
         res = model(ids, use_cache=True)
@@ -200,7 +203,7 @@ def child_command(out_dir: str) -> list[str]:
 
 def run_in_child(
     backend: str, path: str, wins: np.ndarray, out_dir: str, kv_type: str = "f16", threads: int = 0,
-    base_lp: str | None = None, save_lp: str | None = None,
+    base_lp: str | None = None, save_lp: str | None = None, label: str = "score",
 ) -> tuple[Scores, dict]:
     """(per-position scores, measurements) from a fresh interpreter, so nothing the parent
     imported (torch for a GGUF run) counts in the model's peak RSS. Against the grid file
@@ -211,11 +214,11 @@ def run_in_child(
     job = {"backend": backend, "path": path, "kv_type": kv_type, "threads": threads, "base_lp": base_lp, "save_lp": save_lp}
     (d / JOB).write_text(json.dumps(job))
     env, extra_bufts = llama_runtime.child_env(backend)
-    proc = subprocess.run(child_command(out_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    rc, why = run_with_progress(child_command(out_dir), len(wins), f"{label} {pathlib.Path(path).name}", "window", d, env)
     res_file = d / RESULT
-    if proc.returncode != 0 or not res_file.is_file():
-        why = failure(proc) if proc.returncode != 0 else "it ended without a result"
-        raise UserError(f"{backend} could not run {path}: {why}{llama_runtime.child_hint(proc.returncode, extra_bufts)}")
+    if rc != 0 or not res_file.is_file():
+        why = why or "it ended without a result"
+        raise UserError(f"{backend} could not run {path}: {why}{llama_runtime.child_hint(rc, extra_bufts)}")
     res = json.loads(res_file.read_text())
     if "error" in res:
         raise UserError(f"{backend} could not run {path}: {res['error']}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,10 +25,8 @@ import numpy as np
 from moe2gguf import llama_runtime
 from moe2gguf.errors import UserError
 from moe2gguf.exporter import tasks as T
-from moe2gguf.progress import bar
-from moe2gguf.subproc import exit_reason
+from moe2gguf.subproc import run_with_progress, say_ready, say_step
 
-READY, PROGRESS = "@ready", "@task"  # the child's stdout lines: model loaded, one task done
 PARALLEL = 32  # sequences per llama.cpp batch, as `llama-perplexity -np 32` (context 32 x 512 tokens)
 BATCH = 2048  # tokens per llama_decode call (llama-perplexity's n_batch)
 
@@ -55,12 +52,12 @@ def _score(fmt: str, items: list[T.Task], plans: list[T.Plan], rows: Iterator[tu
     """Each task's outcome; `rows` yields, task after task, (i, logits of every _row its
     plan's requests read)."""
     out = []
-    print(READY, flush=True)
+    say_ready()
     for i, r in rows:
         t, p = items[i], plans[i]
         lp = [_logprob(r[_row(p, s, pos)], tok) for s, pos, tok in p.requests]
         out.append(T.choose(fmt, t, p, lp).to_json())
-        print(PROGRESS, flush=True)
+        say_step()
     return out
 
 
@@ -187,22 +184,11 @@ def run_tasks_in_child(backend: str, path: str, fmt: str, items: list[T.Task], k
         (dp / "tasks.json").write_text(json.dumps({"format": fmt, "tasks": [t.to_json() for t in items]}))
         cmd = [sys.executable, "-m", "moe2gguf.exporter.task_runner", backend, path, d, kv_type, str(threads)]
         env, extra_bufts = llama_runtime.child_env(backend)
-        with open(dp / "stderr.txt", "wb") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-            assert proc.stdout is not None
-            progress = None
-            for line in proc.stdout:
-                if line.startswith(READY):  # the bar starts once the model is loaded: a true ETA
-                    progress = iter(bar(range(len(items)), desc=label, unit="task"))
-                    next(progress, None)
-                elif line.startswith(PROGRESS) and progress is not None:
-                    next(progress, None)
-            proc.wait()
+        rc, why = run_with_progress(cmd, len(items), label, "task", dp, env)
         res_file = dp / "result.json"
-        if proc.returncode != 0 or not res_file.is_file():
-            tail = [ln for ln in (dp / "stderr.txt").read_text(errors="replace").splitlines() if ln.strip()][-1:]
-            why = exit_reason(proc.returncode) + (f": {tail[0]}" if tail else "")
-            raise UserError(f"{backend} could not score {path}: {why}{llama_runtime.child_hint(proc.returncode, extra_bufts)}")
+        if rc != 0 or not res_file.is_file():
+            why = why or "it ended without a result"
+            raise UserError(f"{backend} could not score {path}: {why}{llama_runtime.child_hint(rc, extra_bufts)}")
         res = json.loads(res_file.read_text())
     if "error" in res:
         raise UserError(res["error"] if res.get("user") else f"{backend} could not score {path}: {res['error']}")

@@ -82,3 +82,15 @@ def test_check_bad_input_exits_2(tiny_qwen3moe, reference_model, tmp_path, cache
     res = CliRunner().invoke(cli, args + ["--json", str(jf)])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
     assert not jf.exists()
+
+
+def test_check_shows_a_window_progress_bar_for_the_model_and_its_base(tiny_qwen3moe, reference_model, tmp_path, cache, capsys):
+    from moe2gguf.cli import main
+
+    out = tmp_path / "tiny.gguf"
+    export(str(tiny_qwen3moe), str(out), "F32", progress=False)
+    main(["check", str(out), "--text", str(reference_model / "eval.txt"), "--ctx", "64", "--chunks", "3", "--base", str(out)])
+    err = capsys.readouterr().err
+    # tqdm's last state of each bar: every window counted, base first, then the model
+    assert "base tiny.gguf" in err and "score tiny.gguf" in err
+    assert err.count("3/3 [") >= 2, err[-600:]
