@@ -2,17 +2,20 @@
 
     python tools/bench_size.py -o docs/bench            # ~16 min on 2 cores
     python tools/bench_size.py -o /tmp/b --chunks 10    # quicker, noisier
+    python tools/bench_size.py -o /tmp/b --methods reap --ladder Q4_K_M   # the REAP rows alone
 
 Every point is a real GGUF measured with moe2gguf.exporter.check.check (llama-cpp-python,
 held-out eval.txt, ctx 256, the first --chunks windows) for PPL and KLD against the unpruned
 F32 GGUF. All quantized files get the same importance matrix (the calibration's, remapped to
 pruned experts/channels). Rows:
   * the unpruned model at Q8_0 .. Q2_K and IQ types (the "quant ladder");
-  * coverage in the llama.cpp layout (one width, one expert count), uniform and frequency at
-    R=0.25 and 0.5, each at Q4_K_M and Q5_K_M;
-  * coverage with --target-size at the exact bytes of the uniform and frequency Q4_K_M files
-    (the equal-bytes comparison; per-tensor types planned by prune), and, as ablations,
-    frequency given our --reconstruct and coverage at frequency's bytes without it;
+  * coverage in the llama.cpp layout (one width, one expert count), uniform, and the
+    whole-expert baselines reap (REAP's saliency) and frequency (router mass) at R=0.25 and
+    0.5, each at Q4_K_M and Q5_K_M;
+  * coverage with --target-size at the exact bytes of the uniform, reap and frequency Q4_K_M
+    files (the equal-bytes comparison; per-tensor types planned by prune), and, as ablations,
+    each whole-expert baseline given our --reconstruct and coverage at the first baseline's
+    bytes without it;
   * coverage with --target-size at the exact bytes of the unpruned Q3_K_M and IQ3_XXS files.
 Writes OUT/bench_size.md (the table) and OUT/bench_size.png (bytes vs KLD), and prints whether
 pruned + Q4_K_M lies on or below the unpruned ladder's front at equal bytes.
@@ -31,6 +34,8 @@ import time
 import numpy as np
 
 REF = pathlib.Path(__file__).resolve().parent.parent / "moe2gguf" / "data" / "reference-moe"
+METHODS = ("coverage", "uniform", "reap", "frequency")
+EXPERT_DROP = ("reap", "frequency")  # whole-expert baselines: each gets the --reconstruct ablation
 LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS")
 
 
@@ -66,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="rows pruned at --ratios; coverage --target-size rows follow each baseline listed")
+    ap.add_argument("--ladder", nargs="+", choices=LADDER, default=list(LADDER),
+                    help="unpruned quant types (Q4_K_M is the table's reference row)")
     ap.add_argument("--keep", default=None, help="keep the GGUFs and checkpoints in this folder (default: a temporary one)")
     a = ap.parse_args(argv)
 
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
         return row
 
     measure("unpruned F32", "reference", f32)
-    for q in LADDER:
+    for q in a.ladder:
         g = work / f"unpruned-{q}.gguf"
         try:
             export(str(model), str(g), q, imatrix=calib, progress=False)
@@ -121,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
             continue
         measure(f"unpruned {q}", "unpruned", g, quant=q)
 
-    methods = (("coverage (llama.cpp layout)", "coverage", {"layout": "llama.cpp"}), ("uniform", "uniform", {}), ("frequency", "frequency", {}))
+    labels = {"coverage": ("coverage (llama.cpp layout)", {"layout": "llama.cpp"})}
+    methods = [(labels.get(m, (m, {}))[0], m, labels.get(m, (m, {}))[1]) for m in METHODS if m in a.methods]
+    drops = [m for m in EXPERT_DROP if m in a.methods]
     for r in a.ratios:
         sizes = {}
         for label, method, kw in methods:
@@ -136,12 +147,13 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
                 if q == "Q4_K_M":
                     sizes[method] = row["bytes"]
         # ablation: the baseline given our reconstruction too, so the gain of the allocation shows apart from it
-        ck = work / f"frequency-recon-{r}"
-        rep = prune(str(model), calib, r, str(ck), method="frequency", reconstruct=True)
-        g = work / f"frequency-recon-{r}-Q4_K_M.gguf"
-        export(str(ck), str(g), "Q4_K_M", imatrix=calib, progress=False)
-        measure(f"frequency + reconstruct R={r} Q4_K_M", "frequency", g, quant="Q4_K_M", ratio=rep["ratio_achieved"])
-        targets = [("uniform", True), ("frequency", True), ("frequency", False)]
+        for method in drops:
+            ck = work / f"{method}-recon-{r}"
+            rep = prune(str(model), calib, r, str(ck), method=method, reconstruct=True)
+            g = work / f"{method}-recon-{r}-Q4_K_M.gguf"
+            export(str(ck), str(g), "Q4_K_M", imatrix=calib, progress=False)
+            measure(f"{method} + reconstruct R={r} Q4_K_M", method, g, quant="Q4_K_M", ratio=rep["ratio_achieved"])
+        targets = [(m, True) for m in ("uniform", *drops) if m in a.methods] + [(m, False) for m in drops[:1]]
         for other, recon in targets:  # coverage at exactly the bytes of the baseline's file
             tag = "" if recon else " --no-reconstruct"
             ck = work / f"target-{other}-{r}{tag.strip()}"
@@ -173,12 +185,12 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
                 shape=f"{d['experts']}x{d['width']}", target=plain["bytes"], baseline=f"unpruned {q}", reconstruct=True)
 
     # ---- table, plot, sentence ----
-    base_q4 = next(r for r in rows if r["label"] == "unpruned Q4_K_M")
+    base_q4 = next((r for r in rows if r["label"] == "unpruned Q4_K_M"), rows[0])
     lines = [
         f"model {model.name} | eval {pathlib.Path(eval_text).name} | ctx {a.ctx} | chunks {a.chunks} | imatrix from {a.tokens} calib tokens | "
         f"llama-cpp-python check, KLD vs unpruned F32 GGUF",
         "",
-        "| model | GGUF bytes | expert params (of unpruned) | shape K x W | PPL | ΔPPL vs unpruned Q4_K_M | KLD | top-1 |",
+        f"| model | GGUF bytes | expert params (of unpruned) | shape K x W | PPL | ΔPPL vs {base_q4['label']} | KLD | top-1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -r["bytes"]):
@@ -217,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     (out / "bench_size.json").write_text(json.dumps(rows, indent=1))
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    style = {"unpruned": ("o-", "black"), "coverage": ("s", "tab:red"), "coverage-target": ("*", "tab:red"), "uniform": ("^", "tab:blue"), "frequency": ("v", "tab:green")}
+    style = {"unpruned": ("o-", "black"), "coverage": ("s", "tab:red"), "coverage-target": ("*", "tab:red"), "uniform": ("^", "tab:blue"), "frequency": ("v", "tab:green"), "reap": ("D", "tab:purple")}
     for kind, (marker, color) in style.items():
         pts = sorted((r["bytes"], r["kld"], r["label"]) for r in rows if r["kind"] == kind)
         if not pts:
