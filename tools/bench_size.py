@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
             except UserError as e:
                 say(f"skip target {other} R={r}: {e.format_message()}")
                 continue
-            g = ck.with_suffix(".gguf")
+            g = ck.parent / f"{ck.name}.gguf"  # with_suffix would cut "0.25" to "0"
             export(str(ck), str(g), None, imatrix=calib, progress=False)  # the planned per-tensor types
             d = rep["deployable"]
             measure(f"coverage --target-size = {other} R={r} Q4_K_M bytes{tag}", "coverage-target", g, quant="planned", ratio=rep["ratio_achieved"],
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
         except UserError as e:
             say(f"skip target {q}: {e.format_message()}")
             continue
-        g = ck.with_suffix(".gguf")
+        g = ck.parent / f"{ck.name}.gguf"  # with_suffix would cut "0.25" to "0"
         export(str(ck), str(g), None, imatrix=calib, progress=False)
         d = rep["deployable"]
         measure(f"coverage --target-size = unpruned {q} bytes", "coverage-target", g, quant="planned", ratio=rep["ratio_achieved"],
