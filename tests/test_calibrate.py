@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import pathlib
 
@@ -81,8 +83,7 @@ def test_windows_are_spread_over_all_texts() -> None:
 def test_memory_stays_per_layer(tmp_path: pathlib.Path, gram: bool) -> None:
     """A 12-layer model: at every layer only that layer's weights are materialised, and the
     process's anonymous memory does not grow by the layers already done, Gram matrices
-    included (each layer's go to CALIB/gram/ as it finishes; held, they grew RSS by 92 MiB
-    here against a bound of 35, spilled by 21)."""
+    included (each layer's go to CALIB/gram/ as it finishes)."""
     from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
@@ -104,13 +105,15 @@ def test_memory_stays_per_layer(tmp_path: pathlib.Path, gram: bool) -> None:
     assert max(seen_bytes) <= layer_bytes < whole / 8
     assert cal.peak_bytes <= max(layer_bytes, 4096 * 128 * 4)  # one layer, or the embedding alone
     # RSS after the last layer vs after the second: a whole-model load would add 10 layers, and
-    # Gram matrices kept in memory 10 layers' worth (8 MiB each); the allocator may keep the
-    # pages of the one layer's float64 Gram matrices accumulated at a time
-    one_layer_grams = 8 * 512 * 512 * 8 if gram else 0
-    assert rss[-1] - rss[1] < 3 * layer_bytes + one_layer_grams, (rss, layer_bytes)
+    # Gram matrices kept in memory 10 layers' worth (82 MiB measured; spilled: 2-3 MiB)
+    assert rss[-1] - rss[1] < 3 * layer_bytes, (rss, layer_bytes)
 
 
 def _rss_anon() -> int:
+    """Anonymous memory in use: glibc first hands freed heap pages back (malloc_trim), or its
+    caching, which varies with what earlier tests in this process allocated, would be counted."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
