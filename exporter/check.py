@@ -76,6 +76,17 @@ def cache_dir() -> pathlib.Path:
     return d
 
 
+# what reading a cache entry raises when it is missing, truncated or not ours
+DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def _drop(*entries: pathlib.Path) -> None:
+    """Remove damaged cache entries (our names, in our cache folder), so they are rewritten
+    rather than refused as someone else's file."""
+    for f in entries:
+        f.unlink(missing_ok=True)
+
+
 def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, threads: int) -> tuple[np.ndarray, pathlib.Path]:
     """(windows, the base's log-prob grid file; moe2gguf/logprobs.py), from the cache or
     computed once. Two files: the grid, then the windows, which say the grid is whole."""
@@ -91,8 +102,9 @@ def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, 
         rows = np.load(grid, mmap_mode="r").shape[0]
         if rows == wins.size // 2 and grid.stat().st_mtime <= wins_f.stat().st_mtime:
             return wins, grid
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except DAMAGED:
         pass  # missing or damaged (a full disk, a kill): computed again
+    _drop(grid, wins_f)
     wins = windows(tokenize(str(p), backend, text), ctx, chunks)
     with tempfile.TemporaryDirectory(prefix="moe2gguf-base-") as d, atomic_file(grid, "cache") as tmp:
         run_in_child(backend, str(p), wins, d, kv_type, threads, save_lp=str(tmp), label="base")
@@ -207,9 +219,11 @@ def base_task_results(base: str, task: str, fmt: str, items: list, kv_type: str,
     key = hashlib.sha256(json.dumps([str(p), _mtime(p), digest, fmt, [t.index for t in items], kv_type]).encode()).hexdigest()[:24]
     f = cache_dir() / f"base-tasks-{key}.npz"
     fields = list(T.Scored.__dataclass_fields__)
-    if f.is_file():
-        z = np.load(f)
-        return [T.Scored(**{k: z[k][i].item() for k in fields}) for i in range(len(z["index"]))]
+    try:
+        with np.load(f) as z:
+            return [T.Scored(**{k: z[k][i].item() for k in fields}) for i in range(len(z["index"]))]
+    except (*DAMAGED, TypeError):
+        _drop(f)  # missing or damaged: computed again
     scored = known or run_tasks_in_child(backend_of(p), str(p), fmt, items, kv_type, threads, label=f"{fmt} {p.name} (base)")
     with atomic_file(f, "cache") as tmp:
         with open(tmp, "wb") as fh:

@@ -94,3 +94,14 @@ def test_check_shows_a_window_progress_bar_for_the_model_and_its_base(tiny_qwen3
     # tqdm's last state of each bar: every window counted, base first, then the model
     assert "base tiny.gguf" in err and "score tiny.gguf" in err
     assert err.count("3/3 [") >= 2, err[-600:]
+
+
+def test_a_damaged_base_cache_entry_is_computed_again(tiny_qwen3moe, reference_model, tmp_path, cache):
+    out = tmp_path / "tiny.gguf"
+    export(str(tiny_qwen3moe), str(out), "F32", progress=False)
+    text = str(reference_model / "eval.txt")
+    first = check(str(out), text, base=str(out), ctx=64, chunks=2)
+    (grid,) = cache.glob("base-*.npy")
+    grid.write_bytes(b"not a grid")  # a kill or a full disk mid-write, or a stray file
+    again = check(str(out), text, base=str(out), ctx=64, chunks=2)
+    assert again["kld"] == first["kld"] and grid.stat().st_size > 100
