@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pathlib
 import tempfile
 import zipfile
@@ -80,6 +81,58 @@ def cache_dir() -> pathlib.Path:
 DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
+CACHE_LIMIT_ENV = "MOE2GGUF_CACHE_GB"
+CACHE_LIMIT_GB = 20.0  # a Qwen3-scale base grid is ~5 GB: room for a few (base, text, ctx) sets
+
+
+def cache_limit_bytes() -> int:
+    raw = os.environ.get(CACHE_LIMIT_ENV)
+    try:
+        gb = CACHE_LIMIT_GB if raw is None else float(raw)
+    except ValueError:
+        gb = math.nan
+    if not math.isfinite(gb) or gb < 0:
+        raise UserError(f"{CACHE_LIMIT_ENV}={raw!r} is not a size in GB; set it to a number such as 20, or unset it")
+    return int(gb * 2**30)
+
+
+def evict(folder: pathlib.Path, limit: int, keep: tuple[pathlib.Path, ...]) -> list[pathlib.Path]:
+    """Remove the least recently used base entries (a grid and its windows, or task results go
+    together) until the folder's base entries fit in `limit` bytes; `keep` (the entry in use)
+    stays whatever its size. Only files named as this module names them are touched. Returns
+    what was removed."""
+    entries: dict[str, list[pathlib.Path]] = {}
+    for f in folder.glob("base-*.np[yz]"):
+        if f.is_file() and not f.is_symlink():
+            entries.setdefault(f.stem, []).append(f)
+    kept = {k.stem for k in keep}
+
+    def used(files: list[pathlib.Path]) -> float:
+        return max(f.stat().st_mtime for f in files)
+
+    total = sum(f.stat().st_size for files in entries.values() for f in files)
+    removed = []
+    for stem, files in sorted(entries.items(), key=lambda kv: used(kv[1])):
+        if total <= limit:
+            break
+        if stem in kept:
+            continue
+        for f in files:
+            total -= f.stat().st_size
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def _touch(*entries: pathlib.Path) -> None:
+    """Mark entries as just used (eviction goes by modification time: atime is often off)."""
+    for f in entries:
+        try:
+            os.utime(f)
+        except OSError:
+            pass  # a read-only cache still serves hits
+
+
 def _drop(*entries: pathlib.Path) -> None:
     """Remove damaged cache entries (our names, in our cache folder), so they are rewritten
     rather than refused as someone else's file."""
@@ -92,6 +145,7 @@ def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, 
     computed once. Two files: the grid, then the windows, which say the grid is whole."""
     p = pathlib.Path(base).resolve()
     backend = backend_of(p)
+    limit = cache_limit_bytes()  # a bad setting is refused before the base runs
     key = hashlib.sha256(
         json.dumps([str(p), _mtime(p), hashlib.sha256(text.encode()).hexdigest(), ctx, chunks, kv_type]).encode()
     ).hexdigest()[:24]
@@ -101,6 +155,7 @@ def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, 
             wins = z["windows"]
         rows = np.load(grid, mmap_mode="r").shape[0]
         if rows == wins.size // 2 and grid.stat().st_mtime <= wins_f.stat().st_mtime:
+            _touch(grid, wins_f)  # the grid first: it must stay no newer than the windows
             return wins, grid
     except DAMAGED:
         pass  # missing or damaged (a full disk, a kill): computed again
@@ -110,6 +165,7 @@ def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, 
         run_in_child(backend, str(p), wins, d, kv_type, threads, save_lp=str(tmp), label="base")
     with atomic_file(wins_f, "cache") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, windows=wins)
+    evict(grid.parent, limit, keep=(grid, wins_f))
     return wins, grid
 
 
@@ -259,7 +315,8 @@ def table(r: dict) -> str:
             ("perplexity", f"{r['ppl']:.4f} ± {r['ppl_se']:.4f}"),
         ]
     if "kld" in r:
-        rows += [("KL-divergence", f"{r['kld']:.6f} ± {r['kld_se']:.6f}"), ("top-1 agreement", f"{100 * r['top1']:.2f} %")]
+        # a model against itself can average to -1e-9 on the base's uint16 grid: not "-0.000000"
+        rows += [("KL-divergence", f"{max(r['kld'], 0.0):.6f} ± {r['kld_se']:.6f}"), ("top-1 agreement", f"{100 * r['top1']:.2f} %")]
     if "acc" in r:
         rows += task_rows(r)
     rows += [("file", human_bytes(r["file_bytes"])), ("routed-expert params kept", f"{r['params_experts']:,}")]

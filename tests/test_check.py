@@ -105,3 +105,39 @@ def test_a_damaged_base_cache_entry_is_computed_again(tiny_qwen3moe, reference_m
     grid.write_bytes(b"not a grid")  # a kill or a full disk mid-write, or a stray file
     again = check(str(out), text, base=str(out), ctx=64, chunks=2)
     assert again["kld"] == first["kld"] and grid.stat().st_size > 100
+
+
+def test_the_base_cache_stays_within_its_limit_least_recently_used_first(tiny_qwen3moe, reference_model, tmp_path, cache, monkeypatch):
+    out = tmp_path / "tiny.gguf"
+    export(str(tiny_qwen3moe), str(out), "F32", progress=False)
+    text = str(reference_model / "eval.txt")
+    check(str(out), text, base=str(out), ctx=64, chunks=2)
+    (old_grid,) = cache.glob("base-*.npy")
+    size = sum(f.stat().st_size for f in cache.glob("base-*"))
+    stranger = cache / "notes.txt"  # not a cache entry: never touched
+    stranger.write_text("mine")
+    # room for one entry: the next base pushes the older one out, never the one in use
+    monkeypatch.setenv("MOE2GGUF_CACHE_GB", str(1.5 * size / 2**30))
+    check(str(out), text, base=str(out), ctx=64, chunks=3)
+    assert not old_grid.exists()
+    assert len(list(cache.glob("base-*.npy"))) == 1 and stranger.read_text() == "mine"
+    # limit 0 keeps just the entry in use
+    monkeypatch.setenv("MOE2GGUF_CACHE_GB", "0")
+    r = check(str(out), text, base=str(out), ctx=64, chunks=2)
+    assert len(list(cache.glob("base-*.npy"))) == 1 and r["kld"] < 1e-6
+
+
+def test_a_bad_cache_limit_is_one_line_before_any_work(tiny_qwen3moe, reference_model, tmp_path, cache, monkeypatch):
+    out = tmp_path / "tiny.gguf"
+    export(str(tiny_qwen3moe), str(out), "F32", progress=False)
+    monkeypatch.setenv("MOE2GGUF_CACHE_GB", "lots")
+    res = CliRunner().invoke(cli, ["check", str(out), "--text", str(reference_model / "eval.txt"), "--base", str(out)])
+    assert res.exit_code == 2 and "MOE2GGUF_CACHE_GB" in res.output and "Traceback" not in res.output, res.output
+    assert not list(cache.glob("base-*"))
+
+
+def test_a_model_against_itself_never_shows_negative_zero_kld():
+    from moe2gguf.exporter.check import table
+
+    shown = table({"backend": "gguf", "model": "m", "kld": -3e-9, "kld_se": 1e-9, "top1": 1.0, "file_bytes": 1, "params_experts": 1})
+    assert "0.000000 ±" in shown and "-0.000000" not in shown

@@ -308,6 +308,12 @@ def test_f32_export_matches_torch_and_has_the_family_tensors(name: str, variant:
         assert g.value(key) == value, key
     for tensor, kind in fam.f32_types.items():
         assert g.types[tensor] == kind, tensor
+    cfg = json.loads((folder / "config.json").read_text())
+    if not cfg.get("kv_lora_rank"):  # MLA states its own key lengths
+        arch = g.value("general.architecture")
+        # as convert_hf_to_gguf: stated when config.json states head_dim, else llama.cpp's default
+        assert g.value(f"{arch}.attention.key_length") == cfg.get("head_dim")
+        assert g.value(f"{arch}.attention.value_length") == cfg.get("head_dim")
 
 
 def test_inspect_counts_match_the_tensors(tiny: tuple[Family, pathlib.Path]) -> None:

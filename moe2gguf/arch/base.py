@@ -391,9 +391,11 @@ class MoEArch:
             writer.add_feed_forward_length(c.intermediate_size)
         writer.add_head_count(c.num_attention_heads)
         writer.add_head_count_kv(c.num_key_value_heads)
-        head_dim = getattr(c, "head_dim", None) or self.hidden_size // c.num_attention_heads
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+        # stated only when the config states it, as convert_hf_to_gguf does; llama.cpp's
+        # default (hidden / heads) is what transformers computes when it is absent
+        if head_dim := getattr(c, "head_dim", None):
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
         writer.add_layer_norm_rms_eps(c.rms_norm_eps)
         rope = getattr(c, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
