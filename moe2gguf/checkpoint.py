@@ -25,6 +25,12 @@ INDEX = "model.safetensors.index.json"
 EXPERT_WIDTHS_KEY = "moe2gguf_expert_widths"
 # safetensors dtypes of weights we read (integer ones are quantized, or not weights at all)
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# A shard is memory-mapped, and the pages reads touch stay in the process's RSS for as long as
+# the mapping is open: kept open, streaming a model layer by layer would end with the whole
+# model resident (3.5 GB of file pages at two Qwen3-30B-A3B layers). A handle is dropped after
+# this many bytes read through it (reopening costs a header parse), so the file pages held are
+# this much plus the tensors still alive, whatever the model's size.
+MAP_WINDOW = 256 << 20
 
 
 class Checkpoint:
@@ -51,6 +57,7 @@ class Checkpoint:
         arch = arch_for_config(self.config)
         self._files = self._index()
         self._handles: dict[str, object] = {}
+        self._mapped: dict[str, int] = {}  # bytes read through each open handle (MAP_WINDOW)
         self._headers()
         self._check_experts(arch)
 
@@ -163,6 +170,7 @@ class Checkpoint:
             t = self._open(self._files[name]).get_tensor(name)
         except SafetensorError as e:
             raise UserError(f"{self.path / self._files[name]}: tensor {name} is unreadable ({e}); the file is corrupt, copy it again") from None
+        self._release(self._files[name], t.numel() * t.element_size())
         if (scale := name + SCALE_SUFFIX) in self._fp8_scales:
             t = dequantize_block_fp8(t, self._open(self._fp8_scales[scale]).get_tensor(scale), self._fp8_block)
         # checked as they stream by: NaN/Inf weights would otherwise flow silently through
@@ -172,6 +180,13 @@ class Checkpoint:
         if not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):
             raise UserError(f"{self.path}: tensor {name} holds NaN or Inf values; the weights are damaged, restore the original checkpoint")
         return t
+
+    def _release(self, fname: str, nbytes: int) -> None:
+        """Drop `fname`'s handle once MAP_WINDOW bytes were read through it: its mapping, and the
+        file pages in the RSS, go when the tensors read from it do."""
+        self._mapped[fname] = self._mapped.get(fname, 0) + nbytes
+        if self._mapped[fname] >= MAP_WINDOW:
+            del self._handles[fname], self._mapped[fname]
 
     @cached_property
     def weight_bytes(self) -> int:

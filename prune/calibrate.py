@@ -38,9 +38,12 @@ from moe2gguf.protocol import read_text
 from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
 from moe2gguf.progress import bar
 
-# The Taylor pass holds the whole model (float32) for a full-model backward; above this many
-# weight bytes (or half the machine's memory) it is skipped and `prune --score taylor` refuses
-TAYLOR_LIMIT = 8 << 30
+# The Taylor pass holds the whole model (float32) for a full-model backward, the one pass that
+# does not stream layers; above this many weight bytes (or half the machine's memory) it is
+# skipped and `prune --score taylor` refuses. 1 GiB keeps the bundled and test models in and
+# calibrate's memory one layer's wherever that matters: at 8 GiB it ran, and was killed above
+# 16 GiB, on two layers of Qwen3-30B-A3B (tools/bench_scale.py)
+TAYLOR_LIMIT = 1 << 30
 
 
 class StopForward(Exception):
@@ -181,7 +184,8 @@ class Calibration:
         for bid in bar(range(arch.n_layers), desc="calibrate", unit="layer"):
             layer = layers[bid]
             prefix = f"{arch.layers_attr}.{bid}."
-            load_weights(layer, prefix, ckpt, torch.float32)
+            # computed in float32, experts held as stored (bf16: half the layer's memory)
+            load_weights(layer, prefix, ckpt, torch.float32, experts_as_stored=True)
             nbytes = _materialised_bytes(model)
             self.layer_bytes = max(self.layer_bytes, nbytes)
             self.peak_bytes = max(self.peak_bytes, nbytes)
