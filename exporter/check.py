@@ -337,10 +337,10 @@ def check_main(
     task: str | None, task_format: str | None, n_tasks: int | None,
 ) -> None:
     """The `check` verb once moe2gguf/commands.py has parsed its options."""
-    if json_out:  # before the measurement, not after it
+    if json_out is not None:  # before the measurement, not after it (an empty name is refused, not ignored)
         check_output(json_out, "check", [model, text, base, task], folder=False)
     r = check(model, text, base, ctx, chunks, kv_type, threads, task, task_format, n_tasks)
-    if json_out:
+    if json_out is not None:
         with atomic_file(json_out, "check", [model, text, base, task]) as tmp:
             tmp.write_text(json.dumps(r, indent=2) + "\n")
     click.echo(table(r))

@@ -116,11 +116,21 @@ def _kind_of_mode(mode: int) -> str:
 
 
 # --- where an output may go -----------------------------------------------------------------
-def output_target(path: PathLike) -> pathlib.Path:
+# the option a verb's output is named with, for messages (everything else writes -o)
+_OPTION = {"check": "--json"}
+
+
+def option_of(verb: str) -> str:
+    return _OPTION.get(verb, "-o")
+
+
+def output_target(path: PathLike, opt: str = "-o") -> pathlib.Path:
     """The absolute output path: its folder resolved, its own name kept (a link is not followed)."""
+    if os.fspath(path) == "":
+        raise UserError(f"{opt} is an empty path; give the output's name, e.g. {opt} out")
     p = pathlib.Path(path)
     if p.name in ("", ".", ".."):
-        raise UserError(f"-o {path} names an existing folder itself, not a new entry in it; give a new name, e.g. -o {p / 'out'}")
+        raise UserError(f"{opt} {path} names an existing folder itself, not a new entry in it; give a new name, e.g. {opt} {p / 'out'}")
     return p.parent.resolve() / p.name
 
 
@@ -158,18 +168,18 @@ def _check_inputs(target: pathlib.Path, inputs: Iterable[PathLike | None], shown
         src = pathlib.Path(inp).resolve()
         src_id = _id(src, True)
         if src == target or src_id in own:
-            raise UserError(f"-o {shown} is the input {inp}; writing there would destroy it, choose another output path")
+            raise UserError(f"{shown} is the input {inp}; writing there would destroy it, choose another output path")
         if src in target.parents or src_id in above:
-            raise UserError(f"-o {shown} is inside the input {inp}; choose an output path outside it")
+            raise UserError(f"{shown} is inside the input {inp}; choose an output path outside it")
         if target in src.parents or own & _ids(src.parent):
-            raise UserError(f"-o {shown} holds the input {inp}; replacing it would destroy the input, choose another output path")
+            raise UserError(f"{shown} holds the input {inp}; replacing it would destroy the input, choose another output path")
 
 
 def _check_writable(parent: pathlib.Path, shown: PathLike) -> None:
     if os.statvfs(parent).f_flag & os.ST_RDONLY:
-        raise UserError(f"cannot write -o {shown}: {parent} is on a read-only file system; choose another output path")
+        raise UserError(f"cannot write {shown}: {parent} is on a read-only file system; choose another output path")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write -o {shown}: no permission to write in {parent}; choose another output path")
+        raise UserError(f"cannot write {shown}: no permission to write in {parent}; choose another output path")
 
 
 def check_output(path: PathLike, verb: str, inputs: Iterable[PathLike | None] = (), *, folder: bool, parents: bool = False) -> pathlib.Path:
@@ -180,53 +190,55 @@ def check_output(path: PathLike, verb: str, inputs: Iterable[PathLike | None] = 
     try:
         return _check_output(path, verb, inputs, folder, parents)
     except OSError as e:  # a name too long, a folder we may not even look into, ...
-        raise os_error(e, output_target(path)) or e from None
+        raise os_error(e, output_target(path, option_of(verb))) or e from None
 
 
 def _check_output(path: PathLike, verb: str, inputs: Iterable[PathLike | None], folder: bool, parents: bool) -> pathlib.Path:
+    o = option_of(verb)
     if not folder and os.fspath(path).endswith(os.sep):
         # pathlib drops the slash, which would write a file where the user named a folder
-        raise UserError(f"-o {path} ends in {os.sep!r}, which names a folder, not a file; give a file name, e.g. -o {os.fspath(path).rstrip(os.sep) or 'out'}")
-    target = output_target(path)
-    _check_inputs(target, inputs, path)
+        raise UserError(f"{o} {path} ends in {os.sep!r}, which names a folder, not a file; give a file name, e.g. {o} {os.fspath(path).rstrip(os.sep) or 'out'}")
+    target = output_target(path, o)
+    shown = f"{o} {path}"
+    _check_inputs(target, inputs, shown)
     parent = target.parent
     if not parent.is_dir():
         if not parents:
-            raise UserError(f"output folder {parent} does not exist; create it or choose another -o path")
+            raise UserError(f"output folder {parent} does not exist; create it or choose another {o} path")
         parent = next(p for p in parent.parents if p.exists())
         if not parent.is_dir():
-            raise UserError(f"cannot create -o {path}: {parent} is not a folder; choose another output path")
-        _check_writable(parent, path)
+            raise UserError(f"cannot create {o} {path}: {parent} is not a folder; choose another output path")
+        _check_writable(parent, shown)
         return target
-    _check_writable(parent, path)
+    _check_writable(parent, shown)
     try:
         st = target.lstat()
     except FileNotFoundError:
         return target
     what = _kind_of_mode(st.st_mode)
     if stat.S_ISLNK(st.st_mode) or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        raise UserError(f"-o {path} is {what}; moe2gguf writes only regular files and folders, choose another output path")
+        raise UserError(f"{o} {path} is {what}; moe2gguf writes only regular files and folders, choose another output path")
     if folder:
         if not stat.S_ISDIR(st.st_mode):
-            raise UserError(f"-o {path} is an existing file, not a folder moe2gguf wrote; choose another output path")
+            raise UserError(f"{o} {path} is an existing file, not a folder moe2gguf wrote; choose another output path")
         if os.path.ismount(target):
-            raise UserError(f"-o {path} is a mount point; give a new folder inside it, e.g. -o {pathlib.Path(path) / 'out'}")
+            raise UserError(f"{o} {path} is a mount point; give a new folder inside it, e.g. {o} {pathlib.Path(path) / 'out'}")
         owner = marked_verb(target)
         if owner == verb or (owner is None and not any(os.scandir(target))):
             return target
         if owner is not None:
-            raise UserError(f"-o {path} is the output of `moe2gguf {owner}`, not of {verb}; choose another output path")
-        raise UserError(f"-o {path} is an existing folder that moe2gguf did not write ({MARKER} missing); it is left as it is: "
+            raise UserError(f"{o} {path} is the output of `moe2gguf {owner}`, not of {verb}; choose another output path")
+        raise UserError(f"{o} {path} is an existing folder that moe2gguf did not write ({MARKER} missing); it is left as it is: "
                         "choose a new folder name, or empty it")
     if stat.S_ISDIR(st.st_mode):
-        raise UserError(f"-o {path} is a folder; give a file name in it, e.g. -o {pathlib.Path(path) / 'out'}")
+        raise UserError(f"{o} {path} is a folder; give a file name in it, e.g. {o} {pathlib.Path(path) / 'out'}")
     kind, recognise = FILE_KINDS[verb]
     try:
         ours = recognise(target)
     except OSError:
         ours = False
     if not ours:
-        raise UserError(f"-o {path} exists and is not {kind}; it is left as it is: choose another output path")
+        raise UserError(f"{o} {path} exists and is not {kind}; it is left as it is: choose another output path")
     return target
 
 

@@ -29,6 +29,7 @@ from moe2gguf.calib import CALIB_JSON, SCORES, gram_file, read_calib_json
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.quantize import ftype_of
+from moe2gguf.exporter.writer import check_against_config
 from moe2gguf.layout import DEFAULT_LAYOUT, LAYOUTS, PRUNE_LAYOUTS
 from moe2gguf.options import METHODS, PROBE_SHAPES, RENAMED
 from moe2gguf.prune import allocate as A
@@ -278,6 +279,7 @@ def prune(
     arch = arch_for_config(ckpt.config)
     if ckpt.expert_widths is not None:
         raise UserError(f"{ckpt.path} is already pruned; prune the unpruned model with a larger --ratio instead")
+    check_against_config(ckpt, arch)  # a tensor missing outside the experts would be missing from the pruned copy too
     if min_width > arch.expert_width:  # whatever the layout: a number the model cannot hold
         raise UserError(f"--min-width {min_width} is wider than the experts themselves ({arch.expert_width} channels); give 0..{arch.expert_width}")
     cal = Calib(calib, arch, ckpt)

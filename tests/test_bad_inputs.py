@@ -399,6 +399,10 @@ CASES: list[Case] = [
     Case("check-tokenizer-beyond-vocab", lambda E, w: check(E, w, _small_vocab(E, w)), "the tokenizer gives token id"),
     # a run refused at its first step leaves no run folder behind (not even the claimed, empty one)
     Case("run-tokenizer-beyond-vocab", lambda E, w: run(E, w, E.recipe(w), "--model", str(_small_vocab(E, w))), "the tokenizer gives token id"),
+    # --- found by a second independent sweep (paths, tensors and options the rows above miss) ---
+    Case("check-json-empty-path", lambda E, w: check(E, w, None, None, "--json", ""), "--json is an empty path"),
+    Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
+         "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]
 
 
@@ -429,6 +433,15 @@ def _duplicate_shards(E: Env, w: pathlib.Path) -> pathlib.Path:
         "model-00001-of-00002.safetensors": save({k: t[k] for k in first}),
         "model-00002-of-00002.safetensors": save({k: t[k] for k in second}),
     })
+
+
+def _lacking(E: Env, w: pathlib.Path, name: str) -> pathlib.Path:
+    """The tiny model with one tensor (not an expert's) left out of its weights."""
+    t = load_file(E.model / "model.safetensors")
+    del t[name]
+    d = E.model_with(w, drop=("model.safetensors",))
+    save_file(t, d / "model.safetensors")
+    return d
 
 
 def _small_vocab(E: Env, w: pathlib.Path) -> pathlib.Path:
