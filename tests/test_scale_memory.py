@@ -93,3 +93,20 @@ def test_taylor_pass_is_skipped_where_it_would_hold_more_than_a_layer() -> None:
     two_layers = 1_870_000_000 * 4
     assert taylor_refusal(two_layers, ram=256 << 30) is not None
     assert taylor_refusal(16_290_192 * 2, ram=8 << 30) is None
+
+
+def test_bf16_intermediate_stacks_experts_in_bf16_bit_exact(sharded: pathlib.Path) -> None:
+    """export's BF16 intermediate of a bf16 checkpoint assembles each stacked expert tensor in
+    bf16, 2 bytes a parameter (it went through float32: twice the memory, and the writer took
+    152 s against convert_hf_to_gguf's 86 s at two Qwen3-30B-A3B layers), holding the
+    checkpoint's bits exactly."""
+    from moe2gguf.exporter.writer import plan_export
+
+    plan = plan_export(sharded, "BF16")
+    ckpt, arch = plan.ckpt, plan.arch
+    experts = [p for p in plan.tensors if p.name == arch.gguf_expert_name(1, "down")]
+    assert len(experts) == 1
+    got = experts[0].load()
+    assert got.dtype == torch.bfloat16
+    want = torch.stack([ckpt.tensor(arch.expert_name(1, x, "down")) for x in range(arch.n_experts)])
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
