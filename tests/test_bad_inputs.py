@@ -401,6 +401,12 @@ CASES: list[Case] = [
     Case("run-tokenizer-beyond-vocab", lambda E, w: run(E, w, E.recipe(w), "--model", str(_small_vocab(E, w))), "the tokenizer gives token id"),
     # --- found by a second independent sweep (paths, tensors and options the rows above miss) ---
     Case("check-json-empty-path", lambda E, w: check(E, w, None, None, "--json", ""), "--json is an empty path"),
+    inspect_cfg("rms-eps-negative", "rms_norm_eps = -1.0 is not a positive number", rms_norm_eps=-1.0),
+    inspect_cfg("rope-theta-zero", "rope_theta = 0 is not a positive number", rope_theta=0),
+    inspect_cfg("rope-parameters-theta-negative", "rope_parameters.rope_theta = -10000.0 is not a positive number",
+                rope_parameters={"rope_type": "default", "rope_theta": -10000.0}),
+    inspect_cfg("eos-beyond-vocab", "eos_token_id = 999999 is outside the vocabulary (0..4095)", eos_token_id=999999),
+    Case("export-eos-list-beyond-vocab", lambda E, w: export(E, w, model=E.model_with(w, config={"eos_token_id": [2, 4096]})), "eos_token_id = 4096 is outside"),
     Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
          "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]

@@ -9,6 +9,7 @@ rewriting and export are written once against this contract.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -71,6 +72,30 @@ def check_size_keys(raw: dict, extra: tuple[str, ...] = ()) -> None:
             _require_int(key, v, SIZE_KEYS.get(key, 0))
 
 
+# config.json keys that are positive real numbers (a norm's epsilon, RoPE's base): a negative
+# epsilon or a zero base loads in transformers and llama.cpp alike, and computes NaN
+POSITIVE_KEYS = ("rms_norm_eps", "rope_theta")
+# token ids the GGUF needs; one outside the vocabulary is dropped on export (a chat that
+# never ends). pad is left out: unused by llama.cpp, and some published configs set it to vocab_size
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id")
+
+
+def check_number_keys(raw: dict) -> None:
+    """Range of the real-valued keys and the special token ids present in a config."""
+    values = [(key, raw.get(key)) for key in POSITIVE_KEYS]
+    if isinstance(raw.get("rope_parameters"), dict):
+        values.append(("rope_parameters.rope_theta", raw["rope_parameters"].get("rope_theta")))
+    for key, v in values:
+        if v is not None and not ((_is_int(v) or isinstance(v, float)) and math.isfinite(v) and v > 0):
+            raise UserError(f"config key {key} = {json.dumps(v, default=str)[:60]} is not a positive number; fix config.json")
+    vocab = raw.get("vocab_size")
+    for key in TOKEN_ID_KEYS:
+        ids = raw.get(key)
+        for i in ids if isinstance(ids, list) else [ids]:
+            if _is_int(i) and _is_int(vocab) and not 0 <= i < vocab:
+                raise UserError(f"config key {key} = {i} is outside the vocabulary (0..{vocab - 1}); fix config.json")
+
+
 @dataclass(frozen=True)
 class ParamCounts:
     total: int
@@ -116,6 +141,7 @@ class MoEArch:
     def __init__(self, config: dict):
         self.raw = dict(config)
         check_size_keys(self.raw, (self.n_experts_key, self.expert_width_key))
+        check_number_keys(self.raw)
         for alias, key in getattr(self.config_class, "attribute_map", {}).items():
             if alias in self.raw and key in self.raw and self.raw[alias] != self.raw[key]:
                 raise UserError(f"config keys {alias} = {self.raw[alias]!r} and {key} = {self.raw[key]!r} name the same number and disagree; keep one in config.json")
