@@ -17,7 +17,7 @@ import pathlib
 import gguf
 
 from moe2gguf.errors import UserError
-from moe2gguf.inputs import load_tokenizer_json
+from moe2gguf.inputs import check_chat_template, first_line, load_tokenizer_json
 from moe2gguf.exporter.tokenizer_spm import add_sentencepiece_tokenizer
 
 # The regexes llama.cpp hard-codes per pre-tokenizer (src/llama-vocab.cpp), as the HF
@@ -220,10 +220,15 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: pathlib.Path, vocab_size: 
     writer.add_tokenizer_pre(pre_tokenizer_name(tok, model_type))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    if (model_dir / "tokenizer.json").is_file():
-        _post_processor_adds(tok, special)
-    special.add_to_gguf(writer, quiet=True)
+    check_chat_template(model_dir)
+    try:  # gguf-py reads merges, special ids and the template; it raises anything on a damaged file
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+        if (model_dir / "tokenizer.json").is_file():
+            _post_processor_adds(tok, special)
+        special.add_to_gguf(writer, quiet=True)
+    except (TypeError, ValueError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        raise UserError(f"{model_dir}: the tokenizer's merges, special tokens or chat template do not read ({first_line(e)}); "
+                        "copy the tokenizer files of the original model again") from None
 
 
 def _post_processor_adds(tok: dict, special: gguf.SpecialVocab) -> None:

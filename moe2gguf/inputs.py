@@ -138,6 +138,7 @@ def require_tokenizer(model_dir: str | os.PathLike) -> None:
         )
     if (d / "tokenizer.json").exists():
         load_tokenizer_json(d / "tokenizer.json")
+    check_chat_template(d)
 
 
 def hf_tokenizer(model_dir: str | os.PathLike):  # noqa: ANN201 - a transformers tokenizer
@@ -172,6 +173,8 @@ def load_tokenizer_json(path: str | os.PathLike) -> dict:
     vocab = model.get("vocab")
     if model.get("type") == "BPE" and not (isinstance(vocab, dict) and all(is_int(i) and i >= 0 for i in vocab.values())):
         raise UserError(f"tokenizer file {path}: model.vocab is not a mapping of tokens to ids; {fix}")
+    if isinstance(vocab, dict) and len(set(vocab.values())) != len(vocab):
+        raise UserError(f"tokenizer file {path}: model.vocab gives the same id to two tokens; {fix}")
     added = tok.get("added_tokens", [])
     if not isinstance(added, list) or not all(isinstance(a, dict) and is_int(a.get("id")) and a["id"] >= 0 and isinstance(a.get("content"), str) for a in added):
         raise UserError(f"tokenizer file {path}: added_tokens is not a list of {{id, content}} entries; {fix}")
@@ -179,6 +182,21 @@ def load_tokenizer_json(path: str | os.PathLike) -> dict:
     if pre is not None and not isinstance(pre, dict):
         raise UserError(f"tokenizer file {path}: pre_tokenizer is not an object; {fix}")
     return tok
+
+
+def check_chat_template(model_dir: str | os.PathLike) -> None:
+    """The chat template, where a model folder has one, is text: chat_template.jinja in UTF-8, or
+    tokenizer_config.json's chat_template as a string or a list of {name, template} strings."""
+    d = pathlib.Path(model_dir)
+    fix = "copy the tokenizer files of the original model again"
+    if (d / "tokenizer_config.json").exists():
+        t = read_json_object(d / "tokenizer_config.json", "tokenizer config", fix).get("chat_template")
+        named = isinstance(t, list) and all(isinstance(x, dict) and isinstance(x.get("name"), str) and isinstance(x.get("template"), str) for x in t)
+        if not (t is None or isinstance(t, str) or named):
+            raise UserError(f"tokenizer config {d / 'tokenizer_config.json'}: chat_template is neither text nor a list of {{name, template}} texts; {fix}")
+    if (d / "chat_template.jinja").exists():
+        f = d / "chat_template.jinja"
+        decode_utf8(read_bytes(f, "chat template", fix, MAX_JSON_BYTES), "chat template", f, fix)
 
 
 def require_gguf(path: str | os.PathLike) -> pathlib.Path:

@@ -407,6 +407,17 @@ CASES: list[Case] = [
                 rope_parameters={"rope_type": "default", "rope_theta": -10000.0}),
     inspect_cfg("eos-beyond-vocab", "eos_token_id = 999999 is outside the vocabulary (0..4095)", eos_token_id=999999),
     Case("export-eos-list-beyond-vocab", lambda E, w: export(E, w, model=E.model_with(w, config={"eos_token_id": [2, 4096]})), "eos_token_id = 4096 is outside"),
+    Case("export-chat-template-int", lambda E, w: export(E, w, model=E.model_with(w, files={"tokenizer_config.json": b'{"chat_template": 5}'}, drop=("chat_template.jinja",))),
+         "chat_template is neither text nor a list"),
+    Case("export-chat-template-list-bad", lambda E, w: export(E, w, model=E.model_with(w, files={"tokenizer_config.json": b'{"chat_template": [{"name": 5, "template": "x"}]}'},
+                                                                        drop=("chat_template.jinja",))), "chat_template is neither text nor a list"),
+    Case("export-chat-template-not-utf8", lambda E, w: export(E, w, model=E.model_with(w, files={"chat_template.jinja": b"\xff\xfe{{ x }}"})), "chat template"),
+    Case("calibrate-chat-template-not-utf8", lambda E, w: calibrate(E, w, E.model_with(w, files={"chat_template.jinja": b"\xff\xfe{{ x }}"})), "is not UTF-8"),
+    Case("export-tokenizer-config-list", lambda E, w: export(E, w, model=E.model_with(w, files={"tokenizer_config.json": b"[]"})), "holds a JSON list"),
+    Case("export-tokenizer-merges-bad", lambda E, w: export(E, w, model=E.model_with(w, files={"tokenizer.json": _tokenizer_with(E, merges=[5, 6])})),
+         "the tokenizer's merges, special tokens or chat template do not read"),
+    Case("export-tokenizer-duplicate-ids", lambda E, w: export(E, w, model=E.model_with(w, files={"tokenizer.json": _tokenizer_with(E, dup=True)})),
+         "gives the same id to two tokens"),
     Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
          "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]
@@ -439,6 +450,17 @@ def _duplicate_shards(E: Env, w: pathlib.Path) -> pathlib.Path:
         "model-00001-of-00002.safetensors": save({k: t[k] for k in first}),
         "model-00002-of-00002.safetensors": save({k: t[k] for k in second}),
     })
+
+
+def _tokenizer_with(E: Env, merges: list | None = None, dup: bool = False) -> bytes:
+    """The tiny model's tokenizer.json with its merges replaced, or one id given to two tokens."""
+    tok = json.loads((E.model / "tokenizer.json").read_text())
+    if merges is not None:
+        tok["model"]["merges"] = merges
+    if dup:
+        vocab = tok["model"]["vocab"]
+        vocab[list(vocab)[10]] = 11
+    return json.dumps(tok).encode()
 
 
 def _lacking(E: Env, w: pathlib.Path, name: str) -> pathlib.Path:
