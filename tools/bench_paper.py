@@ -212,7 +212,7 @@ def run(a: argparse.Namespace) -> None:
     slim_py = pathlib.Path(a.slim_python)
     if not slim_py.is_file():
         raise UserError(f"--slim-python {slim_py} does not exist; make a venv with torch, transformers==4.57.*, peft, datasets, bitsandbytes")
-    calib_text, eval_text = str(model / "calib.txt"), str(model / "eval.txt")
+    calib_text, eval_text = (str(p) for p in bench_prune.bench_texts(model))
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)

@@ -4,6 +4,7 @@
     python tools/bench_prune.py --ablations          # + coverage variants (score, normalisation, refit)
     python tools/bench_prune.py --methods coverage --deployable   # the cost of the llama.cpp layout
     python tools/bench_prune.py --methods coverage reap frequency --scores taylor   # + coverage by the paper's Taylor score
+    python tools/bench_prune.py --model moe2gguf/data/reference-moe-fine   # the fine-grained model (64 x 64, top-8)
 
 Calibrates once on calib.txt, prunes with every method into a temporary folder, and scores
 each with moe2gguf.protocol on eval.txt (ctx 256, the first --chunks windows, second halves).
@@ -28,13 +29,22 @@ from moe2gguf.prune.prune import prune
 from moe2gguf.options import SCORE_KINDS
 
 REF = pathlib.Path(__file__).resolve().parent.parent / "moe2gguf" / "data" / "reference-moe"
+FINE = REF.with_name("reference-moe-fine")  # the fine-grained bundled model: 64 experts x 64, top-8
+
+
+def bench_texts(model: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """calib.txt and eval.txt of a model folder. The fine-grained bundled model shares the
+    reference model's tokenizer and texts (tools/train_reference.py --fine), so they are read
+    from there rather than shipped twice."""
+    home = model if (model / "calib.txt").is_file() or model.resolve() != FINE.resolve() else REF
+    return home / "calib.txt", home / "eval.txt"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REF))
-    ap.add_argument("--calib-text", default=None, help="default: MODEL/calib.txt")
-    ap.add_argument("--eval-text", default=None, help="default: MODEL/eval.txt")
+    ap.add_argument("--calib-text", default=None, help="default: MODEL/calib.txt (the fine model: reference-moe's)")
+    ap.add_argument("--eval-text", default=None, help="default: MODEL/eval.txt (the fine model: reference-moe's)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--methods", nargs="+", default=["coverage", "uniform", "magnitude", "reap", "frequency"])
     ap.add_argument("--ctx", type=int, default=256)
@@ -45,8 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--deployable", action="store_true", help="also coverage in the llama.cpp layout, with and without --reconstruct")
     a = ap.parse_args(argv)
     model = pathlib.Path(a.model)
-    calib_text = a.calib_text or str(model / "calib.txt")
-    eval_text = a.eval_text or str(model / "eval.txt")
+    calib_default, eval_default = bench_texts(model)
+    calib_text = a.calib_text or str(calib_default)
+    eval_text = a.eval_text or str(eval_default)
     torch.set_grad_enabled(False)
 
     ids = tokenize(model, [eval_text])[0]
