@@ -46,7 +46,7 @@ def parse_size(text: str | int) -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # "0.5" or true is not a number in a recipe
 
 
 class ModelSpec(_Strict):

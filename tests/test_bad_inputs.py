@@ -418,6 +418,8 @@ CASES: list[Case] = [
          "the tokenizer's merges, special tokens or chat template do not read"),
     Case("export-tokenizer-duplicate-ids", lambda E, w: export(E, w, model=E.model_with(w, files={"tokenizer.json": _tokenizer_with(E, dup=True)})),
          "gives the same id to two tokens"),
+    Case("run-tokens-bool", lambda E, w: ["run", "--recipe", str(E.recipe(w, _set("calibration.tokens", True))), "--dry-run"], "calibration.tokens: Input should be a valid integer"),
+    Case("run-ratio-text", lambda E, w: ["run", "--recipe", str(E.recipe(w, _set("prune.ratio", "0.5"))), "--dry-run"], "prune.ratio: Input should be a valid number"),
     Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
          "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]
