@@ -272,6 +272,10 @@ def prune(
     if layout not in PRUNE_LAYOUTS:
         raise UserError(f"--layout {layout} is not available; use one of {', '.join(PRUNE_LAYOUTS)}")
     shape_choice = A.LAYOUTS[layout].one_shape and method == "coverage"  # one (count, width) for the model
+    forced = [f"--{k} {v}" for k, v in (("width", width), ("experts", experts)) if v is not None]
+    if forced and not shape_choice:  # they shape the one llama.cpp layout; elsewhere they would be ignored
+        raise UserError(f"{' '.join(forced)} applies to --method coverage with --layout llama.cpp (or --target-size), not to "
+                        f"--method {method} --layout {layout}; drop it or prune with --method coverage")
     if reconstruct is None:  # on where it measurably pays (prune/reconstruct.py): removed experts' tokens are re-routed
         reconstruct = shape_choice
     check_output(output, "prune", [model, calib], folder=True)  # before the work, not after it

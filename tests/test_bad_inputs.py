@@ -420,6 +420,9 @@ CASES: list[Case] = [
          "gives the same id to two tokens"),
     Case("run-tokens-bool", lambda E, w: ["run", "--recipe", str(E.recipe(w, _set("calibration.tokens", True))), "--dry-run"], "calibration.tokens: Input should be a valid integer"),
     Case("run-ratio-text", lambda E, w: ["run", "--recipe", str(E.recipe(w, _set("prune.ratio", "0.5"))), "--dry-run"], "prune.ratio: Input should be a valid number"),
+    Case("prune-width-with-uniform", lambda E, w: prune(E, w, "--ratio", "0.25", "--width", str(10**9)), "--width 1000000000 applies to --method coverage"),
+    Case("prune-experts-with-ragged", lambda E, w: ["prune", str(E.model), "--calib", str(E.calib), "-o", str(w / "out"), "--ratio", "0.25",
+                                                    "--layout", "ragged", "--experts", "1"], "--experts 1 applies to --method coverage"),
     Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
          "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]
