@@ -3,6 +3,7 @@
     python tools/bench_size.py -o docs/bench            # ~16 min on 2 cores
     python tools/bench_size.py -o /tmp/b --chunks 10    # quicker, noisier
     python tools/bench_size.py -o /tmp/b --methods reap --ladder Q4_K_M   # the REAP rows alone
+    python tools/bench_size.py -o /tmp/b --model moe2gguf/data/reference-moe-fine   # the fine-grained model
 
 Every point is a real GGUF measured with moe2gguf.exporter.check.check (llama-cpp-python,
 held-out eval.txt, ctx 256, the first --chunks windows) for PPL and KLD against the unpruned
@@ -17,8 +18,11 @@ pruned experts/channels). Rows:
     each whole-expert baseline given our --reconstruct and coverage at the first baseline's
     bytes without it;
   * coverage with --target-size at the exact bytes of the unpruned Q3_K_M and IQ3_XXS files.
-Writes OUT/bench_size.md (the table) and OUT/bench_size.png (bytes vs KLD), and prints whether
-pruned + Q4_K_M lies on or below the unpruned ladder's front at equal bytes.
+Every GGUF is also scored on a multiple-choice task (--task, default the bundled "finish the
+line" task; `check --task`, llama-perplexity's acc_norm) with the share of answers equal to the
+unpruned F32 GGUF's. Writes OUT/bench_size.md (the table) and OUT/bench_size.png (bytes vs KLD,
+and bytes vs task accuracy), and prints whether pruned + Q4_K_M lies on or below the unpruned
+ladder's front at equal bytes.
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
                     help="rows pruned at --ratios; coverage --target-size rows follow each baseline listed")
     ap.add_argument("--ladder", nargs="+", choices=LADDER, default=list(LADDER),
                     help="unpruned quant types (Q4_K_M is the table's reference row)")
+    ap.add_argument("--task", default=str(REF / "task-line-ending.txt"),
+                    help="multiple-choice task file scored on every GGUF (llama-perplexity format; '' to skip)")
     ap.add_argument("--keep", default=None, help="keep the GGUFs and checkpoints in this folder (default: a temporary one)")
     a = ap.parse_args(argv)
 
@@ -89,10 +95,12 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     from moe2gguf.prune.calibrate import calibrate
     from moe2gguf.prune.prune import prune
 
+    from bench_prune import bench_texts  # the fine-grained model reads reference-moe's texts
+
     out = pathlib.Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     model = pathlib.Path(a.model)
-    eval_text = str(model / "eval.txt")
+    calib_text, eval_text = (str(p) for p in bench_texts(model))
     t_start = time.time()
     ctx = tempfile.TemporaryDirectory(prefix="bench-size-") if a.keep is None else None
     work = pathlib.Path(ctx.name if ctx else a.keep)
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     calib = a.calib
     if calib is None:
         calib = str(work / "calib")
-        calibrate(str(model), [str(model / "calib.txt")], calib, tokens=a.tokens, ctx=a.ctx)
+        calibrate(str(model), [calib_text], calib, tokens=a.tokens, ctx=a.ctx)
         say(f"calibrated {a.tokens} tokens")
     f32 = work / "unpruned-F32.gguf"
     export(str(model), str(f32), "F32", progress=False)
@@ -116,8 +124,12 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
         r = check(str(gguf), eval_text, base=str(f32), ctx=a.ctx, chunks=a.chunks)
         row = {"label": label, "kind": kind, "bytes": gguf.stat().st_size, "ppl": r["ppl"], "ppl_se": r["ppl_se"], "kld": r["kld"],
                "kld_se": r["kld_se"], "top1": r["top1"], "experts_frac": expert_params(gguf) / base_experts, **extra}
+        if a.task:
+            t = check(str(gguf), None, base=str(f32), task=a.task)
+            row |= {"task_acc": t.get("acc_norm", t["acc"]), "task_acc_se": t.get("acc_norm_se", t["acc_se"]), "task_agree": t.get("agree", 1.0)}
         rows.append(row)
-        say(f"{label}: {row['bytes']:,} B  ppl {row['ppl']:.3f}  kld {row['kld']:.5f}")
+        task_msg = f"  task {100 * row['task_acc']:.1f}%" if a.task else ""
+        say(f"{label}: {row['bytes']:,} B  ppl {row['ppl']:.3f}  kld {row['kld']:.5f}{task_msg}")
         return row
 
     measure("unpruned F32", "reference", f32)
@@ -190,13 +202,14 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
         f"model {model.name} | eval {pathlib.Path(eval_text).name} | ctx {a.ctx} | chunks {a.chunks} | imatrix from {a.tokens} calib tokens | "
         f"llama-cpp-python check, KLD vs unpruned F32 GGUF",
         "",
-        f"| model | GGUF bytes | expert params (of unpruned) | shape K x W | PPL | ΔPPL vs {base_q4['label']} | KLD | top-1 |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | GGUF bytes | expert params (of unpruned) | shape K x W | PPL | ΔPPL vs {base_q4['label']} | KLD | top-1 | task acc_norm | same answer as F32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -r["bytes"]):
+        task = f"{100 * r['task_acc']:.1f} ± {100 * r['task_acc_se']:.1f}% | {100 * r['task_agree']:.1f}%" if "task_acc" in r else "- | -"
         lines.append(
             f"| {r['label']} | {r['bytes']:,} | {100 * r['experts_frac']:.1f}% | {r.get('shape') or '-'} | {r['ppl']:.3f} ± {r['ppl_se']:.3f} | "
-            f"{100 * (r['ppl'] / base_q4['ppl'] - 1):+.2f}% | {r['kld']:.5f} ± {r['kld_se']:.5f} | {100 * r['top1']:.2f}% |"
+            f"{100 * (r['ppl'] / base_q4['ppl'] - 1):+.2f}% | {r['kld']:.5f} ± {r['kld_se']:.5f} | {100 * r['top1']:.2f}% | {task} |"
         )
     ladder = [(r["bytes"], r["kld"]) for r in rows if r["kind"] == "unpruned"]
     verdicts = []
@@ -228,23 +241,30 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     (out / "bench_size.md").write_text("\n".join(lines) + "\n")
     (out / "bench_size.json").write_text(json.dumps(rows, indent=1))
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    panels = ["kld", "task_acc"] if a.task else ["kld"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5.5), squeeze=False)
     style = {"unpruned": ("o-", "black"), "coverage": ("s", "tab:red"), "coverage-target": ("*", "tab:red"), "uniform": ("^", "tab:blue"), "frequency": ("v", "tab:green"), "reap": ("D", "tab:purple")}
-    for kind, (marker, color) in style.items():
-        pts = sorted((r["bytes"], r["kld"], r["label"]) for r in rows if r["kind"] == kind)
-        if not pts:
-            continue
-        xs, ys = [p[0] / 2**20 for p in pts], [max(p[1], 1e-6) for p in pts]
-        ax.plot(xs, ys, marker if kind == "unpruned" else marker, color=color, ls="-" if kind == "unpruned" else "none", ms=9 if kind == "coverage-target" else 6, label=kind)
-        for x, y, lab in zip(xs, ys, [p[2] for p in pts], strict=True):
-            short = lab.replace("unpruned ", "").replace("coverage (llama.cpp layout)", "cov").replace("coverage --target-size = ", "cov@")
-            ax.annotate(short.replace(" Q4_K_M bytes", ""), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("GGUF file size (MiB)")
-    ax.set_ylabel("KL-divergence vs unpruned F32 (log)")
-    ax.set_yscale("log")
-    ax.set_title(f"{model.name}: pruned + quantized vs plain quantization (eval, {a.chunks} x {a.ctx // 2} tokens)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, key in zip(axes[0], panels, strict=True):
+        for kind, (marker, color) in style.items():
+            pts = sorted((r["bytes"], r[key], r["label"]) for r in rows if r["kind"] == kind)
+            if not pts:
+                continue
+            xs = [p[0] / 2**20 for p in pts]
+            ys = [max(p[1], 1e-6) if key == "kld" else 100 * p[1] for p in pts]
+            ax.plot(xs, ys, marker, color=color, ms=9 if kind == "coverage-target" else 6, label=kind)
+            for x, y, lab in zip(xs, ys, [p[2] for p in pts], strict=True):
+                short = lab.replace("unpruned ", "").replace("coverage (llama.cpp layout)", "cov").replace("coverage --target-size = ", "cov@")
+                ax.annotate(short.replace(" Q4_K_M bytes", ""), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("GGUF file size (MiB)")
+        if key == "kld":
+            ax.set_ylabel("KL-divergence vs unpruned F32 (log)")
+            ax.set_yscale("log")
+            ax.set_title(f"{model.name}: pruned + quantized vs plain quantization (eval, {a.chunks} x {a.ctx // 2} tokens)")
+        else:
+            ax.set_ylabel("task acc_norm (%)")
+            ax.set_title(f"task accuracy on {pathlib.Path(a.task).name}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "bench_size.png", dpi=130)
     print("\n".join(lines))
