@@ -13,10 +13,13 @@ from collections.abc import Iterator
 import click
 
 from moe2gguf.errors import UserError
-from moe2gguf.inputs import require_gguf
+from moe2gguf.inputs import first_line, require_gguf
 from moe2gguf.llama_runtime import open_llama
 
 EXIT_WORDS = {"/exit", "/quit"}
+# llama-cpp-python's ValueErrors when a conversation no longer fits: its own check of the
+# prompt, and its n_ctx-long token buffer overflowing while a reply is generated
+OUTGROWN = ("context window", "could not broadcast")
 MAX_LINE_BYTES = 1 << 20  # one message; a longer "line" is a stream without newlines
 # For a GGUF without tokenizer.chat_template: a plain transcript the model can continue.
 PLAIN_TEMPLATE = "{history}User: {message}\nAssistant:"
@@ -34,7 +37,12 @@ def open_gguf(path: str, n_ctx: int, seed: int):
 
 def reply_stream(llm, messages: list[dict], max_tokens: int, temperature: float) -> Iterator[str]:
     if "tokenizer.chat_template" in llm.metadata:
-        for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True):
+        try:  # the template is rendered here, the tokens come lazily
+            stream = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True)
+        except Exception as e:  # noqa: BLE001 - jinja2's errors, the template's own raise_exception (a ValueError), ...
+            raise UserError(f"the GGUF's chat template fails on this conversation ({first_line(e)}); "
+                            "export the model again with its original chat template, or leave out what it refuses (e.g. --system)") from None
+        for chunk in stream:
             delta = chunk["choices"][0]["delta"].get("content")
             if delta:
                 yield delta
@@ -88,8 +96,8 @@ def chat_main(gguf: str, system: str | None, max_tokens: int, temperature: float
                 reply.append(piece)
                 click.echo(piece, nl=False)
                 sys.stdout.flush()
-        except ValueError as e:  # llama-cpp-python: "Requested tokens (...) exceed context window of ..."
-            if "context window" not in str(e):
+        except ValueError as e:
+            if not any(m in str(e) for m in OUTGROWN):
                 raise
             full = UserError(f"the conversation has outgrown --ctx {n_ctx} tokens at line {lineno}; raise --ctx or start a new chat")
             if not interactive:

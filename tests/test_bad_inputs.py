@@ -423,6 +423,11 @@ CASES: list[Case] = [
     Case("prune-width-with-uniform", lambda E, w: prune(E, w, "--ratio", "0.25", "--width", str(10**9)), "--width 1000000000 applies to --method coverage"),
     Case("prune-experts-with-ragged", lambda E, w: ["prune", str(E.model), "--calib", str(E.calib), "-o", str(w / "out"), "--ratio", "0.25",
                                                     "--layout", "ragged", "--experts", "1"], "--experts 1 applies to --method coverage"),
+    Case("chat-conversation-outgrows-ctx", lambda E, w: chat(E, w), "the conversation has outgrown --ctx 64", stdin=b"hi\n" * 30),
+    Case("chat-template-raises", lambda E, w: chat(E, w, gguf=_gguf_with_template(E, w, b"{{ raise_exception('no system role') }}")),
+         "the GGUF's chat template fails on this conversation (no system role)", stdin=b"hi\n"),
+    Case("chat-template-undefined", lambda E, w: chat(E, w, gguf=_gguf_with_template(E, w, b"{{ messages[0].nope.deeper }}")),
+         "the GGUF's chat template fails on this conversation", stdin=b"hi\n"),
     Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
          "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]
@@ -466,6 +471,15 @@ def _tokenizer_with(E: Env, merges: list | None = None, dup: bool = False) -> by
         vocab = tok["model"]["vocab"]
         vocab[list(vocab)[10]] = 11
     return json.dumps(tok).encode()
+
+
+def _gguf_with_template(E: Env, w: pathlib.Path, template: bytes) -> pathlib.Path:
+    """The tiny model as an F32 GGUF whose chat template is `template`."""
+    from moe2gguf.exporter.export import export as write_gguf
+
+    out = w / "t.gguf"
+    write_gguf(str(E.model_with(w, files={"chat_template.jinja": template})), str(out), "F32", progress=False)
+    return out
 
 
 def _lacking(E: Env, w: pathlib.Path, name: str) -> pathlib.Path:
