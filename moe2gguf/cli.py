@@ -3,6 +3,7 @@ imports nothing heavy, so `--help` answers at once) and how errors end the progr
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input (a usage error, a UserError, a failing disk) is one line and exit
     code 2; Ctrl-C exits quietly with 130, SIGTERM with 143, both after removing temporaries."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # relative paths mean nothing, and torch's libraries fail to load (a oneMKL "FATAL ERROR")
+        click.echo("error: the current folder no longer exists (deleted while the shell was in it); cd to an existing folder and run again", err=True)
+        sys.exit(2)
     try:
         cli.main(args=argv, prog_name="moe2gguf", standalone_mode=False)  # the hints name the command, not `python -m ...`
     except NO_ARGS_HELP as e:  # bare `moe2gguf` or a bare group: the help, not an error line

@@ -359,6 +359,7 @@ def os_error(e: OSError, target: pathlib.Path | None = None) -> UserError | None
         errno.ENOENT: f"{name} does not exist; check the path",
         errno.EMFILE: f"too many open files writing {name}; raise the limit (ulimit -n)",
         errno.EIO: f"input/output error on {name}; the disk or network file system failed, check it",
+        errno.EFBIG: f"{name} grew beyond the largest file allowed here (ulimit -f, or the file system's limit); raise the limit or {fix}",
         errno.EBUSY: f"{name} is busy (a mount point or in use); {fix}",
         errno.ENOTEMPTY: f"{name} changed while it was written (another writer?); run again",
         errno.ETXTBSY: f"{name} is busy (a running program); {fix}",

@@ -357,6 +357,34 @@ def test_disk_full_is_one_line_and_leaves_nothing(verb, world, tmp_path, capsys)
         assert sorted(p.name for p in small.iterdir()) == ["filler"]
 
 
+def test_file_size_limit_is_one_line_and_leaves_nothing(world, tmp_path):
+    """`ulimit -f` below the output's size: Python ignores SIGXFSZ, so the write fails with
+    EFBIG, which is named in one line; the temporary is removed."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    out = tmp_path / "m.gguf"
+    r = subprocess.run([sys.executable, "-m", "moe2gguf.cli", *map(str, world.args("export", out))], capture_output=True, text=True,
+                       preexec_fn=limit, timeout=600)
+    assert r.returncode == 2 and one_error_line(r.stderr), r.stderr
+    assert "largest file allowed" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_deleted_current_folder_is_one_line(world, tmp_path):
+    """Run from a folder deleted under the shell: one line saying so (torch's libraries would
+    otherwise fail to load with a oneMKL "FATAL ERROR")."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    argv = " ".join(f"'{a}'" for a in world.args("export", "rel.gguf"))
+    r = subprocess.run(["sh", "-c", f"cd '{gone}' && rmdir '{gone}' && exec '{sys.executable}' -c 'from moe2gguf.cli import main; main()' {argv}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and one_error_line(r.stderr), r.stderr
+    assert "the current folder no longer exists" in r.stderr
+
+
 # --- signals, kills, races ------------------------------------------------------------------
 def signal_when_temp_appears(folder: pathlib.Path, sig: int) -> threading.Thread:
     """Send `sig` to this process as soon as one of its temporaries exists in `folder`."""
