@@ -28,8 +28,9 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 # A shard is memory-mapped, and the pages reads touch stay in the process's RSS for as long as
 # the mapping is open: kept open, streaming a model layer by layer would end with the whole
 # model resident (3.5 GB of file pages at two Qwen3-30B-A3B layers). A handle is dropped after
-# this many bytes read through it (reopening costs a header parse), so the file pages held are
-# this much plus the tensors still alive, whatever the model's size.
+# this many bytes read through it (reopening costs a header parse), and when reads move on to
+# another shard, so the file pages held are this much plus the tensors still alive, whatever
+# the model's size or its number of shards.
 MAP_WINDOW = 256 << 20
 
 
@@ -182,8 +183,11 @@ class Checkpoint:
         return t
 
     def _release(self, fname: str, nbytes: int) -> None:
-        """Drop `fname`'s handle once MAP_WINDOW bytes were read through it: its mapping, and the
-        file pages in the RSS, go when the tensors read from it do."""
+        """Drop `fname`'s handle once MAP_WINDOW bytes were read through it, and every other
+        shard's that was read from: a mapping, and its file pages in the RSS, go when the
+        tensors read from it do."""
+        for other in [f for f in self._mapped if f != fname]:
+            del self._handles[other], self._mapped[other]
         self._mapped[fname] = self._mapped.get(fname, 0) + nbytes
         if self._mapped[fname] >= MAP_WINDOW:
             del self._handles[fname], self._mapped[fname]
