@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except MemoryError:  # a limit (ulimit -v, a cgroup) or a machine too small for the model; temporaries are gone by now
+        click.echo("error: out of memory; free memory or raise the limit (ulimit -v, the container's), or use a machine with more", err=True)
+        sys.exit(2)
     except OSError as e:  # a file system failing under a verb (disk full, read-only, ...) is not a bug of ours
         err = os_error(e)
         if err is None:

@@ -368,6 +368,16 @@ def os_error(e: OSError, target: pathlib.Path | None = None) -> UserError | None
     return UserError(msg) if msg else None
 
 
+# how Rust libraries (safetensors) report a failed system call in their own exception type
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _as_os_error(e: Exception) -> Exception:
+    """`e`, or the OSError it wraps when a library reports one in its own type."""
+    m = None if isinstance(e, OSError) else _RUST_OS_ERROR.search(str(e))
+    return OSError(int(m[1]), os.strerror(int(m[1]))) if m else e
+
+
 @contextlib.contextmanager
 def _user_errors(target: pathlib.Path, temps: list[pathlib.Path] | None = None) -> Iterator[None]:
     """OSErrors (and a full disk, however a library reports it) as one-line user errors.
@@ -375,6 +385,7 @@ def _user_errors(target: pathlib.Path, temps: list[pathlib.Path] | None = None) 
     try:
         yield
     except Exception as e:
+        e = _as_os_error(e)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or _free_bytes(target.parent) < _FULL_BYTES:
             written = sum(_tree_bytes(t) for t in temps or [])
             raise UserError(

@@ -373,6 +373,33 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(world, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_library_error_wrapping_efbig_is_one_line(world, tmp_path):
+    """safetensors reports a failed write as its own error ("... (os error 27)"): calibrate,
+    which saves with safetensors, names it as the OSError it is."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    r = subprocess.run([sys.executable, "-m", "moe2gguf.cli", *map(str, world.args("calibrate", tmp_path / "calib"))], capture_output=True,
+                       text=True, preexec_fn=limit, timeout=600)
+    assert r.returncode == 2 and one_error_line(r.stderr), r.stderr
+    assert "largest file allowed" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_of_memory_is_one_line(world, capsys, monkeypatch):
+    import moe2gguf.inspect
+
+    def no_memory(model: str, as_json: bool) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(moe2gguf.inspect, "inspect_main", no_memory)
+    code, err = moe(capsys, "inspect", world.model)
+    assert code == 2 and one_error_line(err), err
+    assert "out of memory" in err
+
+
 def test_a_deleted_current_folder_is_one_line(world, tmp_path):
     """Run from a folder deleted under the shell: one line saying so (torch's libraries would
     otherwise fail to load with a oneMKL "FATAL ERROR")."""
