@@ -73,7 +73,10 @@ def _mtime(p: pathlib.Path) -> float:
 
 def cache_dir() -> pathlib.Path:
     d = llama_runtime.cache_folder()
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file or a device at that path, a read-only home, ...
+        raise UserError(f"cannot use the cache folder {d} ({e.strerror}); set MOE2GGUF_CACHE to a folder you can write") from None
     return d
 
 
@@ -337,6 +340,10 @@ def check_main(
     task: str | None, task_format: str | None, n_tasks: int | None,
 ) -> None:
     """The `check` verb once moe2gguf/commands.py has parsed its options."""
+    cpus = os.cpu_count() or 1
+    if threads > cpus:  # llama.cpp's threads spin-wait for each other: on fewer cores a reply takes minutes per token
+        raise UserError(f"--threads {threads} is more than the {cpus} CPUs of this machine, which slows llama.cpp down to a crawl; "
+                        f"give at most {cpus} (0: all of them)")
     if json_out is not None:  # before the measurement, not after it (an empty name is refused, not ignored)
         check_output(json_out, "check", [model, text, base, task], folder=False)
     r = check(model, text, base, ctx, chunks, kv_type, threads, task, task_format, n_tasks)

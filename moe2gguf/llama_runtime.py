@@ -248,9 +248,14 @@ def open_llama(path: str | os.PathLike, *, announce: bool = True, **llama_kwargs
     import llama_cpp
 
     if llama_kwargs.get("vocab_only"):
-        return llama_cpp.Llama(str(path), **llama_kwargs)  # no weights: nothing to probe
-    cls = llama_cpp.Llama if extra_bufts_verdict(announce).extra_bufts else _plain_cpu_llama()
-    return cls(str(path), **llama_kwargs)
+        cls = llama_cpp.Llama  # no weights: nothing to probe
+    else:
+        cls = llama_cpp.Llama if extra_bufts_verdict(announce).extra_bufts else _plain_cpu_llama()
+    try:
+        return cls(str(path), **llama_kwargs)
+    except ValueError as e:  # "Failed to load model from file": llama.cpp logs why, Python learns only that
+        raise UserError(f"llama.cpp could not load {path} ({e}): an architecture or tensor set this llama.cpp does not know, "
+                        "or a damaged file; export it again with `moe2gguf export`") from None
 
 
 def extra_bufts_in_use(llm: llama_cpp.Llama) -> bool:

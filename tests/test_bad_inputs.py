@@ -152,6 +152,7 @@ class Case:
     fragment: str  # must appear in the one error line
     stdin: bytes | None = None
     subprocess: bool = False  # inputs that used to hang run in a child with a timeout
+    environ: dict[str, str] | None = None  # environment variables set for the row
 
 
 def _set(path: str, value: object) -> Callable[[dict], None]:
@@ -428,6 +429,11 @@ CASES: list[Case] = [
          "the GGUF's chat template fails on this conversation (no system role)", stdin=b"hi\n"),
     Case("chat-template-undefined", lambda E, w: chat(E, w, gguf=_gguf_with_template(E, w, b"{{ messages[0].nope.deeper }}")),
          "the GGUF's chat template fails on this conversation", stdin=b"hi\n"),
+    Case("check-threads-beyond-cpus", lambda E, w: check(E, w, None, None, "--threads", str((os.cpu_count() or 1) + 1)), "more than the"),
+    Case("check-gguf-unknown-architecture", lambda E, w: check(E, w, _gguf_of_arch(w, "frobnicate")), "llama.cpp could not load"),
+    Case("chat-gguf-unknown-architecture", lambda E, w: chat(E, w, gguf=_gguf_of_arch(w, "frobnicate")), "llama.cpp could not load", stdin=b"hi\n"),
+    Case("check-base-cache-unusable", lambda E, w: check(E, w, None, None, "--base", str(E.gguf)), "cannot use the cache folder /dev/null",
+         environ={"MOE2GGUF_CACHE": "/dev/null"}),
     Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
          "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]
@@ -479,6 +485,21 @@ def _gguf_with_template(E: Env, w: pathlib.Path, template: bytes) -> pathlib.Pat
 
     out = w / "t.gguf"
     write_gguf(str(E.model_with(w, files={"chat_template.jinja": template})), str(out), "F32", progress=False)
+    return out
+
+
+def _gguf_of_arch(w: pathlib.Path, arch: str) -> pathlib.Path:
+    """A well-formed GGUF (one tensor) of an architecture llama.cpp does not know."""
+    import gguf
+    import numpy as np
+
+    out = w / "arch.gguf"
+    g = gguf.GGUFWriter(str(out), arch)
+    g.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    g.write_header_to_file()
+    g.write_kv_data_to_file()
+    g.write_tensors_to_file()
+    g.close()
     return out
 
 
@@ -542,6 +563,8 @@ assert len(CASES) >= 80 and len({c.id for c in CASES}) == len(CASES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case: Case, env: Env, tmp_path: pathlib.Path, capsys, monkeypatch):
     argv = case.build(env, tmp_path)
+    for k, v in (case.environ or {}).items():
+        monkeypatch.setenv(k, v)
     before = _tree(tmp_path)
     if case.subprocess:
         r = subprocess.run([sys.executable, "-m", "moe2gguf.cli", *argv], input=case.stdin or b"", capture_output=True, timeout=HANG_LIMIT_S)
