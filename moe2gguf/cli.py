@@ -33,13 +33,23 @@ for verb in VERBS:
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where the program is, so every `with` block removes its temporaries.
-    A BaseException, like KeyboardInterrupt: no `except Exception` may swallow it."""
+    """SIGTERM or SIGHUP (the terminal closed), raised where the program is, so every `with`
+    block removes its temporaries. A BaseException, like KeyboardInterrupt: no `except
+    Exception` may swallow it."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# signals whose default action would end the program without removing its temporaries
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
-    raise Terminated
+    for s in ENDING_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise Terminated(signum)
 
 
 def usage_line(e: click.UsageError) -> str:
@@ -51,7 +61,9 @@ def usage_line(e: click.UsageError) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input (a usage error, a UserError, a failing disk) is one line and exit
     code 2; Ctrl-C exits quietly with 130, SIGTERM with 143, both after removing temporaries."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for s in ENDING_SIGNALS:
+        if s == signal.SIGTERM or signal.getsignal(s) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
+            signal.signal(s, _on_sigterm)
     try:
         os.getcwd()
     except FileNotFoundError:  # relative paths mean nothing, and torch's libraries fail to load (a oneMKL "FATAL ERROR")
@@ -71,9 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except Terminated:
+    except Terminated as e:
         click.echo("terminated", err=True)
-        sys.exit(143)
+        sys.exit(128 + e.signum)
     except click.ClickException as e:
         click.echo(f"error: {one_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)

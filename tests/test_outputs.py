@@ -443,6 +443,21 @@ def test_signal_mid_write_removes_the_temp_and_keeps_the_earlier_output(sig, wor
     assert snapshot(out) == before
 
 
+def test_sighup_mid_write_removes_the_temp(world, tmp_path):
+    """The terminal closing (SIGHUP, whose default action ends the process on the spot) removes
+    the temporaries as SIGTERM does; exit code 128 + 1."""
+    out = tmp_path / "calib"
+    p = subprocess.Popen([sys.executable, "-m", "moe2gguf.cli", *map(str, world.args("calibrate", out))], stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    end = time.time() + 300
+    while not temps(tmp_path) and p.poll() is None and time.time() < end:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGHUP)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 129 and err.strip().splitlines()[-1] == "terminated", err
+    assert temps(tmp_path) == [] and not out.exists()
+
+
 # A writer in its own process, without the weight of the CLI's imports: it opens the output,
 # writes, says so in a file, waits for `go` to exist, then finishes (the rename).
 WRITER = """
