@@ -18,7 +18,7 @@ from moe2gguf.arch import arch_for_config
 from moe2gguf.errors import UserError
 from moe2gguf.exporter.quantize import check_override, ftype_of
 from moe2gguf.inputs import decode_utf8, first_line, read_bytes, regular_file
-from moe2gguf.options import RENAMED
+from moe2gguf.options import MAX_CTX, RENAMED
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 MAX_SIZE = 10**15
@@ -74,7 +74,7 @@ class ModelSpec(_Strict):
 class CalibrationSpec(_Strict):
     texts: list[str] = Field(min_length=1)
     tokens: int = Field(65536, gt=0)
-    ctx: int = Field(512, ge=16)
+    ctx: int = Field(512, ge=16, le=MAX_CTX)
 
 
 class PruneSpec(_Strict):
@@ -131,7 +131,7 @@ class ExportSpec(_Strict):
 
 class CheckSpec(_Strict):
     text: str | None = None
-    ctx: int = Field(256, ge=4, multiple_of=2)
+    ctx: int = Field(256, ge=4, le=MAX_CTX, multiple_of=2)  # the bounds of `check --ctx`, before any step runs
     chunks: int | None = Field(None, gt=0)
     task: str | None = Field(None, description="multiple-choice task file in a llama-perplexity format")
     tasks: int | None = Field(None, gt=0, description="score this many of its tasks (default: all)")

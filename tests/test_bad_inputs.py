@@ -434,6 +434,7 @@ CASES: list[Case] = [
     Case("chat-gguf-unknown-architecture", lambda E, w: chat(E, w, gguf=_gguf_of_arch(w, "frobnicate")), "llama.cpp could not load", stdin=b"hi\n"),
     Case("check-base-cache-unusable", lambda E, w: check(E, w, None, None, "--base", str(E.gguf)), "cannot use the cache folder /dev/null",
          environ={"MOE2GGUF_CACHE": "/dev/null"}),
+    Case("run-check-ctx-huge", lambda E, w: run(E, w, E.recipe(w, _set("check.ctx", 2**31))), "check.ctx: Input should be less than or equal to 1048576"),
     Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
          "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]
