@@ -402,6 +402,8 @@ CASES: list[Case] = [
     Case("run-tokenizer-beyond-vocab", lambda E, w: run(E, w, E.recipe(w), "--model", str(_small_vocab(E, w))), "the tokenizer gives token id"),
     # --- found by a second independent sweep (paths, tensors and options the rows above miss) ---
     Case("check-json-empty-path", lambda E, w: check(E, w, None, None, "--json", ""), "--json is an empty path"),
+    inspect_cfg("hidden-act-unknown", 'hidden_act = "frobnicate" is not an activation', hidden_act="frobnicate"),
+    Case("calibrate-hidden-act-unknown", lambda E, w: calibrate(E, w, E.model_with(w, config={"hidden_act": "frobnicate"})), "is not an activation transformers knows"),
     inspect_cfg("rms-eps-negative", "rms_norm_eps = -1.0 is not a positive number", rms_norm_eps=-1.0),
     inspect_cfg("rope-theta-zero", "rope_theta = 0 is not a positive number", rope_theta=0),
     inspect_cfg("rope-parameters-theta-negative", "rope_parameters.rope_theta = -10000.0 is not a positive number",

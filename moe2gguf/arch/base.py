@@ -150,6 +150,11 @@ class MoEArch:
             self.hf_config = self.config_class.from_dict(known)
         except Exception as e:  # noqa: BLE001 - transformers raises anything on a malformed config
             raise UserError(f"config does not load as transformers' {self.config_class.__name__} ({first_line(e)}); restore the original config.json") from None
+        from transformers.activations import ACT2FN  # its table of names; an unknown one is a KeyError when the model is built
+
+        act = getattr(self.hf_config, "hidden_act", None)
+        if act is not None and (not isinstance(act, str) or act not in ACT2FN):
+            raise UserError(f"config key hidden_act = {json.dumps(act, default=str)[:60]} is not an activation transformers knows; restore the original config.json")
         try:
             self.check_supported()
             self._check_sizes()
