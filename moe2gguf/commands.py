@@ -177,6 +177,14 @@ def chat_cmd(**kwargs: Any) -> None:
 @click.command("demo")
 @click.option("-o", "--output", default="moe2gguf-demo", show_default=True, type=click.Path(), help="Run folder: new, empty or an earlier run's.")
 @click.option("--quiet", is_flag=True, help="Only the final table.")
+@click.option(
+    "--model",
+    type=click.Choice(["reference", "fine"]),
+    default="reference",
+    show_default=True,
+    help="Bundled model: reference (8 experts of width 256, 2 per token) or fine "
+    "(64 experts of width 64, 8 per token, the shape of Qwen3-30B-A3B and OLMoE; same texts).",
+)
 def demo_cmd(**kwargs: Any) -> None:
     """Calibrate, prune (25%, the layout stock llama.cpp runs), export to Q4_K_M and check
     the bundled reference MoE; print unpruned F32 / unpruned Q4_K_M / pruned Q4_K_M side by

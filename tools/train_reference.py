@@ -7,6 +7,13 @@ next to the model so that tests and the demo measure on text the model never saw
 
     python tools/train_reference.py                 # ~30 min on 2 cores
     python tools/train_reference.py --steps 20 -o /tmp/ref   # smoke run
+    python tools/train_reference.py --fine          # the fine-grained model (reference-moe-fine)
+
+--fine is shorthand for the second bundled model's shape (64 experts of width 64, 8 used per
+token, 2 layers: Qwen3-30B-A3B / OLMoE proportions in 15.5 MB; 80 steps of 8 x 256 tokens)
+and for reusing the first model's tokenizer and its calib/eval texts (--tokenizer), so both
+models are measured on the same text with the same tokens. Each option can still be given
+alone and overrides the preset.
 
 The architecture is real (transformers' Qwen3MoeForCausalLM) with real-model proportions
 where they matter to llama.cpp: hidden size 256 so K-quants apply along rows, expert width
@@ -41,7 +48,15 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "moe2gguf" / "data" / "reference-moe"
+DATA = pathlib.Path(__file__).resolve().parent.parent / "moe2gguf" / "data"
+DEFAULT_OUT = DATA / "reference-moe"
+# The fine-grained model: many narrow experts, top-8, as the models the recipes target.
+# Its steps and batch are what two cores shared with other jobs allowed (~25 s a step there,
+# ~4 s idle): 64 experts cost more per token on CPU than 8 wide ones, through the experts loop.
+FINE = {"layers": 2, "experts": 64, "top_k": 8, "expert_width": 64, "tokenizer": DATA / "reference-moe",
+        "out": DATA / "reference-moe-fine", "steps": 80, "batch": 8, "experts_impl": "grouped_mm"}
+BASE = {"layers": 4, "experts": 8, "top_k": 2, "expert_width": 256, "tokenizer": None, "out": DEFAULT_OUT,
+        "steps": 800, "batch": 16, "experts_impl": "eager"}
 
 
 def stdlib_files() -> list[pathlib.Path]:
@@ -92,18 +107,18 @@ def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_config(vocab_size: int) -> Qwen3MoeConfig:
+def make_config(vocab_size: int, layers: int = 4, experts: int = 8, top_k: int = 2, expert_width: int = 256) -> Qwen3MoeConfig:
     return Qwen3MoeConfig(
         vocab_size=vocab_size,
         hidden_size=256,
         intermediate_size=512,
-        moe_intermediate_size=256,
-        num_hidden_layers=4,
+        moe_intermediate_size=expert_width,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=64,
-        num_experts=8,
-        num_experts_per_tok=2,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
         norm_topk_prob=True,
         decoder_sparse_step=1,
         mlp_only_layers=[],
@@ -135,24 +150,54 @@ def evaluate(model: Qwen3MoeForCausalLM, ids: torch.Tensor, ctx: int, chunks: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-o", "--out", type=pathlib.Path, default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=None, help="default 800; --fine: 80")
+    ap.add_argument("--batch", type=int, default=None, help="default 16; --fine: 8")
+    ap.add_argument("-o", "--out", type=pathlib.Path, default=None, help="default moe2gguf/data/reference-moe; --fine: reference-moe-fine")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; --fine: 2)")
+    ap.add_argument("--experts", type=int, default=None, help="routed experts per layer (default 8; --fine: 64)")
+    ap.add_argument("--top-k", type=int, default=None, help="experts used per token (default 2; --fine: 8)")
+    ap.add_argument("--expert-width", type=int, default=None, help="expert intermediate size (default 256; --fine: 64)")
+    ap.add_argument(
+        "--tokenizer",
+        type=pathlib.Path,
+        default=None,
+        help="reuse this model folder's tokenizer and its calib.txt/eval.txt instead of training a tokenizer "
+        "and writing new texts (--fine: moe2gguf/data/reference-moe)",
+    )
+    ap.add_argument("--fine", action="store_true", help="the fine-grained reference model's shape, tokenizer and output folder")
+    ap.add_argument(
+        "--experts-impl",
+        default=None,
+        choices=["eager", "batched_mm", "grouped_mm"],
+        help="transformers' experts forward used in training (default eager; --fine: grouped_mm, faster with 64 experts); "
+        "the weights are the same tensors whichever is used",
+    )
     args = ap.parse_args()
+    for k, v in (FINE if args.fine else BASE).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
     torch.manual_seed(args.seed)
     t0 = time.time()
     texts = read_splits()
-    tokenizer = train_tokenizer(texts["train"], args.vocab)
+    if args.tokenizer is not None:
+        # Same tokens and the very same calibration/evaluation text as that model, so the two
+        # models' numbers are comparable; the train split is the same hash split of the stdlib.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
+        texts["calib"] = (args.tokenizer / "calib.txt").read_text(encoding="utf-8")
+        texts["eval"] = (args.tokenizer / "eval.txt").read_text(encoding="utf-8")
+    else:
+        tokenizer = train_tokenizer(texts["train"], args.vocab)
     train_ids = torch.tensor(tokenizer(texts["train"])["input_ids"], dtype=torch.long)
     eval_ids = torch.tensor(tokenizer(texts["eval"])["input_ids"], dtype=torch.long)
     print(f"train tokens {len(train_ids):,}  eval tokens {len(eval_ids):,}  ({time.time() - t0:.0f}s)", flush=True)
 
-    config = make_config(len(tokenizer))
+    config = make_config(len(tokenizer), args.layers, args.experts, args.top_k, args.expert_width)
+    config._experts_implementation = args.experts_impl
     config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     model = Qwen3MoeForCausalLM(config)
@@ -189,8 +234,9 @@ def main() -> None:
     model.config.output_router_logits = False
     model.to(torch.bfloat16).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    (args.out / "calib.txt").write_text(texts["calib"], encoding="utf-8")
-    (args.out / "eval.txt").write_text(texts["eval"], encoding="utf-8")
+    if args.tokenizer is None:
+        (args.out / "calib.txt").write_text(texts["calib"], encoding="utf-8")
+        (args.out / "eval.txt").write_text(texts["eval"], encoding="utf-8")
     final = evaluate(model.float(), eval_ids, 256, 64)
     summary = {
         "script": "tools/train_reference.py",
