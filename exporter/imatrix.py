@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import gguf
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from moe2gguf.calib import CALIB_JSON, IMATRIX, read_calib_json
-from moe2gguf.checkpoint import read_prune_map
+from moe2gguf.checkpoint import PRUNE_MAP, read_prune_map
 from moe2gguf.errors import UserError
 from moe2gguf.inputs import first_line
 from moe2gguf.modeling import ExpertList, load_model
@@ -152,7 +153,10 @@ def imatrix_for_plan(src: str | pathlib.Path, plan) -> dict[str, np.ndarray]:  #
         for key, mine in (("n_layers", arch.n_layers), ("hidden_size", arch.hidden_size)):
             if key in c and int(c[key]) != mine:
                 raise _other_model(src, f"{key} {c[key]} != {mine}")
-    pmap = read_prune_map(plan.ckpt.path) or {}
+    try:
+        pmap = read_prune_map(plan.ckpt.path) or {}
+    except (SafetensorError, KeyError, ValueError, IndexError) as e:  # truncated, a key missing or misnamed
+        raise UserError(f"{plan.ckpt.path / PRUNE_MAP} is damaged ({first_line(e)}); prune the model again, or export without --imatrix") from None
     expert_names = {arch.gguf_expert_name(b, p): (b, p) for b in range(arch.n_layers) for p in ("gate", "up", "down")}
     out: dict[str, np.ndarray] = {}
     for t in plan.tensors:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe2gguf.errors import UserError
+from moe2gguf.inputs import MAX_TEXT_BYTES, read_bytes
 from moe2gguf.options import TASK_FORMATS
 
 HELLASWAG_LINES = 6
@@ -138,9 +139,8 @@ def select(fmt: str, n_total: int, n: int | None) -> list[int]:
 
 
 def _bytes(path: pathlib.Path) -> bytes:
-    if not path.is_file():
-        raise UserError(f"task file {path} does not exist; pass a task file in llama-perplexity's hellaswag, winogrande or multiple-choice format")
-    data = path.read_bytes()
+    # a pipe or a device is named as what it is (it "did not exist" before), and never read without end
+    data = read_bytes(path, "task file", "pass a task file in llama-perplexity's hellaswag, winogrande or multiple-choice format", MAX_TEXT_BYTES)
     if not data.strip():
         raise UserError(f"task file {path} is empty; pass a file with at least one task")
     return data

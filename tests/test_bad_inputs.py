@@ -437,6 +437,10 @@ CASES: list[Case] = [
     Case("check-base-cache-unusable", lambda E, w: check(E, w, None, None, "--base", str(E.gguf)), "cannot use the cache folder /dev/null",
          environ={"MOE2GGUF_CACHE": "/dev/null"}),
     Case("run-check-ctx-huge", lambda E, w: run(E, w, E.recipe(w, _set("check.ctx", 2**31))), "check.ctx: Input should be less than or equal to 1048576"),
+    Case("check-task-fifo", lambda E, w: ["check", str(E.gguf), "--task", str(_fifo(w))], "is a pipe, not a regular file"),
+    Case("check-task-dev-zero", lambda E, w: ["check", str(E.gguf), "--task", "/dev/zero"], "/dev/zero is a device"),
+    Case("export-prune-map-junk", lambda E, w: export(E, w, "--imatrix", str(E.calib), model=_pruned_with_map(E, w, b"junk" * 10)), "prune_map.safetensors is damaged"),
+    Case("export-prune-map-key-missing", lambda E, w: export(E, w, "--imatrix", str(E.calib), model=_pruned_with_map(E, w, drop_channels=True)), "prune_map.safetensors is damaged"),
     Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
          "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]
@@ -503,6 +507,23 @@ def _gguf_of_arch(w: pathlib.Path, arch: str) -> pathlib.Path:
     g.write_kv_data_to_file()
     g.write_tensors_to_file()
     g.close()
+    return out
+
+
+def _pruned_with_map(E: Env, w: pathlib.Path, raw: bytes | None = None, drop_channels: bool = False) -> pathlib.Path:
+    """The tiny model pruned (uniform, 25 %), its prune_map.safetensors replaced by `raw` or
+    lacking one expert's channel list."""
+    from safetensors.torch import save
+
+    from moe2gguf.prune.prune import prune as do_prune
+
+    out = w / "pruned"
+    do_prune(str(E.model), str(E.calib), 0.25, str(out), method="uniform")
+    if drop_channels:
+        t = load_file(out / "prune_map.safetensors")
+        del t[next(k for k in sorted(t) if k.endswith(".channels"))]
+        raw = save(t)
+    (out / "prune_map.safetensors").write_bytes(raw)
     return out
 
 
