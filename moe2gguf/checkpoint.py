@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from moe2gguf.errors import UserError
 from moe2gguf.fp8 import SCALE_SUFFIX, dequantize_block_fp8, hide_scales
-from moe2gguf.inputs import read_json_object
+from moe2gguf.inputs import read_json_object, regular_file
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -87,6 +87,8 @@ class Checkpoint:
 
     def _open(self, fname: str):
         if fname not in self._handles:
+            # a FIFO would block safe_open forever, a device be read as weights
+            regular_file(self.path / fname, "weight file", "copy the checkpoint's .safetensors files again")
             try:
                 self._handles[fname] = safe_open(self.path / fname, framework="pt")
             except (SafetensorError, OSError) as e:

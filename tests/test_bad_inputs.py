@@ -441,6 +441,7 @@ CASES: list[Case] = [
     Case("check-task-dev-zero", lambda E, w: ["check", str(E.gguf), "--task", "/dev/zero"], "/dev/zero is a device"),
     Case("export-prune-map-junk", lambda E, w: export(E, w, "--imatrix", str(E.calib), model=_pruned_with_map(E, w, b"junk" * 10)), "prune_map.safetensors is damaged"),
     Case("export-prune-map-key-missing", lambda E, w: export(E, w, "--imatrix", str(E.calib), model=_pruned_with_map(E, w, drop_channels=True)), "prune_map.safetensors is damaged"),
+    Case("inspect-weights-fifo", lambda E, w: ["inspect", str(_weights_fifo(E, w))], "model.safetensors is a pipe, not a regular file", subprocess=True),
     Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
          "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]
@@ -525,6 +526,12 @@ def _pruned_with_map(E: Env, w: pathlib.Path, raw: bytes | None = None, drop_cha
         raw = save(t)
     (out / "prune_map.safetensors").write_bytes(raw)
     return out
+
+
+def _weights_fifo(E: Env, w: pathlib.Path) -> pathlib.Path:
+    d = E.model_with(w, drop=("model.safetensors",))
+    os.mkfifo(d / "model.safetensors")
+    return d
 
 
 def _lacking(E: Env, w: pathlib.Path, name: str) -> pathlib.Path:
