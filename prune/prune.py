@@ -99,8 +99,9 @@ class Calib:
                     raise UserError(f"{self.path}: {what} of layer {bid} has shape {tuple(got.shape)}, {ckpt.path} needs {shape}; {again}")
         self.again = again
         for k, v in self.t.items():
-            if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
-                raise UserError(f"{self.path / SCORES}: {k} holds NaN/Inf or non-float values; the calibration is damaged, {again}")
+            # every score is a count, a norm, a square or an absolute value: never below 0
+            if not v.is_floating_point() or not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+                raise UserError(f"{self.path / SCORES}: {k} holds NaN/Inf, negative or non-float values; the calibration is damaged, {again}")
         self.layers = arch.moe_layers
 
     def require(self, what: str, purpose: str) -> None:

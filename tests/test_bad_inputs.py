@@ -442,6 +442,8 @@ CASES: list[Case] = [
     Case("export-prune-map-junk", lambda E, w: export(E, w, "--imatrix", str(E.calib), model=_pruned_with_map(E, w, b"junk" * 10)), "prune_map.safetensors is damaged"),
     Case("export-prune-map-key-missing", lambda E, w: export(E, w, "--imatrix", str(E.calib), model=_pruned_with_map(E, w, drop_channels=True)), "prune_map.safetensors is damaged"),
     Case("inspect-weights-fifo", lambda E, w: ["inspect", str(_weights_fifo(E, w))], "model.safetensors is a pipe, not a regular file", subprocess=True),
+    Case("prune-scores-negative", lambda E, w: prune(E, w, "--ratio", "0.25", calib=E.calib_with(w, score_tensors={"layers.0.sq_act": -torch.ones(8, 32, dtype=torch.float64)})),
+         "layers.0.sq_act holds NaN/Inf, negative"),
     Case("prune-attention-tensor-missing", lambda E, w: prune(E, w, "--ratio", "0.25", model=_lacking(E, w, "model.layers.0.self_attn.q_proj.weight")),
          "lacks tensor model.layers.0.self_attn.q_proj.weight"),
 ]
