@@ -43,4 +43,4 @@ def test_fine_model_predicts_held_out_text_far_better_than_uniform():
     ppl = score_logprobs(torch_logprobs(model, wins), targets_of(wins)).ppl
     vocab = json.loads((FINE / "config.json").read_text())["vocab_size"]
     # a uniform model scores PPL = vocab (4096), the untrained one about that (training_log.json, step 0)
-    assert ppl < vocab / 4, f"held-out PPL {ppl:.1f} is not far below uniform ({vocab})"
+    assert ppl < vocab / 16, f"held-out PPL {ppl:.1f} is not far below uniform ({vocab})"
