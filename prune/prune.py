@@ -100,7 +100,9 @@ class Calib:
         self.again = again
         for k, v in self.t.items():
             # every score is a count, a norm, a square or an absolute value: never below 0
-            if not v.is_floating_point() or not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+            # (Gram matrices, which older CALIBs keep here, are signed off the diagonal)
+            negative = not k.endswith(".gram") and bool((v < 0).any())
+            if not v.is_floating_point() or not bool(torch.isfinite(v).all()) or negative:
                 raise UserError(f"{self.path / SCORES}: {k} holds NaN/Inf, negative or non-float values; the calibration is damaged, {again}")
         self.layers = arch.moe_layers
 
