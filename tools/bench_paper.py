@@ -262,7 +262,7 @@ def run(a: argparse.Namespace) -> None:
     for r in a.ratios:
         s, rep = paper_rows[r], paper[str(r)]
         print(f"| MoE-Slimming (paper's code) | {r:g} | {rep['ratio_achieved']:.4f} | - | {rep['experts_kept']} | "
-              f"{s.ppl:.3f} ± {s.ppl_se:.3f} | {100 * (s.ppl / base_ppl - 1):+.2f}% | {s.kld.mean():.4f} | {s.top1.mean():.3f} |")
+              f"{s.ppl:.3f} ± {s.ppl_se:.3f} | {100 * (s.ppl / base_ppl - 1):+.2f}% | {s.kld.mean():.5f} | {s.top1.mean():.3f} |")
     print()
     for r in a.ratios:
         print(f"MoE-Slimming R={r:g}: per-layer keep {paper[str(r)]['layer_keep']}, per-expert widths {paper[str(r)]['widths']}")

@@ -106,14 +106,14 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append((name, r, rep["ratio_achieved"], rep["coverage"], rep["experts_kept"], s))
                 # each row as it is measured, so a run cut short still reports what it finished
                 print(f"{name} R={r}: ratio {rep['ratio_achieved']:.4f} coverage {rep['coverage']:.4f} experts {sum(rep['experts_kept'])} "
-                      f"ppl {s.ppl:.3f} kld {s.kld.mean():.4f} top1 {s.top1.mean():.3f}", file=sys.stderr)
+                      f"ppl {s.ppl:.3f} kld {s.kld.mean():.5f} top1 {s.top1.mean():.3f}", file=sys.stderr)
 
     base_ppl = rows[0][5].ppl
     print(f"model {model} | eval {eval_text} | ctx {a.ctx} | chunks {a.chunks} | calib {calib_text} ({a.tokens} tokens)\n")
     print("| method | R | R achieved | coverage | experts kept | PPL | ΔPPL | KLD | top-1 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r, ra, cov, kept, s in rows:
-        kld = f"{s.kld.mean():.4f}" if s.kld is not None else "-"
+        kld = f"{s.kld.mean():.5f}" if s.kld is not None else "-"
         top1 = f"{s.top1.mean():.3f}" if s.top1 is not None else "-"
         print(f"| {name} | {r:g} | {ra:.4f} | {cov:.4f} | {sum(kept) if kept else '-'} | {s.ppl:.3f} ± {s.ppl_se:.3f} | {100 * (s.ppl / base_ppl - 1):+.2f}% | {kld} | {top1} |")
 
