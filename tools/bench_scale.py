@@ -61,16 +61,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 SHAPE_KEYS = ("hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size")
 
-CONVERT_BOOT = """
-import sys
-root = sys.argv[1]
-sys.path[:0] = [root, root + "/gguf-py"]
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-sys.argv = ["convert_hf_to_gguf.py", sys.argv[2], "--outfile", sys.argv[3], "--outtype", "bf16"]
-import runpy
-runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
-"""
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from parity_upstream import BOOT as CONVERT_BOOT  # noqa: E402
 
 
 # ---------------------------------------------------------------- synthetic checkpoint
@@ -325,7 +317,7 @@ def run_baseline(ckpt: pathlib.Path, layers: int, a: argparse.Namespace) -> tupl
     bf16, q4 = work / "out" / "model-bf16.gguf", work / "out" / "model-Q4_K_M.gguf"
     rows = []
     steps = [
-        ("convert_hf_to_gguf bf16", [sys.executable, "-c", CONVERT_BOOT, str(a.llama_cpp), str(ckpt), str(bf16)]),
+        ("convert_hf_to_gguf bf16", [sys.executable, "-c", CONVERT_BOOT, str(a.llama_cpp), str(ckpt), str(bf16), "qwen2", "bf16"]),
         ("llama-quantize Q4_K_M", [str(a.llama_quantize), str(bf16), str(q4), "Q4_K_M"]),
     ]
     for name, cmd in steps:

@@ -59,19 +59,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "tools"))
 
-# llama.cpp's converter, run in its own process with its own gguf-py; PRE, when given,
-# replaces the pre-tokenizer detection (by hash of known tokenizers)
-BOOT = """
-import sys
-root, model, out, pre = sys.argv[1:5]
-sys.path[:0] = [root, root + "/gguf-py"]
-import conversion.base as base
-if pre:
-    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
-sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", "f32"]
-import runpy
-runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
-"""
+from parity_upstream import BOOT  # noqa: E402  (tools/ is on the path above)
 SKIP_KEYS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
 
 
@@ -205,7 +193,7 @@ def compare(root: pathlib.Path, name: str, folder: pathlib.Path, pre: str, tmp: 
 
     up, ours = tmp / f"{folder.name}-upstream.gguf", tmp / f"{folder.name}-ours.gguf"
     export(str(folder), str(ours), "F32", progress=False)
-    r = subprocess.run([sys.executable, "-c", BOOT, str(root), str(upstream_copy(folder, tmp)), str(up), pre], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", BOOT, str(root), str(upstream_copy(folder, tmp)), str(up), pre, "f32"], capture_output=True, text=True)
     if r.returncode or not up.is_file():
         from moe2gguf.subproc import failure
 

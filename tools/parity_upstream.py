@@ -22,13 +22,17 @@ import numpy as np
 
 from moe2gguf.subproc import run_checked
 
+# llama.cpp's converter, run in its own process with its own gguf-py:
+#   python -c BOOT LLAMA_CPP MODEL OUT PRE OUTTYPE
+# PRE, when not empty, replaces the pre-tokenizer detection (by hash of known tokenizers)
 BOOT = """
 import sys
-root = sys.argv[1]
+root, model, out, pre, outtype = sys.argv[1:6]
 sys.path[:0] = [root, root + "/gguf-py"]
 import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-sys.argv = ["convert_hf_to_gguf.py", sys.argv[2], "--outfile", sys.argv[3], "--outtype", "f32"]
+if pre:
+    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", outtype]
 import runpy
 runpy.run_path(root + "/convert_hf_to_gguf.py", run_name="__main__")
 """
@@ -70,7 +74,7 @@ def main() -> None:
         root = a.llama_cpp or fetch_llama_cpp(tmp)
         up = tmp / "upstream-f32.gguf"
         ours = tmp / "ours-f32.gguf"
-        run_checked([sys.executable, "-c", BOOT, str(root), str(a.model), str(up)])
+        run_checked([sys.executable, "-c", BOOT, str(root), str(a.model), str(up), "qwen2", "f32"])
         export(str(a.model), str(ours), "F32", progress=False)
         tu, to = tensors(up), tensors(ours)
         only = sorted(set(tu) ^ set(to))
