@@ -121,12 +121,11 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915
     rows: list[dict] = []
 
     def measure(label: str, kind: str, gguf: pathlib.Path, **extra: object) -> dict:
-        r = check(str(gguf), eval_text, base=str(f32), ctx=a.ctx, chunks=a.chunks)
+        r = check(str(gguf), eval_text, base=str(f32), ctx=a.ctx, chunks=a.chunks, task=a.task or None)  # one call: PPL, KLD, task
         row = {"label": label, "kind": kind, "bytes": gguf.stat().st_size, "ppl": r["ppl"], "ppl_se": r["ppl_se"], "kld": r["kld"],
                "kld_se": r["kld_se"], "top1": r["top1"], "experts_frac": expert_params(gguf) / base_experts, **extra}
         if a.task:
-            t = check(str(gguf), None, base=str(f32), task=a.task)
-            row |= {"task_acc": t.get("acc_norm", t["acc"]), "task_acc_se": t.get("acc_norm_se", t["acc_se"]), "task_agree": t.get("agree", 1.0)}
+            row |= {"task_acc": r.get("acc_norm", r["acc"]), "task_acc_se": r.get("acc_norm_se", r["acc_se"]), "task_agree": r.get("agree", 1.0)}
         rows.append(row)
         task_msg = f"  task {100 * row['task_acc']:.1f}%" if a.task else ""
         say(f"{label}: {row['bytes']:,} B  ppl {row['ppl']:.3f}  kld {row['kld']:.5f}{task_msg}")
