@@ -119,8 +119,7 @@ def predict_size(ckpt: Checkpoint, quant: str, overrides: list[tuple[str, str]] 
     plan = plan_export(ckpt)
     with tempfile.TemporaryDirectory(prefix="moe2gguf-size-") as d:
         skel = pathlib.Path(d) / "skeleton.gguf"
-        write_gguf(plan, skel, gguf.LlamaFileType.ALL_F32, progress=False, data=False)
-        data_start = _data_offset(skel)
+        data_start = write_gguf(plan, skel, gguf.LlamaFileType.ALL_F32, progress=False, data=False)
         types = _dry_run_types(skel, quant, overrides)
     meta = data_start
     if not ckpt.has_files:
@@ -133,11 +132,6 @@ def predict_size(ckpt: Checkpoint, quant: str, overrides: list[tuple[str, str]] 
         sizes[p.name] = gguf.GGUFWriter.ggml_pad(_row_bytes(t, p.shape), 32)
     shapes = {p.name: tuple(p.shape) for p in plan.tensors}
     return SizePlan(quant.upper(), meta + sum(sizes.values()), types, sizes, meta, shapes)
-
-
-def _data_offset(path: pathlib.Path) -> int:
-    reader = gguf.GGUFReader(path)
-    return int(reader.data_offset)
 
 
 # ----- byte and type planning of pruned shapes (prune/deploy.py asks; llama.cpp's own dry run) ---

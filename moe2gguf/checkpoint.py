@@ -34,6 +34,14 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 MAP_WINDOW = 256 << 20
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. A float32 sum carries any NaN or Inf through and costs an eighth of
+    `isfinite(t).all()` on bf16 (which was a fifth of prune's time at 30B layer size); only a sum
+    that overflows on finite values needs the exact check."""
+    x = t if t.element_size() > 1 else t.float()  # float8 has no reductions
+    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+
+
 class Checkpoint:
     """config.json + safetensors of one model folder."""
 
@@ -180,7 +188,7 @@ class Checkpoint:
         # calibration and pruning into the GGUF
         if not t.is_floating_point():
             raise UserError(f"{self.path}: tensor {name} is stored as {self._dtypes[name]}, not as floats; dequantize the checkpoint first")
-        if not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):
+        if not all_finite(t):
             raise UserError(f"{self.path}: tensor {name} holds NaN or Inf values; the weights are damaged, restore the original checkpoint")
         return t
 

@@ -33,6 +33,7 @@ from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
+from moe2gguf.memory import release_freed
 from moe2gguf.modeling import build_model, hidden_of, load_model, load_weights
 from moe2gguf.protocol import read_text
 from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
@@ -219,6 +220,7 @@ class Calibration:
             if on_layer is not None:
                 on_layer(bid, model)
             layer.to("meta")  # free it: the next layer reuses the memory
+            release_freed()
 
         # final norm, then the input of the output projection
         norm = model.get_submodule(arch.final_norm)

@@ -306,18 +306,25 @@ def plan_deployable(cal: Calib, ckpt: Checkpoint, arch: MoEArch, req: DeployRequ
 
     table = ShapeScores.of(attr, shapes, groups)  # every shape's coverage and quality, one sort per layer
     notes: list[str] = []
+    probe_refit: dict[str, str] = {}
 
     def choose(fit: list[Shape]) -> tuple[Shape, float]:
         if probe <= 0:
             return table.best(fit)
         from moe2gguf.prune.probe import PROBE_TOKENS, candidates, shape_klds  # probe.py imports this module
+        from moe2gguf.prune.reconstruct import joint_fits
 
         cands = candidates(fit, table, probe)
         if len(cands) == 1:  # e.g. --experts given: nothing to compare
             return cands[0], table.coverage(cands[0])
         # the re-fit needs as many tokens as prune's own (prune/probe.py); the plain probe far fewer
-        tokens = cal.info["tokens"] if reconstruct else PROBE_TOKENS
-        measured.update(shape_klds(ckpt, arch, cands, attr, groups, calibration_windows(ckpt.path, cal.info, tokens), cal.grams if refit else None, reconstruct))
+        refit_each = reconstruct and all(joint_fits(c.experts * c.width) for c in cands)
+        if reconstruct and not refit_each:
+            probe_refit["skipped"] = (f"the probe ranked the shapes without --reconstruct's re-fit: at up to {max(c.experts * c.width for c in cands):,} "
+                                      f"kept channels per layer each shape's re-fit is the matrix-free solve, as costly as the final one")
+            notes.append(probe_refit["skipped"])
+        tokens = cal.info["tokens"] if refit_each else PROBE_TOKENS
+        measured.update(shape_klds(ckpt, arch, cands, attr, groups, calibration_windows(ckpt.path, cal.info, tokens), cal.grams if refit else None, refit_each))
         best = min(cands, key=lambda s: (measured[s], s.experts * s.width))
         return best, table.coverage(best)
 
@@ -369,7 +376,8 @@ def plan_deployable(cal: Calib, ckpt: Checkpoint, arch: MoEArch, req: DeployRequ
         notes += fallback_note(shape, 1 - shape_params(shape, cost) / total, plan, base, fallback, aligned, layout.kquant_align)
     entries = {
         "deployable": {"experts": shape.experts, "width": shape.width, "coverage": cov, "quality": table.quality(shape),
-                       "chosen_by": "probe KLD on calibration tokens" if measured else "attribution quality"},
+                       "chosen_by": "probe KLD on calibration tokens" if measured else "attribution quality",
+                       **({"probe_refit_skipped": probe_refit["skipped"]} if probe_refit else {})},
         "ragged": {"widths": ragged.widths, "experts_kept": [sum(1 for w in l if w) for l in ragged.widths], "coverage": ragged_cov,
                    "ratio": 1 - ragged.kept_params(cost) / total},
         "coverage_lost": ragged_cov - cov,

@@ -40,6 +40,7 @@ from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.memory import release_freed
 from moe2gguf.modeling import build_model, hidden_of, load_weights
 from moe2gguf.prune.calibrate import catch_layer_inputs
 from moe2gguf.prune.deploy import Shape, ShapeScores, allocate_shape
@@ -51,13 +52,17 @@ PROBE_TOKENS = 8192  # calibration tokens the shapes are measured on
 
 
 class _Overlay:
-    """A checkpoint seen through replaced tensors (one pruned layer), for `load_weights`."""
+    """A checkpoint seen through replaced tensors (one pruned layer, or the weights of a layer
+    already in memory), for `load_weights` and `pruned_layer`."""
 
     def __init__(self, ckpt: Checkpoint, tensors: dict[str, torch.Tensor]):
         self.ckpt, self.tensors, self.path = ckpt, tensors, ckpt.path
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.tensors[name] if name in self.tensors else self.ckpt.tensor(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors or name in self.ckpt
 
 
 def candidates(fit: list[Shape], table: ShapeScores, n: int) -> list[Shape]:
@@ -76,15 +81,15 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 
 def _final_head(model: nn.Module, arch: MoEArch, ckpt: Checkpoint) -> tuple[nn.Module, torch.Tensor]:
-    """The final norm (materialised) and the output projection's weight: the model's own, or
-    the input embedding's where the config ties them (names from the arch hooks)."""
+    """The final norm (materialised) and the output projection's weight as stored: the model's
+    own, or the input embedding's where the config ties them (names from the arch hooks)."""
     norm = model.get_submodule(arch.final_norm)
     load_weights(norm, f"{arch.final_norm}.", ckpt, torch.float32)
     if arch.head_name in ckpt:
-        return norm, ckpt.tensor(arch.head_name).float()
+        return norm, ckpt.tensor(arch.head_name)
     if not arch.head_is_tied(ckpt):
         raise RuntimeError(f"{ckpt.path} has no {arch.head_name} and does not tie it to the embeddings")
-    return norm, ckpt.tensor(f"{_name_of(model, model.get_input_embeddings())}.weight").float()
+    return norm, ckpt.tensor(f"{_name_of(model, model.get_input_embeddings())}.weight")
 
 
 @contextlib.contextmanager
@@ -101,16 +106,43 @@ def _swapped(parent: nn.Module, old: nn.Module, new: nn.Module) -> Iterator[None
         setattr(owner, attr, old)
 
 
-def _kld_sum(ref: torch.Tensor, got: torch.Tensor, norm: nn.Module, head: torch.Tensor, chunk: int = 1024) -> float:
-    """sum over tokens of KL(p_ref || p_got), logits computed `chunk` tokens at a time (a
-    150k vocabulary does not fit for all tokens at once)."""
-    r, g = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
-    total = 0.0
-    for i in range(0, r.shape[0], chunk):
-        lr = torch.log_softmax(norm(r[i : i + chunk]) @ head.T, -1)
-        lg = torch.log_softmax(norm(g[i : i + chunk]) @ head.T, -1)
-        total += float((lr.exp() * (lr - lg)).sum())
-    return total
+# Output-head rows cast to float32 at a time: a 151,936 x 2048 head is 1.2 GB in float32 and its
+# logits for 1,024 tokens 0.6 GB, so the vocabulary is walked in slices with running log-sum-exps.
+VOCAB_SLICE = 16384
+TOKEN_SLICE = 1024
+
+
+def _kld_sums(ref: torch.Tensor, got: list[torch.Tensor], norm: nn.Module, head: torch.Tensor) -> list[float]:
+    """Per stream in `got`, the sum over tokens of KL(p_ref || p_got). KL = sum_v p_ref (z_ref -
+    z_got) - lse(z_ref) + lse(z_got); all three are accumulated over vocabulary slices (the
+    first rescaled as the running maximum of z_ref moves), so memory is one slice of the head
+    and of the logits, and the reference logits are computed once for every stream."""
+    r = norm(ref.reshape(-1, ref.shape[-1]))
+    gs = [norm(g.reshape(-1, g.shape[-1])) for g in got]
+    totals = [0.0] * len(got)
+    for t in range(0, r.shape[0], TOKEN_SLICE):
+        rt, gt = r[t : t + TOKEN_SLICE], [g[t : t + TOKEN_SLICE] for g in gs]
+        n = rt.shape[0]
+        m = torch.full((n,), -torch.inf, dtype=torch.float64)  # running max of z_ref
+        s = torch.zeros(n, dtype=torch.float64)  # sum exp(z_ref - m)
+        w = [torch.zeros(n, dtype=torch.float64) for _ in got]  # sum exp(z_ref - m) (z_ref - z_got)
+        lse_got = [torch.full((n,), -torch.inf, dtype=torch.float64) for _ in got]
+        for v in range(0, head.shape[0], VOCAB_SLICE):
+            h = head[v : v + VOCAB_SLICE].float()
+            zr = (rt @ h.T).double()
+            m_new = torch.maximum(m, zr.amax(-1))
+            scale = torch.exp(m - m_new)
+            e = torch.exp(zr - m_new[:, None])
+            s = s * scale + e.sum(-1)
+            for i, g in enumerate(gt):
+                zg = (g @ h.T).double()
+                w[i] = w[i] * scale + (e * (zr - zg)).sum(-1)
+                lse_got[i] = torch.logaddexp(lse_got[i], torch.logsumexp(zg, -1))
+            m = m_new
+        lse_ref = m + torch.log(s)
+        for i in range(len(got)):
+            totals[i] += float((w[i] / s - lse_ref + lse_got[i]).sum())
+    return totals
 
 
 @torch.no_grad()
@@ -156,7 +188,8 @@ def shape_klds(
 
     for bid in bar(range(arch.n_layers), desc="probe shapes", unit="layer"):
         layer = layers[bid]
-        load_weights(layer, f"{arch.layers_attr}.{bid}.", ckpt, torch.float32)
+        # experts as stored (bf16): the unpruned layer and a pruned block are resident together
+        load_weights(layer, f"{arch.layers_attr}.{bid}.", ckpt, torch.float32, experts_as_stored=True)
         ref[:] = run(layer, ref)
         for s in shapes:
             if bid not in moe_index:
@@ -165,8 +198,11 @@ def shape_klds(
             parch, pmodel = pruned[s]
             block = parch.moe_block(pmodel, bid)
             name = _name_of(pmodel, block)
-            tensors, _ = pruned_layer(ckpt, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
-            load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32)
+            # sliced from the unpruned layer in memory (its experts as stored), not read again
+            resident = _Overlay(ckpt, layer.state_dict(prefix=f"{arch.layers_attr}.{bid}.", keep_vars=False))
+            tensors, _ = pruned_layer(resident, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
+            load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32, experts_as_stored=True)
+            del tensors
             oblock = arch.moe_block(model, bid)
             if reconstruct:  # the unpruned block's output on the pruned stream is the fit's target
                 fit = BlockFit(block, arch.hidden_size)
@@ -186,8 +222,14 @@ def shape_klds(
             with _swapped(layer, oblock, block):
                 streams[s][:] = run(layer, streams[s])
             block.to("meta")
+            release_freed()
         layer.to("meta")
+        release_freed()
     norm, head = _final_head(model, arch, ckpt)
     test = range(1, len(ref), 2) if reconstruct and len(ref) > 1 else range(len(ref))
     n = sum(ref[i].shape[0] * ref[i].shape[1] for i in test)
-    return {s: sum(_kld_sum(ref[i], streams[s][i], norm, head) for i in test) / n for s in shapes}
+    total = dict.fromkeys(shapes, 0.0)
+    for i in test:
+        for s, k in zip(shapes, _kld_sums(ref[i], [streams[s][i] for s in shapes], norm, head), strict=True):
+            total[s] += k
+    return {s: total[s] / n for s in shapes}

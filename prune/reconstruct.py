@@ -28,6 +28,7 @@ for `--layout llama.cpp` (and `--target-size`), where experts are removed; off f
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 from collections.abc import Iterator
 
@@ -38,7 +39,9 @@ from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.memory import release_freed
 from moe2gguf.modeling import build_model, hidden_of, load_weights
+from moe2gguf.progress import bar
 from moe2gguf.prune.calibrate import catch_layer_inputs
 
 F64 = torch.float64
@@ -53,7 +56,9 @@ JOINT_LIMIT = 128 << 20
 # bundled model, in 12-19 iterations instead of 30-50 for 1e-6. Stopping early is safe (each CG
 # step lowers the objective), so the cap bounds the cost where convergence is slow.
 CG_ITERS, CG_TOL = 20, 1e-3
-STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # safetensors dtype names
+# rows of D solved together by `Blockwise`: a float64 vector of that many rows of every kept
+# expert is at most this large (CG holds about five)
+CG_CHUNK_BYTES = 64 << 20
 
 
 def joint_fits(n_features: int) -> bool:
@@ -97,86 +102,118 @@ def solve_down(eq: Normal, down0: torch.Tensor, ridge: float = RIDGE) -> torch.T
 
 class Blockwise:
     """The same least squares as `Normal` + `solve_down` without the (K*W)^2 matrix: per expert
-    only its diagonal block A_e = sum f_e f_e^T, B_e = sum y f_e^T and its features f_e on the
-    tokens routed to it (tokens x top-k x W floats). The ridge system D (A + lam I) = B + lam D0
+    only its diagonal block A_e = sum f_e f_e^T and its features f_e on the tokens routed to it
+    (tokens x top-k x W floats), and the targets y. The ridge system D (A + lam I) = B + lam D0
     is solved by conjugate gradients, applying A through the features
     (D A)_e = sum_x (sum_e' D_e' f_e'(x)) f_e(x)^T, preconditioned by the blocks (A_e + lam I)^-1.
-    Memory: the features, K*W^2 for the blocks and about eight float64 copies of D (hidden x
-    K*W; for Qwen3-30B-A3B at 96x768 that is ~1.2 GB each); each iteration costs one pass of
-    the features through D in float64."""
+
+    Every row of D (one hidden output) is its own least squares with the same A, so the solve
+    runs over `CG_CHUNK_BYTES` of rows at a time: memory is the features, the targets, K*W^2 for
+    the blocks and a few float64 vectors of one chunk, not of D (for Qwen3-30B-A3B at 124x608 a
+    float64 D is 1.2 GB and CG keeps five of them plus B; that was prune's 12 GiB)."""
 
     def __init__(self, widths: list[int], hidden: int):
         self.A = [torch.zeros(w, w, dtype=F64) for w in widths]
-        self.B = [torch.zeros(hidden, w, dtype=F64) for w in widths]
         self.feats: list[list[torch.Tensor]] = [[] for _ in widths]
         self.tokens: list[list[torch.Tensor]] = [[] for _ in widths]
+        self.targets: list[torch.Tensor] = []
         self.hidden, self.yy, self.n = hidden, 0.0, 0
-        self.iters, self.residual = 0, 0.0  # of the last solve
+        self.iters, self.residual = 0, 0.0  # of the last solve: the most any chunk needed
 
     def add(self, parts: list[tuple[int, torch.Tensor, torch.Tensor]], target: torch.Tensor) -> None:
         """parts: (expert, token rows in this batch, p'_e h_e on them) for every selected expert."""
-        y = target.float()  # one batch's products in float32, summed over batches in float64
+        y = target.float()
         for xid, tok, f in parts:
             f = f.float()
-            self.A[xid] += (f.T @ f).to(F64)
-            self.B[xid] += (y[tok].T @ f).to(F64)
+            self.A[xid] += (f.T @ f).to(F64)  # one batch's products in float32, summed in float64
             self.feats[xid].append(f)
             self.tokens[xid].append(tok + self.n)
+        self.targets.append(y)
         self.yy += float(y.double().square().sum())
         self.n += y.shape[0]
 
     def _cat(self) -> None:
         self.feats = [[torch.cat(f)] if len(f) > 1 else f for f in self.feats]
         self.tokens = [[torch.cat(t)] if len(t) > 1 else t for t in self.tokens]
+        if len(self.targets) > 1:
+            self.targets = [torch.cat(self.targets)]
 
-    def apply(self, downs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """(D A)_e for stacked-by-expert D, through the stored features (the products in float32,
-        as the features are: the solve stops at a relative residual of CG_TOL anyway)."""
-        pred = torch.zeros(self.n, self.hidden, dtype=torch.float32)
+    def _predict(self, downs: list[torch.Tensor], rows: slice) -> torch.Tensor:
+        """sum_e D_e[rows] f_e(x) for every token: [tokens, len(rows)], float32 as the features."""
+        pred = torch.zeros(self.n, rows.stop - rows.start, dtype=torch.float32)
         for d, f, t in zip(downs, self.feats, self.tokens, strict=True):
             if f:
                 pred.index_add_(0, t[0], f[0] @ d.float().T)
+        return pred
+
+    def _apply(self, downs: list[torch.Tensor], rows: slice) -> list[torch.Tensor]:
+        """(D A)_e of one chunk of rows, through the stored features."""
+        pred = self._predict(downs, rows)
         return [(pred[t[0]].T @ f[0]).to(F64) if f else torch.zeros_like(d) for d, f, t in zip(downs, self.feats, self.tokens, strict=True)]
 
+    def _chunks(self) -> list[slice]:
+        per_row = 8 * sum(a.shape[0] for a in self.A)
+        step = max(1, min(self.hidden, CG_CHUNK_BYTES // max(per_row, 1)))
+        return [slice(i, min(i + step, self.hidden)) for i in range(0, self.hidden, step)]
+
     def error(self, downs: list[torch.Tensor]) -> float:
-        """sum_x ||y - D f||^2 = yy - 2 <D, B> + <D, D A>."""
-        da = self.apply(downs)
-        return self.yy + sum(float((d * (q - 2 * b)).sum()) for d, q, b in zip(downs, da, self.B, strict=True))
+        """sum_x ||y - D f||^2."""
+        self._cat()
+        y = self.targets[0]
+        return sum(float((y[:, c] - self._predict([d[c] for d in downs], c)).double().square().sum()) for c in self._chunks())
 
     def solve(self, downs0: list[torch.Tensor], ridge: float = RIDGE) -> list[torch.Tensor]:
+        """The re-fit down matrices, in the dtype of `downs0` (the block's own weights)."""
         self._cat()
-        d0 = [d.to(F64) for d in downs0]
         diag = torch.cat([a.diagonal() for a in self.A])
         lam = ridge * float(diag.mean().clamp_min(1e-30))
-        pre = [torch.linalg.cholesky(a + lam * torch.eye(a.shape[0], dtype=F64)) for a in self.A]
+        for i, a in enumerate(self.A):  # the blocks are needed only as the preconditioner
+            a.diagonal().add_(lam)
+            self.A[i] = torch.cholesky_inverse(torch.linalg.cholesky(a))  # applied as a product, not two triangular solves
+        out = [torch.empty_like(d) for d in downs0]
+        self.iters, self.residual = 0, 0.0
+        chunks = self._chunks()
+        for c in bar(chunks, desc="re-fit rows", unit="chunk", disable=len(chunks) < 2):
+            x, iters, res = self._solve_rows([d[c].to(F64, copy=True) for d in downs0], c, lam)
+            for o, xi in zip(out, x, strict=True):
+                o[c] = xi.to(o.dtype)
+            self.iters, self.residual = max(self.iters, iters), max(self.residual, res)
+        return out
+
+    def _solve_rows(self, d0: list[torch.Tensor], rows: slice, lam: float) -> tuple[list[torch.Tensor], int, float]:
+        """Preconditioned CG for rows `rows` of D, from D0."""
+        y = self.targets[0][:, rows]
+        b = [(y[t[0]].T @ f[0]).to(F64) if f else torch.zeros_like(d) for d, f, t in zip(d0, self.feats, self.tokens, strict=True)]
 
         def op(x: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [q + lam * xi for q, xi in zip(self.apply(x), x, strict=True)]
+            return [q.add_(xi, alpha=lam) for q, xi in zip(self._apply(x, rows), x, strict=True)]
 
         def precond(r: list[torch.Tensor]) -> list[torch.Tensor]:  # r_e (A_e + lam)^-1
-            return [torch.cholesky_solve(ri.T, c).T for ri, c in zip(r, pre, strict=True)]
+            return [ri @ inv for ri, inv in zip(r, self.A, strict=True)]
 
         def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
             return sum(float((x * y).sum()) for x, y in zip(a, b, strict=True))
 
-        x = [d.clone() for d in d0]
-        r = [b + lam * d - q for b, d, q in zip(self.B, d0, op(x), strict=True)]
+        x = d0
+        r = [bi.add_(d, alpha=lam).sub_(q) for bi, d, q in zip(b, d0, op(x), strict=True)]
+        del b
         z = precond(r)
-        p, rz = [zi.clone() for zi in z], dot(r, z)
+        p, rz = z, dot(r, z)
         r0 = dot(r, r) ** 0.5
-        self.iters = 0
-        while self.iters < CG_ITERS and dot(r, r) ** 0.5 > CG_TOL * max(r0, 1e-300):
-            self.iters += 1
+        iters = 0
+        while iters < CG_ITERS and dot(r, r) ** 0.5 > CG_TOL * max(r0, 1e-300):
+            iters += 1
             q = op(p)
             alpha = rz / max(dot(p, q), 1e-300)
-            x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
-            r = [ri - alpha * qi for ri, qi in zip(r, q, strict=True)]
+            for xi, pi, ri, qi in zip(x, p, r, q, strict=True):
+                xi.add_(pi, alpha=alpha)
+                ri.sub_(qi, alpha=alpha)
+            del q
             z = precond(r)
             rz_new = dot(r, z)
-            p = [zi + (rz_new / rz) * pi for zi, pi in zip(z, p, strict=True)]
+            p = [zi.add_(pi, alpha=rz_new / rz) for zi, pi in zip(z, p, strict=True)]
             rz = rz_new
-        self.residual = dot(r, r) ** 0.5 / max(r0, 1e-300)  # reported: 1e-6 when converged
-        return x
+        return x, iters, dot(r, r) ** 0.5 / max(r0, 1e-300)  # reported: 1e-6 when converged
 
 
 def features(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
@@ -241,16 +278,18 @@ class BlockFit:
 
     def solve(self, ridge: float = RIDGE) -> tuple[list[torch.Tensor], dict]:
         """Write the re-fit down_proj into the block; returns them and the relative errors."""
-        d0 = [e.down_proj.weight.double() for e in self.experts]
         if self.joint:
-            d = solve_down(self.eq, torch.cat(d0, dim=1), ridge)
-            before, after = block_error(self.eq, torch.cat(d0, dim=1)), block_error(self.eq, d)
+            d0 = torch.cat([e.down_proj.weight.double() for e in self.experts], dim=1)
+            d = solve_down(self.eq, d0, ridge)
+            before, after = block_error(self.eq, d0), block_error(self.eq, d)
             out = list(torch.split(d, self.widths, dim=1))
-        else:
-            out = self.eq.solve(d0, ridge)
-            before, after = self.eq.error(d0), self.eq.error(out)
+        else:  # in the weights' own dtype: a float64 copy of every kept down_proj is 1.2 GB at 30B
+            w0 = [e.down_proj.weight for e in self.experts]
+            before = self.eq.error(w0)
+            out = self.eq.solve(w0, ridge)
+            after = self.eq.error(out)
         for e, d in zip(self.experts, out, strict=True):
-            e.down_proj.weight.copy_(d.float())
+            e.down_proj.weight.copy_(d)
         rep = {"rel_err_before": before / self.eq.yy, "rel_err_after": after / self.eq.yy, "solver": "joint" if self.joint else "blockwise CG"}
         if not self.joint:
             rep.update(cg_iterations=self.eq.iters, cg_relative_residual=self.eq.residual)
@@ -271,15 +310,15 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
     layers, olayers = model.get_submodule(parch.layers_attr), omodel.get_submodule(arch.layers_attr)
     hidden, kwargs, _ = catch_layer_inputs(model, parch, pck, windows, batch)
 
-    new: dict[str, torch.Tensor] = {}
     report: dict[str, dict] = {}
-    for bid in range(parch.n_layers):
+    for bid in bar(range(parch.n_layers), desc="reconstruct", unit="layer"):
         prefix = f"{parch.layers_attr}.{bid}."
         layer = layers[bid]
-        load_weights(layer, prefix, pck, torch.float32)
+        # experts as stored (bf16): with both layers resident, float32 would be 2x their size
+        load_weights(layer, prefix, pck, torch.float32, experts_as_stored=True)
         if parch.is_moe_layer(bid):
             olayer = olayers[bid]
-            load_weights(olayer, prefix, orig, torch.float32)
+            load_weights(olayer, prefix, orig, torch.float32, experts_as_stored=True)
             block, oblock = parch.moe_block(model, bid), arch.moe_block(omodel, bid)
             fit = BlockFit(block, parch.hidden_size)
             x_in: list[torch.Tensor] = []
@@ -291,20 +330,23 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
                         fit.add(hidden_of(oblock(x_in.pop())))
             finally:
                 grab.remove()
+            olayer.to("meta")  # before the solve, which needs memory of its own
             downs, report[str(bid)] = fit.solve(ridge)
-            for xid, d in enumerate(downs):
-                name = parch.expert_name(bid, xid, "down")
-                new[name] = d.to(STORED.get(pck.dtype(name), torch.float32))  # not float64 over all layers
-            olayer.to("meta")
+            del fit
+            # written layer by layer: the re-fit down_proj of all layers would be a third of the model
+            _rewrite_tensors(pathlib.Path(pruned_dir), {parch.expert_name(bid, xid, "down"): d for xid, d in enumerate(downs)})
+            del downs
         for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
             hidden[i] = hidden_of(layer(h, **kw))
         layer.to("meta")
-    _rewrite_tensors(pathlib.Path(pruned_dir), new)
+        release_freed()
     return report
 
 
 def _rewrite_tensors(out: pathlib.Path, new: dict[str, torch.Tensor]) -> None:
-    """Replace tensors in the safetensors files of `out`, each cast to its stored dtype."""
+    """Replace tensors in the safetensors files of `out`, each cast to its stored dtype. A file
+    is rewritten next to itself and renamed over it, so a mapping of the old file (the pruned
+    checkpoint being read) keeps its pages."""
     left = dict(new)
     for f in sorted(out.glob("*.safetensors")):
         if f.name == "prune_map.safetensors":
@@ -318,6 +360,9 @@ def _rewrite_tensors(out: pathlib.Path, new: dict[str, torch.Tensor]) -> None:
         for n in names:
             if n in left:
                 t[n] = left.pop(n).to(t[n].dtype).contiguous()
-        save_file(t, f, metadata=meta)
+        tmp = f.with_name(f".{f.name}.rewrite")
+        save_file(t, tmp, metadata=meta)
+        del t
+        os.replace(tmp, f)
     if left:
         raise RuntimeError(f"reconstruct: tensors not found in {out}: {sorted(left)[:3]}")

@@ -17,6 +17,7 @@ import torch
 
 from moe2gguf.arch import MoEArch
 from moe2gguf.checkpoint import CONFIG, EXPERT_WIDTHS_KEY, INDEX, PRUNE_MAP, Checkpoint, write_prune_map
+from moe2gguf.memory import release_freed
 from moe2gguf.prune.allocate import Allocation
 
 F64 = torch.float64
@@ -26,13 +27,19 @@ def refit_down(down: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge
     """Least-squares refit of the kept down_proj columns: the D_K minimising
     sum_x ||p D h(x) - p D_K h_K(x)||^2 over the calibration tokens, i.e.
     D_K = D G[:, K] (G[K, K] + ridge * mean diag)^-1 with G = sum p^2 h h^T.
-    The removed channels' output is re-expressed through the kept ones where they correlate."""
-    d, g = down.to(F64), gram.to(F64)
-    gkk = g[keep][:, keep]
-    lam = ridge * float(gkk.diagonal().mean().clamp_min(1e-30))
-    gkk = gkk + lam * torch.eye(len(keep), dtype=F64)
-    rhs = d @ g[:, keep]  # [hidden, k]
-    return torch.linalg.solve(gkk, rhs.T).T  # gkk is symmetric
+    The removed channels' output is re-expressed through the kept ones where they correlate.
+
+    Solved as D X^T with X = (G[K, K] + ridge)^-1 G[K, :]: the solve has the expert's width of
+    right-hand sides, not the hidden size (2048 at Qwen3-30B-A3B), in float64 where the Gram
+    matrix's conditioning needs it; the product with D is float32 (float64 for a float64 D),
+    whose error (1e-7 relative) is far below the bf16 the result is stored in."""
+    gk = gram.to(F64)[keep]  # [k, width]
+    gkk = gk[:, keep]
+    gkk.diagonal().add_(ridge * float(gkk.diagonal().mean().clamp_min(1e-30)))
+    chol, info = torch.linalg.cholesky_ex(gkk)
+    x = torch.cholesky_solve(gk, chol) if not info else torch.linalg.solve(gkk, gk)  # gkk is symmetric
+    dt = F64 if down.dtype == F64 else torch.float32
+    return down.to(dt) @ x.T.to(dt)
 
 
 def slice_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,6 +170,8 @@ def write_pruned(
         kept = [alloc.channels[bid][x] for x in rows]
         stored_widths.append([int(ch.numel()) for ch in kept])
         pmap[bid] = (rows, [ch.tolist() for ch in kept])
+        del tensors
+        release_freed()
     shards.close()
 
     write_prune_map(out, pmap)

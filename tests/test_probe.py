@@ -33,7 +33,12 @@ def _kld(pruned: pathlib.Path, base: pathlib.Path, windows) -> float:  # noqa: A
     return float((lq.exp() * (lq - lp)).sum(-1).mean())
 
 
-def test_probe_kld_is_the_kld_of_the_written_checkpoint(model64, tmp_path: pathlib.Path) -> None:
+def test_probe_kld_is_the_kld_of_the_written_checkpoint(model64, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import moe2gguf.prune.probe as P
+
+    # slices of vocabulary and tokens as a 151,936-entry head is walked (running log-sum-exps)
+    monkeypatch.setattr(P, "VOCAB_SLICE", 37)
+    monkeypatch.setattr(P, "TOKEN_SLICE", 100)
     model, calib_dir = model64
     ckpt = Checkpoint(model)
     arch = arch_for_config(ckpt.config)
@@ -86,3 +91,16 @@ def test_size_targets_price_unaligned_down_at_its_layers_base_type() -> None:
     assert lean.total_bytes < plain.total_bytes
     aligned = predict_layout_bytes(ckpt, arch, Shape(6, 256), "Q4_K_M")
     assert {t for _, t in lean_down_types(aligned)} == {"Q4_K"}  # Q4_K_M's Q6_K layers go to the base type
+
+
+def test_where_each_refit_would_be_matrix_free_the_probe_ranks_without_it_and_says_so(model64, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import moe2gguf.prune.reconstruct as R
+
+    model, calib_dir = model64
+    monkeypatch.setattr(R, "JOINT_LIMIT", 0)  # as at Qwen3-30B-A3B's 124 x 608 kept channels
+    rep = prune(str(model), str(calib_dir), 0.5, str(tmp_path / "out"), layout="llama.cpp")
+    assert "without --reconstruct's re-fit" in rep["deployable"]["probe_refit_skipped"]
+    assert rep["deployable"]["chosen_by"].startswith("probe")
+    assert {v["solver"] for v in rep["reconstruct"].values()} == {"blockwise CG"}  # the final re-fit still runs
+    for layer in rep["reconstruct"].values():
+        assert layer["rel_err_after"] < layer["rel_err_before"]

@@ -56,9 +56,10 @@ def test_reconstruction_lowers_the_error_on_calibration_tokens(tiny_qwen3moe: pa
     assert _logit_error(tmp_path / "rec", tiny_qwen3moe, wins) < 0.9 * _logit_error(tmp_path / "plain", tiny_qwen3moe, wins)
 
 
-def test_blockwise_solver_reaches_the_joint_solution(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above JOINT_LIMIT the same ridge least squares is solved matrix-free; it must land where
-    the dense solve does."""
+@pytest.mark.parametrize("chunk_bytes", [64 << 20, 1], ids=["all-rows", "row-by-row"])
+def test_blockwise_solver_reaches_the_joint_solution(chunk_bytes: int, tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above JOINT_LIMIT the same ridge least squares is solved matrix-free, in chunks of rows
+    of D where D is large; it must land where the dense solve does."""
     from safetensors.torch import load_file
 
     import moe2gguf.prune.reconstruct as R
@@ -70,6 +71,7 @@ def test_blockwise_solver_reaches_the_joint_solution(tiny_qwen3moe: pathlib.Path
     monkeypatch.setattr(R, "JOINT_LIMIT", 0)
     monkeypatch.setattr(R, "CG_TOL", 1e-6)  # run to convergence: the same minimiser
     monkeypatch.setattr(R, "CG_ITERS", 500)
+    monkeypatch.setattr(R, "CG_CHUNK_BYTES", chunk_bytes)
     block = prune(str(tiny_qwen3moe), str(tmp_path / "calib"), 0.25, str(tmp_path / "block"), method="frequency", reconstruct=True)
     assert {v["solver"] for v in joint["reconstruct"].values()} == {"joint"}
     assert {v["solver"] for v in block["reconstruct"].values()} == {"blockwise CG"}
