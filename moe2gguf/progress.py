@@ -15,8 +15,9 @@ T = TypeVar("T")
 _silenced = False
 
 
-def bar(iterable: Iterable[T], desc: str, unit: str, disable: bool = False) -> Iterable[T]:
-    return tqdm(iterable, desc=desc, unit=unit, disable=disable or _silenced)
+def bar(iterable: Iterable[T], desc: str, unit: str, disable: bool = False, leave: bool = True) -> Iterable[T]:
+    """A progress bar with ETA; `leave=False` for one nested in another's step (cleared when done)."""
+    return tqdm(iterable, desc=desc, unit=unit, disable=disable or _silenced, leave=leave)
 
 
 @contextlib.contextmanager

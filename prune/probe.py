@@ -15,7 +15,9 @@ channels, the refit down_proj, the router cut to the kept rows), runs on calibra
 and its KL-divergence from the unpruned model is the score. One layer-by-layer pass serves
 every candidate: a decoder layer is materialised once and runs the unpruned hidden states and
 each candidate's own, with the MoE block's output swapped for the candidate's block. Peak
-memory is one layer, one pruned block and a hidden-state copy per candidate.
+memory is one layer and one pruned block (their experts as stored, bf16, and the pruned one
+sliced from the layer in memory), a hidden-state copy per candidate, and one slice of the output
+head (`_kld_sums`).
 
 On the bundled model (8,192 calibration tokens, 12 s for ten shapes) this ranks the ten shapes
 from 4x256 to 8x192 in the same order as their KLD on the held-out eval.txt, where the
@@ -27,6 +29,10 @@ probe then re-fits every candidate the same way (`reconstruct.BlockFit`) on half
 and measures on the other half. The re-fit needs the tokens prune's own uses: fit on 4,096
 tokens it overfits (held-out KLD of 6x256 0.0080, worse than without it); fit on 16,384 of
 the 32,768 calibration tokens it ranks 7x224 < 6x256 < 8x192 as eval.txt does (60 s, 7 shapes).
+Where a candidate's re-fit would be the matrix-free solve (`reconstruct.joint_fits`: more than
+4,096 kept channels per layer, e.g. 124 x 608 at Qwen3-30B-A3B) it costs as much as the final
+re-fit itself, once per candidate; there the probe ranks the shapes without it, prune's final
+re-fit still runs, and prune_report.json says so (`deployable.probe_refit_skipped`).
 """
 
 from __future__ import annotations
@@ -191,7 +197,7 @@ def shape_klds(
         # experts as stored (bf16): the unpruned layer and a pruned block are resident together
         load_weights(layer, f"{arch.layers_attr}.{bid}.", ckpt, torch.float32, experts_as_stored=True)
         ref[:] = run(layer, ref)
-        for s in shapes:
+        for s in bar(shapes, desc=f"layer {bid}", unit="shape", disable=bid not in moe_index, leave=False):
             if bid not in moe_index:
                 streams[s][:] = run(layer, streams[s])
                 continue

@@ -173,7 +173,7 @@ class Blockwise:
         out = [torch.empty_like(d) for d in downs0]
         self.iters, self.residual = 0, 0.0
         chunks = self._chunks()
-        for c in bar(chunks, desc="re-fit rows", unit="chunk", disable=len(chunks) < 2):
+        for c in bar(chunks, desc="re-fit rows", unit="chunk", disable=len(chunks) < 2, leave=False):
             x, iters, res = self._solve_rows([d[c].to(F64, copy=True) for d in downs0], c, lam)
             for o, xi in zip(out, x, strict=True):
                 o[c] = xi.to(o.dtype)
