@@ -42,6 +42,7 @@ from moe2gguf.exporter.sizing import (
     predict_layout_bytes,
     predict_size,
 )
+from moe2gguf.memory import release_freed
 from moe2gguf.options import PROBE_SHAPES
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.allocate import Allocation, Layout, coverage, group_topk, min_grouped_experts
@@ -325,6 +326,7 @@ def plan_deployable(cal: Calib, ckpt: Checkpoint, arch: MoEArch, req: DeployRequ
             notes.append(probe_refit["skipped"])
         tokens = cal.info["tokens"] if refit_each else PROBE_TOKENS
         measured.update(shape_klds(ckpt, arch, cands, attr, groups, calibration_windows(ckpt.path, cal.info, tokens), cal.grams if refit else None, refit_each))
+        release_freed()  # the probe's layers and head slices, before the rewrite allocates its own
         best = min(cands, key=lambda s: (measured[s], s.experts * s.width))
         return best, table.coverage(best)
 

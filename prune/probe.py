@@ -115,7 +115,7 @@ def _swapped(parent: nn.Module, old: nn.Module, new: nn.Module) -> Iterator[None
 # Output-head rows cast to float32 at a time: a 151,936 x 2048 head is 1.2 GB in float32 and its
 # logits for 1,024 tokens 0.6 GB, so the vocabulary is walked in slices with running log-sum-exps.
 VOCAB_SLICE = 16384
-TOKEN_SLICE = 1024
+TOKEN_SLICE = 512
 
 
 def _kld_sums(ref: torch.Tensor, got: list[torch.Tensor], norm: nn.Module, head: torch.Tensor) -> list[float]:
