@@ -434,9 +434,15 @@ def test_signal_mid_write_removes_the_temp_and_keeps_the_earlier_output(sig, wor
     out = tmp_path / "calib"
     shutil.copytree(world.calib, out)
     before = snapshot(out)
-    watcher = signal_when_temp_appears(tmp_path, sig)
-    code, err = moe(capsys, *world.args("calibrate", out))
-    watcher.join()
+    # a job started in the background (`cmd &`, nohup) inherits SIGINT ignored, and moe2gguf
+    # rightly keeps it so; Ctrl-C at a terminal, which this pins, is not ignored
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        watcher = signal_when_temp_appears(tmp_path, sig)
+        code, err = moe(capsys, *world.args("calibrate", out))
+        watcher.join()
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert code == (143 if sig == signal.SIGTERM else 130), err
     assert err.strip().splitlines()[-1] == ("terminated" if sig == signal.SIGTERM else "aborted") and "Traceback" not in err
     assert temps(tmp_path) == []
