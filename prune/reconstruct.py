@@ -304,6 +304,7 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
     """Re-fit the down_proj of every kept expert in the pruned checkpoint `pruned_dir` (written
     by the rewrite) in place. Returns per MoE layer the relative block-output error on the
     calibration tokens before and after."""
+    release_freed()  # what the rewrite freed: the first layer would otherwise sit on top of it
     pck = Checkpoint(pruned_dir)
     parch = arch_for_config(pck.config)
     model, omodel = build_model(parch), build_model(arch)
@@ -331,6 +332,7 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
             finally:
                 grab.remove()
             olayer.to("meta")  # before the solve, which needs memory of its own
+            release_freed()
             downs, report[str(bid)] = fit.solve(ridge)
             del fit
             # written layer by layer: the re-fit down_proj of all layers would be a third of the model
