@@ -78,7 +78,8 @@ def catch_layer_inputs(model: nn.Module, arch: MoEArch, ckpt: Checkpoint, window
     embed_name = next(n for n, m in model.named_modules() if m is embed)
     # a 16-bit table stays so and its rows are upcast as they are looked up (exact): at a
     # vocabulary of 151,936 the float32 table was 1.2 GB next to everything else in memory
-    half = HALF_STORED.get(ckpt.dtype(f"{embed_name}.weight"))
+    name = f"{embed_name}.weight"
+    half = HALF_STORED.get(ckpt.dtype(name)) if name in ckpt else None  # a missing one: load_weights names it
     load_weights(embed, f"{embed_name}.", ckpt, half or torch.float32)
     upcast = embed.register_forward_hook(lambda _m, _args, out: out.float()) if half else None
     catcher, first = _Catcher(), layers[0]
