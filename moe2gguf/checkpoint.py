@@ -35,11 +35,14 @@ MAP_WINDOW = 256 << 20
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in `t`. A float32 sum carries any NaN or Inf through and costs an eighth of
-    `isfinite(t).all()` on bf16 (which was a fifth of prune's time at 30B layer size); only a sum
-    that overflows on finite values needs the exact check."""
+    """No NaN or Inf in `t`: its minimum and maximum are finite (both carry a NaN through). On
+    bf16 that costs a fifteenth of a float32 sum and a thirtieth of `isfinite(t).all()`, which
+    was a fifth of prune's time at 30B layer size."""
+    if not t.numel():
+        return True
     x = t if t.element_size() > 1 else t.float()  # float8 has no reductions
-    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 class Checkpoint:

@@ -109,16 +109,24 @@ class Blockwise:
 
     Every row of D (one hidden output) is its own least squares with the same A, so the solve
     runs over `CG_CHUNK_BYTES` of rows at a time: memory is the features, the targets, K*W^2 for
-    the blocks and a few float64 vectors of one chunk, not of D (for Qwen3-30B-A3B at 124x608 a
-    float64 D is 1.2 GB and CG keeps five of them plus B; that was prune's 12 GiB)."""
+    the blocks and a few vectors of one chunk, not of D (for Qwen3-30B-A3B at 124x608 a float64
+    D is 1.2 GB and CG keeps five of them plus B; that was prune's 12 GiB).
+
+    The iterates are float32, like the features A is applied through, and one flat [rows, K*W]
+    tensor, so the vector steps are one operation each and the preconditioner one batched
+    product where the widths are equal: in float64 with a product per expert, the
+    preconditioner alone was half of prune's time at 30B layer size (a 1e-3 residual needs no
+    float64)."""
 
     def __init__(self, widths: list[int], hidden: int):
         self.A = [torch.zeros(w, w, dtype=F64) for w in widths]
+        self.offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
         self.feats: list[list[torch.Tensor]] = [[] for _ in widths]
         self.tokens: list[list[torch.Tensor]] = [[] for _ in widths]
         self.targets: list[torch.Tensor] = []
         self.hidden, self.yy, self.n = hidden, 0.0, 0
         self.iters, self.residual = 0, 0.0  # of the last solve: the most any chunk needed
+        self.inv: torch.Tensor | None = None  # [K, W, W] preconditioner blocks, equal widths only
 
     def add(self, parts: list[tuple[int, torch.Tensor, torch.Tensor]], target: torch.Tensor) -> None:
         """parts: (expert, token rows in this batch, p'_e h_e on them) for every selected expert."""
@@ -138,21 +146,29 @@ class Blockwise:
         if len(self.targets) > 1:
             self.targets = [torch.cat(self.targets)]
 
-    def _predict(self, downs: list[torch.Tensor], rows: slice) -> torch.Tensor:
-        """sum_e D_e[rows] f_e(x) for every token: [tokens, len(rows)], float32 as the features."""
-        pred = torch.zeros(self.n, rows.stop - rows.start, dtype=torch.float32)
-        for d, f, t in zip(downs, self.feats, self.tokens, strict=True):
+    def _blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each expert's columns of a [rows, K*W] tensor (views)."""
+        return [flat[:, a:b] for a, b in zip(self.offsets, self.offsets[1:])]
+
+    def _predict(self, flat: torch.Tensor) -> torch.Tensor:
+        """sum_e D_e f_e(x) for every token, D the [rows, K*W] chunk: [tokens, rows], float32."""
+        pred = torch.zeros(self.n, flat.shape[0], dtype=torch.float32)
+        for d, f, t in zip(self._blocks(flat), self.feats, self.tokens, strict=True):
             if f:
-                pred.index_add_(0, t[0], f[0] @ d.float().T)
+                pred.index_add_(0, t[0], f[0] @ d.T)
         return pred
 
-    def _apply(self, downs: list[torch.Tensor], rows: slice) -> list[torch.Tensor]:
-        """(D A)_e of one chunk of rows, through the stored features."""
-        pred = self._predict(downs, rows)
-        return [(pred[t[0]].T @ f[0]).to(F64) if f else torch.zeros_like(d) for d, f, t in zip(downs, self.feats, self.tokens, strict=True)]
+    def _apply(self, flat: torch.Tensor) -> torch.Tensor:
+        """D A of one chunk of rows, through the stored features."""
+        pred = self._predict(flat)
+        out = torch.zeros_like(flat)
+        for o, f, t in zip(self._blocks(out), self.feats, self.tokens, strict=True):
+            if f:
+                o.copy_(pred[t[0]].T @ f[0])
+        return out
 
     def _chunks(self) -> list[slice]:
-        per_row = 8 * sum(a.shape[0] for a in self.A)
+        per_row = 4 * self.offsets[-1]
         step = max(1, min(self.hidden, CG_CHUNK_BYTES // max(per_row, 1)))
         return [slice(i, min(i + step, self.hidden)) for i in range(0, self.hidden, step)]
 
@@ -160,7 +176,7 @@ class Blockwise:
         """sum_x ||y - D f||^2."""
         self._cat()
         y = self.targets[0]
-        return sum(float((y[:, c] - self._predict([d[c] for d in downs], c)).double().square().sum()) for c in self._chunks())
+        return sum(float((y[:, c] - self._predict(torch.cat([d[c].float() for d in downs], 1))).double().square().sum()) for c in self._chunks())
 
     def solve(self, downs0: list[torch.Tensor], ridge: float = RIDGE) -> list[torch.Tensor]:
         """The re-fit down matrices, in the dtype of `downs0` (the block's own weights)."""
@@ -169,35 +185,46 @@ class Blockwise:
         lam = ridge * float(diag.mean().clamp_min(1e-30))
         for i, a in enumerate(self.A):  # the blocks are needed only as the preconditioner
             a.diagonal().add_(lam)
-            self.A[i] = torch.cholesky_inverse(torch.linalg.cholesky(a))  # applied as a product, not two triangular solves
+            self.A[i] = torch.cholesky_inverse(torch.linalg.cholesky(a)).float()  # applied as a product, not two triangular solves
+        if len({a.shape[0] for a in self.A}) == 1:  # one batched product
+            self.inv = torch.stack(self.A)
+            self.A = list(self.inv.unbind(0))
         out = [torch.empty_like(d) for d in downs0]
         self.iters, self.residual = 0, 0.0
         chunks = self._chunks()
         for c in bar(chunks, desc="re-fit rows", unit="chunk", disable=len(chunks) < 2, leave=False):
-            x, iters, res = self._solve_rows([d[c].to(F64, copy=True) for d in downs0], c, lam)
-            for o, xi in zip(out, x, strict=True):
+            x, iters, res = self._solve_rows(torch.cat([d[c].float() for d in downs0], 1), c, lam)
+            for o, xi in zip(out, self._blocks(x), strict=True):
                 o[c] = xi.to(o.dtype)
             self.iters, self.residual = max(self.iters, iters), max(self.residual, res)
+        self.inv = None
         return out
 
-    def _solve_rows(self, d0: list[torch.Tensor], rows: slice, lam: float) -> tuple[list[torch.Tensor], int, float]:
-        """Preconditioned CG for rows `rows` of D, from D0."""
+    def _precond(self, r: torch.Tensor) -> torch.Tensor:
+        """r_e (A_e + lam)^-1 for every expert's block of r."""
+        if self.inv is not None:
+            k, w = self.inv.shape[:2]
+            return torch.bmm(r.view(r.shape[0], k, w).transpose(0, 1), self.inv).transpose(0, 1).reshape(r.shape)
+        return torch.cat([ri @ inv for ri, inv in zip(self._blocks(r), self.A, strict=True)], 1)
+
+    def _solve_rows(self, d0: torch.Tensor, rows: slice, lam: float) -> tuple[torch.Tensor, int, float]:
+        """Preconditioned CG for rows `rows` of D ([rows, K*W]), from D0."""
         y = self.targets[0][:, rows]
-        b = [(y[t[0]].T @ f[0]).to(F64) if f else torch.zeros_like(d) for d, f, t in zip(d0, self.feats, self.tokens, strict=True)]
+        b = torch.zeros_like(d0)
+        for bi, f, t in zip(self._blocks(b), self.feats, self.tokens, strict=True):
+            if f:
+                bi.copy_(y[t[0]].T @ f[0])
 
-        def op(x: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [q.add_(xi, alpha=lam) for q, xi in zip(self._apply(x, rows), x, strict=True)]
+        def op(x: torch.Tensor) -> torch.Tensor:
+            return self._apply(x).add_(x, alpha=lam)
 
-        def precond(r: list[torch.Tensor]) -> list[torch.Tensor]:  # r_e (A_e + lam)^-1
-            return [ri @ inv for ri, inv in zip(r, self.A, strict=True)]
-
-        def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-            return sum(float((x * y).sum()) for x, y in zip(a, b, strict=True))
+        def dot(a: torch.Tensor, b: torch.Tensor) -> float:  # summed in float64: 10^7 terms a chunk
+            return float((a * b).sum(dtype=F64))
 
         x = d0
-        r = [bi.add_(d, alpha=lam).sub_(q) for bi, d, q in zip(b, d0, op(x), strict=True)]
+        r = b.add_(d0, alpha=lam).sub_(op(x))
         del b
-        z = precond(r)
+        z = self._precond(r)
         p, rz = z, dot(r, z)
         r0 = dot(r, r) ** 0.5
         iters = 0
@@ -205,13 +232,12 @@ class Blockwise:
             iters += 1
             q = op(p)
             alpha = rz / max(dot(p, q), 1e-300)
-            for xi, pi, ri, qi in zip(x, p, r, q, strict=True):
-                xi.add_(pi, alpha=alpha)
-                ri.sub_(qi, alpha=alpha)
+            x.add_(p, alpha=alpha)
+            r.sub_(q, alpha=alpha)
             del q
-            z = precond(r)
+            z = self._precond(r)
             rz_new = dot(r, z)
-            p = [zi.add_(pi, alpha=rz_new / rz) for zi, pi in zip(z, p, strict=True)]
+            p = z.add_(p, alpha=rz_new / rz)
             rz = rz_new
         return x, iters, dot(r, r) ** 0.5 / max(r0, 1e-300)  # reported: 1e-6 when converged
 

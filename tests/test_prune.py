@@ -111,6 +111,22 @@ def test_refit_reduces_the_output_error_on_correlated_channels() -> None:
     assert (fitted - ref).norm() < 1e-3 * (plain - ref).norm()
 
 
+def test_refit_keeps_the_columns_of_channels_calibration_never_reached() -> None:
+    """A kept channel with no calibration activation has nothing to fit: its down_proj column
+    stays as trained (a ridge toward zero erased it), while the reached ones are refit."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    h[:, 3:6] = 0.0  # channels 3..5 never fire on the calibration text
+    h[:, 8:] = h[:, :4] @ torch.randn(4, 4, generator=g, dtype=torch.float64)  # removed ones correlate
+    down = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    keep = torch.arange(8)
+    new = refit_down(down, h.T @ h, keep)
+    assert torch.equal(new[:, 3:6], down[:, 3:6])
+    assert (new[:, :3] - down[:, :3]).abs().max() > 0.1
+    ref = h @ down.T
+    assert (h[:, keep] @ new.T - ref).norm() < 1e-2 * (h[:, keep] @ down[:, keep].T - ref).norm()
+
+
 @pytest.mark.parametrize("method", ["coverage", "uniform", "magnitude", "reap", "frequency"])
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_report_budget_reload_and_inspect(method: str, ratio: float, tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path) -> None:

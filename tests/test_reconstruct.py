@@ -81,3 +81,36 @@ def test_blockwise_solver_reaches_the_joint_solution(chunk_bytes: int, tiny_qwen
     a, c = load_file(tmp_path / "joint" / "model.safetensors"), load_file(tmp_path / "block" / "model.safetensors")
     downs = [k for k in a if "down_proj" in k]
     assert downs and all(torch.allclose(a[k].float(), c[k].float(), rtol=1e-3, atol=1e-5) for k in downs)
+
+
+@pytest.mark.parametrize("widths", [[4, 4, 4], [3, 6, 5]], ids=["equal-widths", "ragged-widths"])
+def test_blockwise_solve_matches_the_dense_ridge_solution(widths: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matrix-free solver, fed the sparse per-expert features, lands on the dense solve's D
+    for equal widths (the llama.cpp layout's batched preconditioner) and ragged ones."""
+    import moe2gguf.prune.reconstruct as R
+
+    monkeypatch.setattr(R, "CG_TOL", 1e-7)
+    monkeypatch.setattr(R, "CG_ITERS", 500)
+    g = torch.Generator().manual_seed(2)
+    tokens, hidden, offs = 300, 7, [0]
+    for w in widths:
+        offs.append(offs[-1] + w)
+    dense = torch.zeros(tokens, offs[-1])
+    parts = []
+    for xid, w in enumerate(widths):
+        tok = torch.randperm(tokens, generator=g)[: tokens // 2].sort().values
+        f = torch.randn(len(tok), w, generator=g)
+        dense[tok, offs[xid] : offs[xid + 1]] = f
+        parts.append((xid, tok, f))
+    y = dense @ torch.randn(hidden, offs[-1], generator=g).T + 0.1 * torch.randn(tokens, hidden, generator=g)
+    d0 = [torch.randn(hidden, w, generator=g) for w in widths]
+    eq = R.Normal(offs[-1], hidden)
+    eq.add(dense, y)
+    want = R.solve_down(eq, torch.cat(d0, 1), ridge=1e-2)
+    bw = R.Blockwise(widths, hidden)
+    half = tokens // 2  # two batches, as the layer pass feeds them
+    for lo, hi in ((0, half), (half, tokens)):
+        bw.add([(x, t[(t >= lo) & (t < hi)] - lo, f[(t >= lo) & (t < hi)]) for x, t, f in parts], y[lo:hi])
+    got = bw.solve(d0, ridge=1e-2)
+    assert torch.allclose(torch.cat(got, 1).double(), want, atol=1e-4, rtol=1e-4)
+    assert bw.error(got) == pytest.approx(block_error(eq, want), rel=1e-4)
