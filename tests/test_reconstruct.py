@@ -113,4 +113,5 @@ def test_blockwise_solve_matches_the_dense_ridge_solution(widths: list[int], mon
         bw.add([(x, t[(t >= lo) & (t < hi)] - lo, f[(t >= lo) & (t < hi)]) for x, t, f in parts], y[lo:hi])
     got = bw.solve(d0, ridge=1e-2)
     assert torch.allclose(torch.cat(got, 1).double(), want, atol=1e-4, rtol=1e-4)
-    assert bw.error(got) == pytest.approx(block_error(eq, want), rel=1e-4)
+    assert bw.after == pytest.approx(block_error(eq, want), rel=1e-4)
+    assert bw.before == pytest.approx(block_error(eq, torch.cat(d0, 1).double()), rel=1e-5)
