@@ -16,7 +16,7 @@ import click
 from moe2gguf.errors import UserError
 from moe2gguf.inputs import FiniteFloatRange
 from moe2gguf.layout import DEFAULT_LAYOUT, PRUNE_LAYOUTS
-from moe2gguf.options import DEFAULT_QUANT, KV_TYPES, MAX_CTX, MAX_PROBE, METHODS, PROBE_SHAPES, QUANT_TYPES, RENAMED, SCORE_KINDS, TASK_FORMATS
+from moe2gguf.options import DEFAULT_QUANT, DEVICES, KV_TYPES, MAX_CTX, MAX_PROBE, METHODS, PROBE_SHAPES, QUANT_TYPES, RENAMED, SCORE_KINDS, TASK_FORMATS
 
 
 class MethodChoice(click.Choice):
@@ -49,6 +49,7 @@ def inspect_cmd(**kwargs: Any) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Output folder CALIB/.")
 @click.option("--tokens", default=32768, show_default=True, type=click.IntRange(1), help="Calibration tokens in all.")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(2), help="Tokens per window (at most the model's max_position_embeddings).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Where each decoder layer runs: auto takes a CUDA or Apple (MPS) GPU when torch sees one, else the CPU (all cores). One layer is on the device at a time; statistics are summed on the CPU in float64.")
 def calibrate_cmd(**kwargs: Any) -> None:
     """Run calibration text through MODEL layer by layer and write CALIB/: per-channel
     attribution scores of every expert, routing statistics and a llama.cpp imatrix."""

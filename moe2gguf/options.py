@@ -28,6 +28,9 @@ QUANT_TYPES = (
 )
 DEFAULT_QUANT = "Q4_K_M"
 
+# --device: where calibrate runs each decoder layer (auto: CUDA, then MPS, then CPU)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
 # check --kv-type: llama.cpp KV-cache types
 KV_TYPES = ("f16", "f32", "q8_0")
 # check --task-format: llama-perplexity's multiple-choice formats (exporter/tasks.py reads them)

@@ -30,13 +30,14 @@ from torch import nn
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.calib import CALIB_JSON, IMATRIX, SCORES, gram_file
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.device import moved, resolve
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
 from moe2gguf.memory import release_freed
 from moe2gguf.modeling import build_model, hidden_of, load_model, load_weights
 from moe2gguf.protocol import read_text
-from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
+from moe2gguf.prune.scores import CPU, ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
 from moe2gguf.progress import bar
 
 # The Taylor pass holds the whole model (float32) for a full-model backward, the one pass that
@@ -158,12 +159,12 @@ def _linear_inputs(layer: nn.Module, prefix: str, experts: nn.Module | None) -> 
 class Calibration:
     """The statistics of one pass; `run` fills them, `save` writes CALIB/."""
 
-    def __init__(self, ckpt: Checkpoint, arch: MoEArch, windows: np.ndarray, batch: int = 8, gram: bool = True):
+    def __init__(self, ckpt: Checkpoint, arch: MoEArch, windows: np.ndarray, batch: int = 8, gram: bool = True, device: torch.device = CPU):
         widths = arch.expert_widths()
         if any(w and len(set(w)) > 1 for w in widths) or ckpt.expert_widths is not None:
             raise UserError(f"{ckpt.path} is already pruned; calibrate the unpruned model and prune it once")
         self.ckpt, self.arch, self.windows, self.batch = ckpt, arch, windows, batch
-        self.gram = gram
+        self.gram, self.device = gram, device
         self.spill: pathlib.Path | None = None  # where each layer's Gram matrices go once it is done
         self.experts: dict[int, ExpertStats] = {}
         self.scale: dict[int, ScaleStats] = {}
@@ -191,12 +192,15 @@ class Calibration:
         model = build_model(arch)
         layers = model.get_submodule(arch.layers_attr)
         hidden, kwargs, self.peak_bytes = catch_layer_inputs(model, arch, ckpt, self.windows, self.batch)
+        dev = self.device
+        hidden, kwargs = moved(hidden, dev), moved(kwargs, dev)
 
         for bid in bar(range(arch.n_layers), desc="calibrate", unit="layer"):
             layer = layers[bid]
             prefix = f"{arch.layers_attr}.{bid}."
             # computed in float32, experts held as stored (bf16: half the layer's memory)
             load_weights(layer, prefix, ckpt, torch.float32, experts_as_stored=True)
+            layer.to(dev)  # the one layer on the device (a no-op on the CPU)
             nbytes = _materialised_bytes(model)
             self.layer_bytes = max(self.layer_bytes, nbytes)
             self.peak_bytes = max(self.peak_bytes, nbytes)
@@ -223,7 +227,7 @@ class Calibration:
                     if spill is not None:
                         save_gram(spill, bid, stats.gram)
                         stats.gram = None
-                self.weights[f"layers.{bid}.down_norm"] = torch.stack([e.down_proj.weight.double().norm(dim=0) for e in experts])
+                self.weights[f"layers.{bid}.down_norm"] = torch.stack([e.down_proj.weight.to(CPU, torch.float64).norm(dim=0) for e in experts])
                 self.weights[f"layers.{bid}.magnitude"] = torch.stack(
                     [weight_norms(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in experts]
                 )
@@ -235,6 +239,7 @@ class Calibration:
         # final norm, then the input of the output projection
         norm = model.get_submodule(arch.final_norm)
         load_weights(norm, f"{arch.final_norm}.", ckpt, torch.float32)
+        norm.to(dev)
         head = model.get_output_embeddings()
         out_stats = self.inputs.setdefault(arch.head_name.removesuffix(".weight"), InputStats(head.weight.shape[1]))
         for h in hidden:
@@ -421,7 +426,8 @@ def check_fits(arch: MoEArch, tokens: int, ctx: int) -> None:
         )
 
 
-def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens: int = 32768, ctx: int = 512, batch: int = 8) -> Calibration:
+def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens: int = 32768, ctx: int = 512, batch: int = 8, device: str = "auto") -> Calibration:
+    dev = resolve(device)
     ckpt = Checkpoint(model)
     arch = arch_for_config(ckpt.config)
     texts = [str(pathlib.Path(t).resolve()) for t in text]  # absolute: later steps (reconstruct) re-read them from elsewhere
@@ -430,7 +436,7 @@ def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens
     check_fits(arch, tokens, ctx)
     check_output(output, "calibrate", [model, *texts], folder=True)  # before the work, not after it
     wins = spread_windows(tokenize(model, texts), texts, tokens, ctx)
-    cal = Calibration(ckpt, arch, wins, batch=batch)
+    cal = Calibration(ckpt, arch, wins, batch=batch, device=dev)
     with atomic_dir(output, "calibrate", [model, *texts]) as tmp:
         cal.run(spill=tmp)
         cal.run_taylor()
@@ -438,7 +444,7 @@ def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens
     return cal
 
 
-def calibrate_main(model: str, text: tuple[str, ...], output: str, tokens: int, ctx: int) -> None:
+def calibrate_main(model: str, text: tuple[str, ...], output: str, tokens: int, ctx: int, device: str) -> None:
     """The `calibrate` verb once moe2gguf/commands.py has parsed its options."""
-    cal = calibrate(model, text, output, tokens, ctx)
-    click.echo(f"wrote {output}: {cal.windows.size} tokens in {len(cal.windows)} windows of {cal.windows.shape[1]}")
+    cal = calibrate(model, text, output, tokens, ctx, device=device)
+    click.echo(f"wrote {output}: {cal.windows.size} tokens in {len(cal.windows)} windows of {cal.windows.shape[1]} (on {cal.device.type})")

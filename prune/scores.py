@@ -37,6 +37,8 @@ import torch
 from moe2gguf.options import SCORE_KINDS
 
 F64 = torch.float64
+# statistics are summed here whatever device computed the batch (moe2gguf/device.py)
+CPU = torch.device("cpu")
 
 
 class ExpertStats:
@@ -57,11 +59,11 @@ class ExpertStats:
         """The `ExpertList.observer` tap: tokens x [n, hidden], activations h [n, width], weights
         w [n, 1], and the expert's output out = down_proj(h) [n, hidden] (before the router
         weight) for REAP's saliency."""
-        x, h, w = x.to(F64), h.to(F64), w.to(F64).reshape(-1, 1)
+        x, h, w = x.to(CPU, F64), h.to(CPU, F64), w.to(CPU, F64).reshape(-1, 1)
         self.freq[xid] += x.shape[0]
         self.mass[xid] += w.sum()
         if out is not None:
-            self.reap[xid] += (w[:, 0] * out.to(F64).norm(dim=1)).sum()
+            self.reap[xid] += (w[:, 0] * out.to(CPU, F64).norm(dim=1)).sum()
         ph = w * h
         self.abs_act[xid] += ph.abs().sum(0)
         self.sq_act[xid] += (ph * ph).sum(0)
@@ -81,7 +83,7 @@ class TaylorStats:
         """Activations h [n, width] reaching expert xid and the loss gradient with respect to them.
         The absolute value is taken per token, before summing, as the paper's code does: a
         channel whose contributions cancel over tokens still matters to each token."""
-        self.taylor[xid] += (h.to(F64) * grad.to(F64)).abs().sum(0)
+        self.taylor[xid] += (h.to(CPU, F64) * grad.to(CPU, F64)).abs().sum(0)
 
 
 class InputStats:
@@ -92,7 +94,7 @@ class InputStats:
         self.count = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(F64)
+        x = x.reshape(-1, x.shape[-1]).to(CPU, F64)
         self.sum2 += (x * x).sum(0)
         self.count += x.shape[0]
 
@@ -105,7 +107,7 @@ class ScaleStats:
         self.count = 0
 
     def add_batch(self, y: torch.Tensor) -> None:
-        y = y.reshape(-1, y.shape[-1]).to(F64)
+        y = y.reshape(-1, y.shape[-1]).to(CPU, F64)
         self.sum_sq += float((y * y).sum())
         self.count += y.shape[0]
 
@@ -156,5 +158,5 @@ def normalise_layers(scores: list[torch.Tensor], resid_mean_sq: list[float], kin
 def weight_norms(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """Magnitude score of every channel of one expert: ||gate_j|| * ||up_j|| * ||down_:,j||
     (the product, because the channel's output scales with each of the three)."""
-    g, u, d = gate.to(F64), up.to(F64), down.to(F64)
+    g, u, d = gate.to(CPU, F64), up.to(CPU, F64), down.to(CPU, F64)
     return g.norm(dim=1) * u.norm(dim=1) * d.norm(dim=0)

@@ -128,3 +128,44 @@ def test_text_too_short_is_exit_2_and_writes_nothing(tiny_qwen3moe: pathlib.Path
     assert r.exit_code == 2
     assert "too few" in r.output and "Traceback" not in r.output
     assert not out.exists() and not list(tmp_path.glob(".calib*"))
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_a_device_torch_cannot_see_is_exit_2_and_writes_nothing(device: str, tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path, text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda with the pinned CPU wheel (forced here, so a GPU machine runs it too):
+    one line that says what torch sees and how to fix it, before any work."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    out = tmp_path / "calib"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = CliRunner().invoke(cli, ["calibrate", str(tiny_qwen3moe), "--text", text, "-o", str(out), "--tokens", "256", "--ctx", "64", "--device", device])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and f"--device {device}" in lines[0] and "--device cpu" in lines[0] and "Traceback" not in r.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(("cuda", "mps", "want"), [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_auto_takes_the_accelerator_torch_sees(cuda: bool, mps: bool, want: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moe2gguf.device import resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve("auto").type == want
+
+
+def test_calibrate_on_the_cpu_device_by_name_equals_auto_here(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path, text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's default (auto) on a machine without an accelerator is the CPU, and the CALIB it
+    writes is the one --device cpu writes, to the bit."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    runs = {}
+    for dev in ("auto", "cpu"):
+        r = CliRunner().invoke(cli, ["calibrate", str(tiny_qwen3moe), "--text", text, "-o", str(tmp_path / dev), "--tokens", "256", "--ctx", "64", "--device", dev])
+        assert r.exit_code == 0, r.output
+        assert r.output.rstrip().endswith("(on cpu)")
+        runs[dev] = load_file(tmp_path / dev / "scores.safetensors")
+    assert runs["auto"].keys() == runs["cpu"].keys()
+    assert all(torch.equal(runs["auto"][k], runs["cpu"][k]) for k in runs["cpu"])
