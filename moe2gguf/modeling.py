@@ -18,9 +18,10 @@ from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError
 
-# observer(xid, x, h, w): tokens x reaching expert xid, its intermediate activations h
-# (act(gate x) * up x, the input of down_proj) and their router weights w.
-ExpertObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# observer(xid, token, x, h, w): the rows `token` of the block's input that reach expert xid,
+# those tokens x, their intermediate activations h (act(gate x) * up x, the input of
+# down_proj) and their router weights w.
+ExpertObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 DEFAULT_PARTS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -74,7 +75,7 @@ class ExpertList(nn.ModuleList):
             w = top_k_weights[token, slot].unsqueeze(-1)
             h = expert.intermediate(x)
             if self.observer is not None:
-                self.observer(xid, x, h, w)
+                self.observer(xid, token, x, h, w)
             if h.shape[-1] == 0:  # an expert pruned to nothing contributes nothing
                 continue
             out.index_add_(0, token, (expert.down_proj(h) * w).to(out.dtype))

@@ -35,7 +35,7 @@ from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
 from moe2gguf.memory import release_freed
-from moe2gguf.modeling import build_model, hidden_of, load_model, load_weights
+from moe2gguf.modeling import ExpertObserver, build_model, hidden_of, load_model, load_weights
 from moe2gguf.protocol import read_text
 from moe2gguf.prune.scores import CPU, ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
 from moe2gguf.progress import bar
@@ -330,11 +330,11 @@ def save_gram(folder: pathlib.Path, bid: int, grams: list[torch.Tensor]) -> None
     save_file({str(x): g.contiguous() for x, g in enumerate(grams)}, f)
 
 
-def _with_output(stats: ExpertStats, experts: nn.Module) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+def _with_output(stats: ExpertStats, experts: nn.Module) -> ExpertObserver:
     """The experts' observer for `stats`, adding each expert's output f = down_proj(h), which
     REAP's saliency needs and the tap (called before down_proj) does not pass."""
 
-    def observe(xid: int, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+    def observe(xid: int, _token: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
         stats.add_batch(xid, x, h, w, experts[xid].down_proj(h))
 
     return observe
@@ -396,11 +396,11 @@ def taylor_pass(model_dir: str | pathlib.Path, windows: np.ndarray, batch: int) 
     return stats
 
 
-def _grad_tap(stats: TaylorStats) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+def _grad_tap(stats: TaylorStats) -> ExpertObserver:
     """An experts' observer that hooks each routed activation h and, when backward reaches it,
     adds |h * dL/dh| to `stats`."""
 
-    def observe(xid: int, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+    def observe(xid: int, _token: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
         if h.requires_grad:
             act = h.detach()
             h.register_hook(lambda g: stats.add_batch(xid, act, g))

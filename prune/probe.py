@@ -208,7 +208,9 @@ def shape_klds(
             resident = _Overlay(ckpt, layer.state_dict(prefix=f"{arch.layers_attr}.{bid}.", keep_vars=False))
             tensors, _ = pruned_layer(resident, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
             load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32, experts_as_stored=True)
-            del tensors
+            # the overlay holds the layer's tensors, mapped from the checkpoint: kept past the
+            # loop it held the last layer's 1.2 GB of file pages through the KLD at 30B layer size
+            del tensors, resident
             oblock = arch.moe_block(model, bid)
             if reconstruct:  # the unpruned block's output on the pruned stream is the fit's target
                 fit = BlockFit(block, arch.hidden_size)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -176,9 +176,12 @@ class Blockwise:
         step = max(1, min(self.hidden, CG_CHUNK_BYTES // max(per_row, 1)))
         return [slice(i, min(i + step, self.hidden)) for i in range(0, self.hidden, step)]
 
-    def solve(self, downs0: list[torch.Tensor], ridge: float = RIDGE) -> list[torch.Tensor]:
+    def solve(self, downs0: list[torch.Tensor], ridge: float = RIDGE, on_change: Callable[[slice, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
         """The re-fit down matrices, in the dtype of `downs0` (the block's own weights); the
-        block error sum_x ||y - D f||^2 before and after lands in `before` and `after`."""
+        block error sum_x ||y - D f||^2 before and after lands in `before` and `after`, and
+        `on_change(rows, delta)` gets, chunk by chunk, how much the block's output on every
+        calibration token moved in those rows ([tokens, rows], the stored weights' rounding
+        included), so the next layer's inputs need no second run of this one."""
         self._cat()
         diag = torch.cat([a.diagonal() for a in self.A])
         lam = ridge * float(diag.mean().clamp_min(1e-30))
@@ -192,9 +195,12 @@ class Blockwise:
         self.iters, self.residual, self.before, self.after = 0, 0.0, 0.0, 0.0
         chunks = self._chunks()
         for c in bar(chunks, desc="re-fit rows", unit="chunk", disable=len(chunks) < 2, leave=False):
-            x, iters, res = self._solve_rows(torch.cat([d[c].float() for d in downs0], 1), c, lam)
+            x, iters, res, delta = self._solve_rows(torch.cat([d[c].float() for d in downs0], 1), c, lam, downs0[0].dtype)
             for o, xi in zip(out, self._blocks(x), strict=True):
                 o[c] = xi.to(o.dtype)
+            if on_change is not None and delta is not None:
+                on_change(c, delta)
+            del delta
             self.iters, self.residual = max(self.iters, iters), max(self.residual, res)
         self.inv = None
         return out
@@ -206,9 +212,11 @@ class Blockwise:
             return torch.bmm(r.view(r.shape[0], k, w).transpose(0, 1), self.inv).transpose(0, 1).reshape(r.shape)
         return torch.cat([ri @ inv for ri, inv in zip(self._blocks(r), self.A, strict=True)], 1)
 
-    def _solve_rows(self, d0: torch.Tensor, rows: slice, lam: float) -> tuple[torch.Tensor, int, float]:
-        """Preconditioned CG for rows `rows` of D ([rows, K*W]), from D0. The block errors before
-        and after come from products the solve makes anyway, plus one prediction at the end."""
+    def _solve_rows(self, d0: torch.Tensor, rows: slice, lam: float, stored: torch.dtype) -> tuple[torch.Tensor, int, float, torch.Tensor | None]:
+        """Preconditioned CG for rows `rows` of D ([rows, K*W]), from D0; the result is rounded
+        to the `stored` dtype. The block errors before and after, and the change of the block's
+        output (None: unchanged), come from products the solve makes anyway plus one
+        prediction at the end."""
         y = self.targets[0][:, rows]
         b = self._back(y)
 
@@ -222,7 +230,7 @@ class Blockwise:
         before = float((y - pred).square_().sum(dtype=F64))
         self.before += before
         r = b.sub_(self._back(pred))  # b + lam D0 - (A + lam) D0
-        del b, pred
+        del b
         x = d0
         z = self._precond(r)
         p, rz = z, dot(r, z)
@@ -239,28 +247,26 @@ class Blockwise:
             rz_new = dot(r, z)
             p = z.add_(p, alpha=rz_new / rz)
             rz = rz_new
-        self.after += float((y - self._predict(x)).square_().sum(dtype=F64)) if iters else before
-        return x, iters, dot(r, r) ** 0.5 / max(r0, 1e-300)  # reported: 1e-6 when converged
+        res = dot(r, r) ** 0.5 / max(r0, 1e-300)  # reported: 1e-6 when converged
+        if not iters:
+            self.after += before
+            return x, iters, res, None
+        x = x.to(stored).float()  # what the checkpoint will hold
+        new = self._predict(x)
+        self.after += float((y - new).square_().sum(dtype=F64))
+        return x, iters, res, new.sub_(pred)
 
 
-def features(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
-    """[tokens, sum widths]: p'_e(x) h_e(x) in expert e's block where e is selected, else 0."""
+def dense_features(parts: list[tuple[int, torch.Tensor, torch.Tensor]], tokens: int, widths: list[int]) -> torch.Tensor:
+    """[tokens, sum widths]: p'_e(x) h_e(x) in expert e's block where e is selected, else 0,
+    from the sparse (expert, its tokens, p'_e h_e on them) the experts' observer collects."""
     offs = [0]
-    for e in experts:
-        offs.append(offs[-1] + e.down_proj.in_features)
-    f = hidden.new_zeros(hidden.shape[0], offs[-1], dtype=torch.float32)
-    for xid, token, h in expert_features(hidden, index, weights, experts):
+    for w in widths:
+        offs.append(offs[-1] + w)
+    f = torch.zeros(tokens, offs[-1], dtype=torch.float32)
+    for xid, token, h in parts:
         f[token, offs[xid] : offs[xid + 1]] += h
     return f
-
-
-def expert_features(hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """`features` kept sparse: (expert, its tokens, p'_e h_e on them) per selected expert."""
-    out = []
-    for xid in index.unique().tolist():
-        token, slot = torch.where(index == xid)
-        out.append((xid, token, experts[xid].intermediate(hidden[token]).float() * weights[token, slot].unsqueeze(-1).float()))
-    return out
 
 
 # ----- one block ---------------------------------------------------------------------------------
@@ -281,19 +287,26 @@ class BlockFit:
     @contextlib.contextmanager
     def observe(self) -> Iterator[None]:
         got = self.got
+        parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+        def tap(xid: int, token: torch.Tensor, _x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+            # the activations the block computes anyway (recomputing them cost a fifth of the pass)
+            parts.append((xid, token, h.float() * w.float()))
 
         def post(_m, _args, out):  # noqa: ANN001, ANN202
             got["block"] = hidden_of(out)
 
-        def routed(_m, args, kw, out):  # noqa: ANN001, ANN202
-            h, idx, w = MoEArch.experts_inputs(args, kw)
-            got["feat"] = features(h, idx, w, self.experts) if self.joint else expert_features(h, idx, w, self.experts)
+        def routed(_m, _args, out):  # noqa: ANN001, ANN202
+            got["feat"] = dense_features(parts, out.reshape(-1, out.shape[-1]).shape[0], self.widths) if self.joint else list(parts)
             got["routed"] = out
+            parts.clear()
 
-        hs = [self.block.register_forward_hook(post), self.experts.register_forward_hook(routed, with_kwargs=True)]
+        self.experts.observer = tap
+        hs = [self.block.register_forward_hook(post), self.experts.register_forward_hook(routed)]
         try:
             yield
         finally:
+            self.experts.observer = None
             for hd in hs:
                 hd.remove()
 
@@ -303,15 +316,16 @@ class BlockFit:
         target = (y_orig - self.got["block"]).reshape(-1, h) + self.got["routed"].reshape(-1, h)
         self.eq.add(self.got["feat"], target)
 
-    def solve(self, ridge: float = RIDGE) -> tuple[list[torch.Tensor], dict]:
-        """Write the re-fit down_proj into the block; returns them and the relative errors."""
+    def solve(self, ridge: float = RIDGE, on_change: Callable[[slice, torch.Tensor], None] | None = None) -> tuple[list[torch.Tensor], dict]:
+        """Write the re-fit down_proj into the block; returns them and the relative errors.
+        The matrix-free solver also reports the change of the block's output (`Blockwise.solve`)."""
         if self.joint:
             d0 = torch.cat([e.down_proj.weight.double() for e in self.experts], dim=1)
             d = solve_down(self.eq, d0, ridge)
             before, after = block_error(self.eq, d0), block_error(self.eq, d)
             out = list(torch.split(d, self.widths, dim=1))
         else:  # in the weights' own dtype: a float64 copy of every kept down_proj is 1.2 GB at 30B
-            out = self.eq.solve([e.down_proj.weight for e in self.experts], ridge)
+            out = self.eq.solve([e.down_proj.weight for e in self.experts], ridge, on_change)
             before, after = self.eq.before, self.eq.after
         for e, d in zip(self.experts, out, strict=True):
             e.down_proj.weight.copy_(d)
@@ -351,23 +365,37 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
             grab = block.register_forward_pre_hook(lambda _m, args: x_in.append(args[0]))
             try:
                 with fit.observe():
-                    for h, kw in zip(hidden, kwargs, strict=True):
-                        layer(h, **kw)
+                    for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+                        out = hidden_of(layer(h, **kw)).contiguous()
                         fit.add(hidden_of(oblock(x_in.pop())))
+                        if not fit.joint:  # the re-fit's change is added to it (below)
+                            hidden[i] = out
+                        del out
             finally:
                 grab.remove()
             olayer.to("meta")  # before the solve, which needs memory of its own
             release_freed()
-            downs, report[str(bid)] = fit.solve(ridge)
+            downs, report[str(bid)] = fit.solve(ridge, None if fit.joint else lambda rows, delta: _add_rows(hidden, rows, delta))
+            joint = fit.joint
             del fit
             # written layer by layer: the re-fit down_proj of all layers would be a third of the model
             _rewrite_tensors(pathlib.Path(pruned_dir), {parch.expert_name(bid, xid, "down"): d for xid, d in enumerate(downs)})
             del downs
-        for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-            hidden[i] = hidden_of(layer(h, **kw))
+        if not parch.is_moe_layer(bid) or joint:  # the matrix-free re-fit has updated them already
+            for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+                hidden[i] = hidden_of(layer(h, **kw))
         layer.to("meta")
         release_freed()
     return report
+
+
+def _add_rows(hidden: list[torch.Tensor], rows: slice, delta: torch.Tensor) -> None:
+    """Add delta [tokens, rows] to columns `rows` of the hidden states, batches in token order."""
+    n = 0
+    for h in hidden:
+        flat = h.view(-1, h.shape[-1])
+        flat[:, rows] += delta[n : n + flat.shape[0]]
+        n += flat.shape[0]
 
 
 def _rewrite_tensors(out: pathlib.Path, new: dict[str, torch.Tensor]) -> None:
