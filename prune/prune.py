@@ -34,6 +34,7 @@ from moe2gguf.layout import DEFAULT_LAYOUT, LAYOUTS, PRUNE_LAYOUTS
 from moe2gguf.options import METHODS, PROBE_SHAPES, RENAMED
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.calibrate import calibration_windows
+from moe2gguf.prune.reconstruct import MIN_TOKENS_PER_CHANNEL, enough_tokens
 from moe2gguf.prune.reconstruct import reconstruct as run_reconstruct
 from moe2gguf.prune.rewrite import routed_params, write_pruned
 from moe2gguf.prune.scores import channel_scores, normalise_layers, reap_saliency
@@ -288,6 +289,7 @@ def prune(
     if forced and not shape_choice:  # they shape the one llama.cpp layout; elsewhere they would be ignored
         raise UserError(f"{' '.join(forced)} applies to --method coverage with --layout llama.cpp (or --target-size), not to "
                         f"--method {method} --layout {layout}; drop it or prune with --method coverage")
+    asked = reconstruct is not None
     if reconstruct is None:  # on where it measurably pays (prune/reconstruct.py): removed experts' tokens are re-routed
         reconstruct = shape_choice
     check_output(output, "prune", [model, calib], folder=True)  # before the work, not after it
@@ -315,6 +317,9 @@ def prune(
     for b, ch in zip(cal.layers, layer_alloc.channels, strict=True):
         per_layer[b] = ch
     alloc = A.Allocation(per_layer)
+    recon_skipped = None
+    if reconstruct:
+        reconstruct, recon_skipped = reconstruct_verdict(cal, layer_alloc, asked)
     grams = cal.grams if refit else None
     if refit and grams is None:
         click.echo(f"note: {cal.refit_note}", err=True)
@@ -339,6 +344,7 @@ def prune(
             "refit_down": grams is not None,
             **({"refit_skipped": cal.refit_note} if refit and grams is None else {}),
             "reconstruct": recon,
+            **({"reconstruct_skipped": recon_skipped} if recon_skipped else {}),
             "min_width": min_width,
             "calib": str(cal.path),
             "params_routed_before": before,
@@ -352,6 +358,24 @@ def prune(
             report.update(finish_target(tmp, report, target_size))
         (tmp / REPORT).write_text(json.dumps(report, indent=1))
     return report
+
+
+def reconstruct_verdict(cal: Calib, alloc: A.Allocation, asked: bool) -> tuple[bool, str | None]:
+    """Whether the block re-fit runs, and why not: by default it is skipped where the CALIB has
+    too few tokens for the channels a layer keeps (it would fit the text, not the model,
+    prune/reconstruct.py); asked for by name, it runs and a note says what to expect."""
+    tokens = int(cal.info["tokens"])
+    kept = max(sum(int(ch.numel()) for ch in layer) for layer in alloc.channels)
+    if enough_tokens(tokens, kept):
+        return True, None
+    need = MIN_TOKENS_PER_CHANNEL * kept
+    why = (f"a layer keeps {kept:,} channels and the re-fit needs {MIN_TOKENS_PER_CHANNEL} calibration tokens per channel ({need:,}); "
+           f"{cal.path} has {tokens:,}, on which it would fit the calibration text, not the model (held-out KLD worse than without it)")
+    if asked:
+        click.echo(f"note: --reconstruct: {why}; it runs as asked", err=True)
+        return True, None
+    click.echo(f"note: the block re-fit is skipped: {why}; calibrate with --tokens {need} to have it", err=True)
+    return False, f"{why}; calibrate with --tokens {need} to have it"
 
 
 def prune_main(

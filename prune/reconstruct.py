@@ -52,10 +52,10 @@ RIDGE = 1e-3
 # limit the same least squares is solved matrix-free (`Blockwise`: per-expert blocks + the
 # features, conjugate gradients), which is faster there as well as smaller.
 JOINT_LIMIT = 128 << 20
-# Held-out KLD after the matrix-free re-fit (JOINT_LIMIT forced to 0, R=0.25, `moe2gguf check
-# --chunks 40` on eval.txt) by CG iteration cap: fine-grained model at 64x48 0 (no re-fit)
+# Held-out KLD after the matrix-free re-fit (JOINT_LIMIT forced to 0, `moe2gguf check --chunks
+# 40` on eval.txt) by CG iteration cap: fine-grained model at 64x32 (R=0.5) 0 (no re-fit)
 # 0.02325, 1: 0.01868, 3: 0.01714, 4: 0.01683, 8: 0.01679, 20: 0.01681, dense solve 0.01682;
-# first bundled model at 6x256 0: 0.00231, 2: 0.00149, 4: 0.00149, 20 (converged, 12-19
+# first bundled model at 6x256 (R=0.25) 0: 0.00231, 2: 0.00149, 4: 0.00149, 20 (converged, 12-19
 # iterations): 0.00150. Four iterations hold all of the gain, and each costs about two thirds of
 # running the layer's experts on every calibration token (4 vs 6 tokens x top-k x width x hidden
 # multiply-adds); the tolerance stops earlier where a layer converges sooner.
@@ -63,6 +63,22 @@ CG_ITERS, CG_TOL = 4, 1e-3
 # rows of D solved together by `Blockwise`: a float32 vector of that many rows of every kept
 # expert is at most this large (CG holds about five)
 CG_CHUNK_BYTES = 64 << 20
+
+
+# Calibration tokens per kept channel of a layer below which the re-fit makes held-out KLD worse
+# than no re-fit at all: with fewer equations than that per unknown of a row of D it fits the
+# calibration text, not the model. `moe2gguf check --chunks 40` on eval.txt, KLD with the
+# re-fit on N calibration tokens (channels kept a layer; KLD without the re-fit), dense solve:
+# fine-grained model at 56x64 (3,584; 0.00158) N=4,096 0.00368, 8,192 0.00215, 16,384 (4.6 a
+# channel) 0.00168, 32,768 (9.1) 0.00136; at 64x32 (2,048; 0.02325) N=4,096 (2) 0.03827,
+# 32,768 (16) 0.01682; the matrix-free solve's four iterations at 56x64: N=2,048 0.00333,
+# 4,096 0.00221, 8,192 0.00173. Qwen3-30B-A3B keeps about 75,000 channels a layer: 600,000 tokens.
+MIN_TOKENS_PER_CHANNEL = 8
+
+
+def enough_tokens(tokens: int, channels: int) -> bool:
+    """Whether `tokens` calibration tokens can re-fit a layer that keeps `channels` channels."""
+    return tokens >= MIN_TOKENS_PER_CHANNEL * channels
 
 
 def joint_fits(n_features: int) -> bool:
@@ -146,10 +162,12 @@ class Blockwise:
         self.n += y.shape[0]
 
     def _cat(self) -> None:
-        self.feats = [[torch.cat(f)] if len(f) > 1 else f for f in self.feats]
-        self.tokens = [[torch.cat(t)] if len(t) > 1 else t for t in self.tokens]
-        if len(self.targets) > 1:
-            self.targets = [torch.cat(self.targets)]
+        """Each expert's batches as one tensor, an expert at a time: building all of them next to
+        the batches was a second copy of the features (0.6 GB at 30B layer size)."""
+        for pieces in (self.feats, self.tokens):
+            for i in range(len(pieces)):
+                if len(pieces[i]) > 1:
+                    pieces[i] = [torch.cat(pieces[i])]
 
     def _blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each expert's columns of a [rows, K*W] tensor (views)."""
@@ -217,7 +235,7 @@ class Blockwise:
         to the `stored` dtype. The block errors before and after, and the change of the block's
         output (None: unchanged), come from products the solve makes anyway plus one
         prediction at the end."""
-        y = self.targets[0][:, rows]
+        y = torch.cat([t[:, rows] for t in self.targets])  # the targets are never concatenated whole
         b = self._back(y)
 
         def op(x: torch.Tensor) -> torch.Tensor:

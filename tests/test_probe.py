@@ -22,7 +22,7 @@ from moe2gguf.prune.prune import Calib, prune
 @pytest.fixture(scope="module")
 def model64(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
     """A tiny Qwen3-MoE with experts 64 wide (widths 32 and 64 in the layout) + its calibration."""
-    return calibrated_tiny_qwen3moe(tmp_path_factory.mktemp("probe"), seed=1, tokens=1024, ctx=64, moe_intermediate_size=64)
+    return calibrated_tiny_qwen3moe(tmp_path_factory.mktemp("probe"), seed=1, tokens=2048, ctx=64, moe_intermediate_size=64)
 
 
 def _kld(pruned: pathlib.Path, base: pathlib.Path, windows) -> float:  # noqa: ANN001
@@ -104,3 +104,27 @@ def test_where_each_refit_would_be_matrix_free_the_probe_ranks_without_it_and_sa
     assert {v["solver"] for v in rep["reconstruct"].values()} == {"blockwise CG"}  # the final re-fit still runs
     for layer in rep["reconstruct"].values():
         assert layer["rel_err_after"] < layer["rel_err_before"]
+
+
+def test_with_too_few_calibration_tokens_the_re_fit_is_skipped_and_said_so(model64, tmp_path: pathlib.Path) -> None:
+    """At R=0.25 a layer keeps 384 channels: the re-fit needs 8 x 384 = 3,072 calibration tokens
+    and the CALIB has 2,048, on which it would fit the text rather than the model. By default
+    it is skipped with a note naming the fix; asked for by name, it runs."""
+    import json
+
+    from click.testing import CliRunner
+
+    from moe2gguf.cli import cli
+
+    model, calib_dir = model64
+    out = tmp_path / "default"
+    r = CliRunner().invoke(cli, ["prune", str(model), "--calib", str(calib_dir), "--ratio", "0.25", "--layout", "llama.cpp", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["reconstruct"] is None and "--tokens 3072" in rep["reconstruct_skipped"] and "2,048" in rep["reconstruct_skipped"]
+    assert "note: the block re-fit is skipped" in r.output
+    forced = tmp_path / "forced"
+    r = CliRunner().invoke(cli, ["prune", str(model), "--calib", str(calib_dir), "--ratio", "0.25", "--layout", "llama.cpp", "--reconstruct", "-o", str(forced)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((forced / "prune_report.json").read_text())
+    assert rep["reconstruct"] and "reconstruct_skipped" not in rep and "it runs as asked" in r.output
