@@ -55,6 +55,10 @@ from moe2gguf.prune.reconstruct import BlockFit
 from moe2gguf.prune.rewrite import pruned_config, pruned_layer
 
 PROBE_TOKENS = 8192  # calibration tokens the shapes are measured on
+# windows run through a layer at once: the unpruned layer, a candidate's block and five streams
+# are resident, and at 8 windows of 512 the forward's temporaries took the probe to 3.8 GiB at
+# Qwen3-30B-A3B's layer size (tools/bench_scale.py), over its 3.48 GiB bound
+PROBE_BATCH = 4
 
 
 class _Overlay:
@@ -161,7 +165,7 @@ def shape_klds(
     windows: np.ndarray,
     grams: Mapping[int, Sequence[torch.Tensor]] | None = None,
     reconstruct: bool = False,
-    batch: int = 8,
+    batch: int = PROBE_BATCH,
 ) -> dict[Shape, float]:
     """Per shape, the mean KL-divergence of the pruned model's next-token distribution from the
     unpruned one's on `windows`. Layer by layer: each decoder layer is materialised once and

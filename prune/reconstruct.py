@@ -72,7 +72,9 @@ CG_CHUNK_BYTES = 64 << 20
 # fine-grained model at 56x64 (3,584; 0.00158) N=4,096 0.00368, 8,192 0.00215, 16,384 (4.6 a
 # channel) 0.00168, 32,768 (9.1) 0.00136; at 64x32 (2,048; 0.02325) N=4,096 (2) 0.03827,
 # 32,768 (16) 0.01682; the matrix-free solve's four iterations at 56x64: N=2,048 0.00333,
-# 4,096 0.00221, 8,192 0.00173. Qwen3-30B-A3B keeps about 75,000 channels a layer: 600,000 tokens.
+# 4,096 0.00221, 8,192 0.00173; first bundled model at 6x256 (1,536; 0.00231) N=4,096 (2.7)
+# 0.00310, 8,192 (5.3) 0.00208, 32,768 (21) 0.00150. The break-even lies between 4.6 and 5.3
+# tokens a channel; 8 leaves a margin. Qwen3-30B-A3B keeps about 75,000 channels a layer: 600,000 tokens.
 MIN_TOKENS_PER_CHANNEL = 8
 
 

@@ -15,7 +15,7 @@ weight pages count, as `top` shows them) and the largest single process's maxrss
 ratio of the tree peak to one decoder layer + embeddings + head (bf16 bytes), and for export
 the peak bytes in its output folder beyond the final GGUF (temporary disk) and any file left.
 
-Verbs: calibrate (--tokens/--ctx, small by default so it fits a 2-core machine), prune with
+Verbs: calibrate (--tokens/--ctx, by default calibrate's own 32,768 and 512), prune with
 its defaults (--ratio 0.25 --layout llama.cpp, named because the old code's default layout was
 ragged) and its cheapest setting (+ --probe 0 --no-reconstruct; the refit stays on), export of the unpruned checkpoint to Q4_K_M, check of that GGUF against llama.cpp's
 own Q4_K_M of the same checkpoint (KLD ~0 says the two exports agree). The baseline, in the
@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="decoder layers of the synthetic checkpoints (default: 2 4)")
     ap.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/bench-scale"),
                     help="folder for the cached checkpoints and every output (about 3.7 GB per layer count of 2, +1.25 GB per layer)")
-    ap.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048: a 2-core machine)")
-    ap.add_argument("--ctx", type=int, default=256, help="calibration window (default 256)")
+    ap.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default 32768, calibrate's own: the time targets are ratios to it)")
+    ap.add_argument("--ctx", type=int, default=512, help="calibration window (default 512, calibrate's own)")
     ap.add_argument("--ratio", type=float, default=0.25, help="prune --ratio (default 0.25)")
     ap.add_argument("--check-ctx", type=int, default=128, help="check --ctx (default 128)")
     ap.add_argument("--check-chunks", type=int, default=4, help="check --chunks (default 4)")

@@ -264,14 +264,6 @@ class MoEArch:
         `stored` tensor names (a checkpoint, a set)."""
         return self.tied_embeddings and self.head_name not in stored
 
-    @staticmethod
-    def experts_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden, top_k_index, top_k_weights) of a call of a layer's experts module, as
-        transformers' MoE blocks make it (positionally or by keyword; `ExpertList.forward`)."""
-        if len(args) == 3:
-            return args
-        return args[0], kwargs["top_k_index"], kwargs["top_k_weights"]
-
     # --- experts as stored ------------------------------------------------------------
     @property
     def moe_layers(self) -> list[int]:
