@@ -20,7 +20,7 @@ import numpy as np
 
 from moe2gguf import llama_runtime
 from moe2gguf.errors import UserError
-from moe2gguf.logprobs import HEADER, GridFile, Scores, score_window
+from moe2gguf.logprobs import HEADER, GridFile, NoRoom, Scores, score_window
 from moe2gguf.subproc import run_with_progress, say_ready, say_step
 
 DECODE_TOKENS = 32
@@ -192,6 +192,8 @@ def main(argv: list[str]) -> None:
         else:
             res = run_torch(job["path"], wins, scorer, job["threads"])
         scorer.finish(out_dir)
+    except NoRoom as e:
+        res = {"error": str(e), "no_room": True}
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         res = {"error": f"{type(e).__name__}: {e}"}
     (out_dir / RESULT).write_text(json.dumps(res))
@@ -220,6 +222,8 @@ def run_in_child(
         why = why or "it ended without a result"
         raise UserError(f"{backend} could not run {path}: {why}{llama_runtime.child_hint(rc, extra_bufts)}")
     res = json.loads(res_file.read_text())
+    if res.get("no_room"):
+        raise UserError(f"{res['error']}; free space there, or set MOE2GGUF_CACHE to a folder with room")
     if "error" in res:
         raise UserError(f"{backend} could not run {path}: {res['error']}")
     with np.load(d / SCORES) as z:

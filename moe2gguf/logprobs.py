@@ -18,10 +18,14 @@ numpy only: the llama.cpp child imports this and never torch.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from moe2gguf.units import human_bytes
 
 RANGE = 30.0  # nats below a position's top log-probability that the grid resolves
 LEVELS = 65535
@@ -130,6 +134,41 @@ def score_window(logits: np.ndarray, targets: np.ndarray, base_rows: np.ndarray 
     return Scores.concat(parts), (np.concatenate(rows_out) if grid else None)
 
 
+class NoRoom(OSError):
+    """The disk cannot hold a grid file; raised before its first row is written, not after
+    minutes of a model's windows."""
+
+    def __init__(self, path: str, need: int, free: int | None):
+        folder = os.path.dirname(os.path.abspath(path))
+        have = "" if free is None else f", {human_bytes(free)} is free there"
+        super().__init__(errno.ENOSPC, f"disk full: the log-prob grid needs {human_bytes(need)} in {folder}{have}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _reserve(f, path: str, size: int) -> None:  # noqa: ANN001 - an open binary file
+    """Claim `size` bytes for `f` now, so a full disk is said at once rather than mid-run."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise NoRoom(path, size, _free(path)) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        free = _free(path)  # a file system that cannot reserve: its free space, then
+        if free is not None and free < size:
+            raise NoRoom(path, size, free) from None
+
+
+def _free(path: str) -> int | None:
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 class GridFile:
     """A grid file (.npy of [positions, HEADER + V] uint16) read or written a window at a time
     with plain reads and writes: a memory map's touched pages would count in the process's RSS,
@@ -140,6 +179,7 @@ class GridFile:
         if mode == "w":
             assert shape is not None
             np.lib.format.write_array_header_1_0(self.f, {"descr": np.dtype(np.uint16).str, "fortran_order": False, "shape": shape})
+            _reserve(self.f, path, self.f.tell() + shape[0] * shape[1] * 2)
         else:
             major, _ = np.lib.format.read_magic(self.f)
             read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0

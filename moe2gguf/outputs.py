@@ -384,6 +384,8 @@ def _user_errors(target: pathlib.Path, temps: list[pathlib.Path] | None = None) 
     Runs before the temporaries in `temps` are removed, so the disk is seen as the write left it."""
     try:
         yield
+    except UserError:
+        raise  # already said as the user should read it (a cache folder's own disk-full line)
     except Exception as e:
         e = _as_os_error(e)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or _free_bytes(target.parent) < _FULL_BYTES:

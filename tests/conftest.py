@@ -3,9 +3,12 @@ transformers' real config classes (no download anywhere)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
 import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -92,3 +95,25 @@ def tiny_qwen3moe(tmp_path: pathlib.Path) -> pathlib.Path:
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM(tiny_qwen3moe_config())
     return save_tiny(model, tmp_path / "tiny-qwen3moe")
+
+
+@contextlib.contextmanager
+def tmpfs(where: pathlib.Path, size: str, ro: bool = False):
+    """A small tmpfs at `where` (root only, where mounting is allowed)."""
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        if ro:
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def one_error_line(err: str) -> bool:
+    """Exactly one `error: ...` line and no traceback (progress bars may come before it)."""
+    return "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("error:")] == [err.splitlines()[-1]]

@@ -4,9 +4,14 @@ llama.cpp on an F32 export), every DESIGN.md key is measured, the base is cached
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
+
+from conftest import one_error_line, tmpfs
 
 from moe2gguf.cli import cli
 from moe2gguf.exporter.check import check
@@ -134,6 +139,21 @@ def test_a_bad_cache_limit_is_one_line_before_any_work(tiny_qwen3moe, reference_
     res = CliRunner().invoke(cli, ["check", str(out), "--text", str(reference_model / "eval.txt"), "--base", str(out)])
     assert res.exit_code == 2 and "MOE2GGUF_CACHE_GB" in res.output and "Traceback" not in res.output, res.output
     assert not list(cache.glob("base-*"))
+
+
+def test_a_cache_folder_without_room_for_the_base_is_one_line_naming_it(tiny_qwen3moe, reference_model, tmp_path):
+    """The base's grid (8 windows x 64 positions x 4,100 uint16: 4.2 MB) does not fit a 1 MB
+    cache disk: said as the disk it is, with the fix, and nothing is left in the cache."""
+    out = tmp_path / "tiny.gguf"
+    export(str(tiny_qwen3moe), str(out), "F32", progress=False)
+    with tmpfs(tmp_path / "small", "1m") as small:
+        cmd = [sys.executable, "-m", "moe2gguf.cli", "check", str(out), "--text", str(reference_model / "eval.txt"),
+               "--ctx", "128", "--chunks", "8", "--base", str(out), "--json", str(tmp_path / "r.json")]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MOE2GGUF_CACHE": str(small / "cache")}, timeout=600)
+        assert r.returncode == 2 and one_error_line(r.stderr), r.stderr[-1500:]
+        assert "disk full" in r.stderr and str(small / "cache") in r.stderr and "MOE2GGUF_CACHE" in r.stderr, r.stderr[-600:]
+        left = [p.name for p in (small / "cache").iterdir() if p.name.startswith("base-") or "moe2gguf-" in p.name or p.name.endswith(".partial")]
+        assert left == [] and not (tmp_path / "r.json").exists()
 
 
 def test_a_model_against_itself_never_shows_negative_zero_kld():

@@ -26,7 +26,7 @@ import time
 import pytest
 import yaml
 
-from conftest import REFERENCE, calibrated_tiny_qwen3moe
+from conftest import REFERENCE, calibrated_tiny_qwen3moe, one_error_line, tmpfs
 from moe2gguf.outputs import MARKER, TEMP_RE, is_gguf, marked_verb
 
 FOLDER_VERBS = ("calibrate", "prune", "run")
@@ -99,11 +99,6 @@ def snapshot(*paths: pathlib.Path) -> dict:
             digest = hashlib.sha256(q.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
             out[str(q)] = (stat.S_IFMT(st.st_mode), digest, os.readlink(q) if q.is_symlink() else None)
     return out
-
-
-def one_error_line(err: str) -> bool:
-    """Exactly one `error: ...` line and no traceback (progress bars may come before it)."""
-    return "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("error:")] == [err.splitlines()[-1]]
 
 
 def temps(folder: pathlib.Path) -> list[str]:
@@ -304,23 +299,6 @@ def test_check_report_is_replaced_by_a_report_only(tmp_path):
 
 
 # --- the file system failing ----------------------------------------------------------------
-@contextlib.contextmanager
-def tmpfs(where: pathlib.Path, size: str, ro: bool = False):
-    """A small tmpfs at `where` (root only, where mounting is allowed)."""
-    where.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        if ro:
-            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 @contextlib.contextmanager
 def read_only_folder(where: pathlib.Path):
     """Permission bits for a user; root ignores them, so for root a read-only tmpfs."""
