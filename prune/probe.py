@@ -15,9 +15,10 @@ channels, the refit down_proj, the router cut to the kept rows), runs on calibra
 and its KL-divergence from the unpruned model is the score. One layer-by-layer pass serves
 every candidate: a decoder layer is materialised once and runs the unpruned hidden states and
 each candidate's own, with the MoE block's output swapped for the candidate's block. Peak
-memory is one layer and one pruned block (their experts as stored, bf16, and the pruned one
-sliced from the layer in memory), a hidden-state copy per candidate, and one slice of the output
-head (`_kld_sums`).
+memory is one layer (its unpruned experts only while the unpruned stream runs, or while a
+re-fit needs their output) and one pruned block, experts as stored (bf16), a hidden-state copy
+per candidate, and one slice of the output head (`_kld_sums`). The KLD is taken where `check`
+takes it, on the second half of each window.
 
 On the bundled model (8,192 calibration tokens, 12 s for ten shapes) this ranks the ten shapes
 from 4x256 to 8x192 in the same order as their KLD on the held-out eval.txt, where the
@@ -28,7 +29,11 @@ removed experts more (eval KLD 6x256 0.00261 -> 0.00158, 8x192 0.00245 -> 0.0020
 probe then re-fits every candidate the same way (`reconstruct.BlockFit`) on half the batches
 and measures on the other half. The re-fit needs the tokens prune's own uses: fit on 4,096
 tokens it overfits (held-out KLD of 6x256 0.0080, worse than without it); fit on 16,384 of
-the 32,768 calibration tokens it ranks 7x224 < 6x256 < 8x192 as eval.txt does (60 s, 7 shapes).
+the 32,768 calibration tokens it ranks 7x224 < 6x256 < 8x192 as eval.txt does (60 s, 7 shapes),
+those figures taken on every position. On `check`'s positions, the second half of each window
+(as now), prune's defaults at --ratio 0.25 rank 7x224 (0.00091) < 8x192 (0.00172) ~ 6x256
+(0.00176), against 0.00088 < 0.00172 (6x256) ~ 0.00181 (8x192) on every position; the shape
+chosen at --ratio 0.25 and 0.5 on both bundled models is the same either way.
 Where a candidate's re-fit would be the matrix-free solve (`reconstruct.joint_fits`: more than
 4,096 kept channels per layer, e.g. 124 x 608 at Qwen3-30B-A3B) it costs as much as the final
 re-fit itself, once per candidate; there the probe ranks the shapes without it, prune's final
@@ -51,13 +56,14 @@ from moe2gguf.modeling import build_model, hidden_of, load_weights
 from moe2gguf.prune.calibrate import catch_layer_inputs
 from moe2gguf.prune.deploy import Shape, ShapeScores, allocate_shape
 from moe2gguf.progress import bar
+from moe2gguf.protocol import scored
 from moe2gguf.prune.reconstruct import BlockFit
 from moe2gguf.prune.rewrite import pruned_config, pruned_layer
 
 PROBE_TOKENS = 8192  # calibration tokens the shapes are measured on
-# windows run through a layer at once: the unpruned layer, a candidate's block and five streams
-# are resident, and at 8 windows of 512 the forward's temporaries took the probe to 3.95 GiB at
-# Qwen3-30B-A3B's layer size (py-spy at the peak, 2 layers); 3.10 GiB at 4, 78 s a layer vs 74
+# windows run through a layer at once. With the unpruned experts resident beside a candidate's
+# block, 8 windows of 512 took the probe to 3.95 GiB at Qwen3-30B-A3B's layer size and 4 to
+# 3.43 (2 windows: 3.31, 10% slower); without them (now) 4 windows peak at 2.55 GiB
 PROBE_BATCH = 4
 
 
@@ -117,41 +123,46 @@ def _swapped(parent: nn.Module, old: nn.Module, new: nn.Module) -> Iterator[None
 
 
 # Output-head rows cast to float32 at a time: a 151,936 x 2048 head is 1.2 GB in float32 and its
-# logits for 1,024 tokens 0.6 GB, so the vocabulary is walked in slices with running log-sum-exps.
+# logits for 1,024 tokens 0.6 GB, so the vocabulary is walked in slices with running sums.
 VOCAB_SLICE = 16384
 TOKEN_SLICE = 512
 
 
 def _kld_sums(ref: torch.Tensor, got: list[torch.Tensor], norm: nn.Module, head: torch.Tensor) -> list[float]:
-    """Per stream in `got`, the sum over tokens of KL(p_ref || p_got). KL = sum_v p_ref (z_ref -
-    z_got) - lse(z_ref) + lse(z_got); all three are accumulated over vocabulary slices (the
-    first rescaled as the running maximum of z_ref moves), so memory is one slice of the head
-    and of the logits, and the reference logits are computed once for every stream."""
+    """Per stream in `got`, the sum over tokens of KL(p_ref || p_got). With d = z_got - z_ref,
+    KL = log E_p[e^d] - E_p[d] = log1p(A) - A + C, where A = E_p[expm1(d)] and
+    C = E_p[expm1(d) - d] >= 0: no term cancels, so float32 logits serve (d comes from one
+    product with h_got - h_ref, small where the streams are close), where z_ref - z_got and
+    two log-sum-exps of logits near 20 needed float64. E_p is accumulated over vocabulary
+    slices, rescaled as the running maximum of z_ref moves; memory is one slice of the head
+    and of the logits."""
     r = norm(ref.reshape(-1, ref.shape[-1]))
-    gs = [norm(g.reshape(-1, g.shape[-1])) for g in got]
+    ds = [norm(g.reshape(-1, g.shape[-1])) - r for g in got]
     totals = [0.0] * len(got)
     for t in range(0, r.shape[0], TOKEN_SLICE):
-        rt, gt = r[t : t + TOKEN_SLICE], [g[t : t + TOKEN_SLICE] for g in gs]
+        rt, dt = r[t : t + TOKEN_SLICE], [d[t : t + TOKEN_SLICE] for d in ds]
         n = rt.shape[0]
-        m = torch.full((n,), -torch.inf, dtype=torch.float64)  # running max of z_ref
+        m = torch.full((n,), -torch.inf)  # running max of z_ref
         s = torch.zeros(n, dtype=torch.float64)  # sum exp(z_ref - m)
-        w = [torch.zeros(n, dtype=torch.float64) for _ in got]  # sum exp(z_ref - m) (z_ref - z_got)
-        lse_got = [torch.full((n,), -torch.inf, dtype=torch.float64) for _ in got]
+        a = [torch.zeros(n, dtype=torch.float64) for _ in got]  # sum exp(z_ref - m) expm1(d)
+        c = [torch.zeros(n, dtype=torch.float64) for _ in got]  # sum exp(z_ref - m) (expm1(d) - d)
+        both = torch.cat([rt, *dt])  # one product for every stream: 19.6 s, not 24.4, for 5 x 512 tokens at 151,936
         for v in range(0, head.shape[0], VOCAB_SLICE):
-            h = head[v : v + VOCAB_SLICE].float()
-            zr = (rt @ h.T).double()
+            z = both @ head[v : v + VOCAB_SLICE].float().T
+            zr = z[:n]
             m_new = torch.maximum(m, zr.amax(-1))
-            scale = torch.exp(m - m_new)
-            e = torch.exp(zr - m_new[:, None])
-            s = s * scale + e.sum(-1)
-            for i, g in enumerate(gt):
-                zg = (g @ h.T).double()
-                w[i] = w[i] * scale + (e * (zr - zg)).sum(-1)
-                lse_got[i] = torch.logaddexp(lse_got[i], torch.logsumexp(zg, -1))
+            scale = torch.exp(m - m_new).double()
+            e = torch.exp(zr.sub_(m_new[:, None]))
+            s = s * scale + e.sum(-1, dtype=torch.float64)
+            for i in range(len(dt)):
+                zd = z[(i + 1) * n : (i + 2) * n]
+                x = torch.expm1(zd)
+                a[i] = a[i] * scale + torch.einsum("ij,ij->i", e, x).double()
+                c[i] = c[i] * scale + torch.einsum("ij,ij->i", e, x.sub_(zd)).double()
             m = m_new
-        lse_ref = m + torch.log(s)
         for i in range(len(got)):
-            totals[i] += float((w[i] / s - lse_ref + lse_got[i]).sum())
+            big_a = a[i] / s
+            totals[i] += float((torch.log1p(big_a) - big_a + c[i] / s).sum())
     return totals
 
 
@@ -168,7 +179,7 @@ def shape_klds(
     batch: int = PROBE_BATCH,
 ) -> dict[Shape, float]:
     """Per shape, the mean KL-divergence of the pruned model's next-token distribution from the
-    unpruned one's on `windows`. Layer by layer: each decoder layer is materialised once and
+    unpruned one's on `windows`, at the positions `check` scores. Layer by layer: each decoder layer is materialised once and
     runs the unpruned stream and, with its MoE block's output replaced by the shape's pruned
     block, every shape's own stream. With `reconstruct`, each pruned block is first re-fit as
     `prune --reconstruct` does (prune/reconstruct.py) on the even batches of windows, and the
@@ -201,6 +212,16 @@ def shape_klds(
         # experts as stored (bf16): the unpruned layer and a pruned block are resident together
         load_weights(layer, f"{arch.layers_attr}.{bid}.", ckpt, torch.float32, experts_as_stored=True)
         ref[:] = run(layer, ref)
+        source: Checkpoint | _Overlay = ckpt
+        if bid in moe_index and reconstruct:
+            # the re-fit's target is the unpruned block's output: it stays, and the shapes are
+            # sliced from it in memory rather than read again
+            source = _Overlay(ckpt, layer.state_dict(prefix=f"{arch.layers_attr}.{bid}.", keep_vars=False))
+        elif bid in moe_index:
+            # every shape's forward swaps it out: its experts (1.2 GB at Qwen3-30B-A3B) need not
+            # stay beside a pruned block, which is sliced from the checkpoint's pages instead
+            arch.moe_block(model, bid).to("meta")
+            release_freed()
         for s in bar(shapes, desc=f"layer {bid}", unit="shape", disable=bid not in moe_index, leave=False):
             if bid not in moe_index:
                 streams[s][:] = run(layer, streams[s])
@@ -208,13 +229,9 @@ def shape_klds(
             parch, pmodel = pruned[s]
             block = parch.moe_block(pmodel, bid)
             name = _name_of(pmodel, block)
-            # sliced from the unpruned layer in memory (its experts as stored), not read again
-            resident = _Overlay(ckpt, layer.state_dict(prefix=f"{arch.layers_attr}.{bid}.", keep_vars=False))
-            tensors, _ = pruned_layer(resident, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
+            tensors, _ = pruned_layer(source, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
             load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32, experts_as_stored=True)
-            # the overlay holds the layer's tensors, mapped from the checkpoint: kept past the
-            # loop it held the last layer's 1.2 GB of file pages through the KLD at 30B layer size
-            del tensors, resident
+            del tensors
             oblock = arch.moe_block(model, bid)
             if reconstruct:  # the unpruned block's output on the pruned stream is the fit's target
                 fit = BlockFit(block, arch.hidden_size)
@@ -235,13 +252,19 @@ def shape_klds(
                 streams[s][:] = run(layer, streams[s])
             block.to("meta")
             release_freed()
+        # an overlay holds the layer's tensors, mapped from the checkpoint: kept past the loop it
+        # held the last layer's 1.2 GB of file pages through the KLD at 30B layer size
+        del source
         layer.to("meta")
         release_freed()
     norm, head = _final_head(model, arch, ckpt)
     test = range(1, len(ref), 2) if reconstruct and len(ref) > 1 else range(len(ref))
-    n = sum(ref[i].shape[0] * ref[i].shape[1] for i in test)
+    # the positions `check` scores (the second half of each window): they are what the probe
+    # predicts, and the output head over 151,936 entries costs twice as much on every position
+    pos = scored(windows.shape[1])
+    n = sum(ref[i][:, pos].shape[0] * ref[i][:, pos].shape[1] for i in test)
     total = dict.fromkeys(shapes, 0.0)
     for i in test:
-        for s, k in zip(shapes, _kld_sums(ref[i], [streams[s][i] for s in shapes], norm, head), strict=True):
+        for s, k in zip(shapes, _kld_sums(ref[i][:, pos], [streams[s][i][:, pos] for s in shapes], norm, head), strict=True):
             total[s] += k
     return {s: total[s] / n for s in shapes}

@@ -13,6 +13,7 @@ from moe2gguf.arch import arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.exporter.sizing import lean_down_types, predict_layout_bytes
 from moe2gguf.modeling import load_model
+from moe2gguf.protocol import scored
 from moe2gguf.prune.calibrate import calibration_windows
 from moe2gguf.prune.deploy import Shape, ShapeScores
 from moe2gguf.prune.probe import PROBE_TOKENS, candidates, shape_klds
@@ -27,9 +28,10 @@ def model64(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pat
 
 def _kld(pruned: pathlib.Path, base: pathlib.Path, windows) -> float:  # noqa: ANN001
     ids = torch.from_numpy(windows)
+    pos = scored(windows.shape[1])  # check's positions: the second half of each window
     with torch.no_grad():
-        lp = torch.log_softmax(load_model(str(pruned))[0](input_ids=ids).logits, -1)
-        lq = torch.log_softmax(load_model(str(base))[0](input_ids=ids).logits, -1)
+        lp = torch.log_softmax(load_model(str(pruned))[0](input_ids=ids).logits[:, pos], -1)
+        lq = torch.log_softmax(load_model(str(base))[0](input_ids=ids).logits[:, pos], -1)
     return float((lq.exp() * (lq - lp)).sum(-1).mean())
 
 
