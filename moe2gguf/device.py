@@ -15,6 +15,7 @@ import torch
 from moe2gguf.errors import UserError
 from moe2gguf.options import DEVICES
 
+CPU = torch.device("cpu")
 INSTALL = "install torch's CUDA build into this environment (README: On a GPU) or pass --device cpu"
 
 

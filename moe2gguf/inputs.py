@@ -194,9 +194,29 @@ def check_chat_template(model_dir: str | os.PathLike) -> None:
         named = isinstance(t, list) and all(isinstance(x, dict) and isinstance(x.get("name"), str) and isinstance(x.get("template"), str) for x in t)
         if not (t is None or isinstance(t, str) or named):
             raise UserError(f"tokenizer config {d / 'tokenizer_config.json'}: chat_template is neither text nor a list of {{name, template}} texts; {fix}")
+        for name, text in [("", t)] if isinstance(t, str) else [(f" ({x['name']})", x["template"]) for x in t or []]:
+            _parse_template(text, f"tokenizer config {d / 'tokenizer_config.json'}: chat_template{name}")
     if (d / "chat_template.jinja").exists():
         f = d / "chat_template.jinja"
-        decode_utf8(read_bytes(f, "chat template", fix, MAX_JSON_BYTES), "chat template", f, fix)
+        _parse_template(decode_utf8(read_bytes(f, "chat template", fix, MAX_JSON_BYTES), "chat template", f, fix), f"chat template {f}")
+
+
+def _parse_template(text: str, where: str) -> None:
+    """A template that does not parse would be written into the GGUF and fail at every chat
+    turn; compiled as transformers compiles it for apply_chat_template (its {% generation %}
+    tag included)."""
+    import jinja2
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # a transformers that moved it: its environment, less {% generation %}
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        compile_template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]).from_string
+    try:
+        compile_template(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"{where} is not valid Jinja (line {e.lineno}: {e.message}); fix it, or remove it to export without a chat template") from None
 
 
 def require_gguf(path: str | os.PathLike) -> pathlib.Path:

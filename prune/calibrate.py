@@ -30,14 +30,14 @@ from torch import nn
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.calib import CALIB_JSON, IMATRIX, SCORES, gram_file
 from moe2gguf.checkpoint import Checkpoint
-from moe2gguf.device import moved, resolve
+from moe2gguf.device import CPU, moved, resolve
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
 from moe2gguf.memory import release_freed
 from moe2gguf.modeling import ExpertObserver, build_model, hidden_of, load_model, load_weights
 from moe2gguf.protocol import read_text
-from moe2gguf.prune.scores import CPU, ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
+from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
 from moe2gguf.progress import bar
 
 # The Taylor pass holds the whole model (float32) for a full-model backward, the one pass that

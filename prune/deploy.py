@@ -32,6 +32,7 @@ import torch
 
 from moe2gguf.arch import MoEArch
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.device import CPU
 from moe2gguf.errors import UserError
 from moe2gguf.exporter.sizing import (
     MARGIN,
@@ -256,6 +257,7 @@ class DeployRequest:
     probe: int = PROBE_SHAPES  # candidate shapes measured as pruned models (0: attribution alone)
     refit: bool = True
     reconstruct: bool = False
+    device: torch.device = CPU  # where the probe runs its layers and the output head
 
 
 def plan_deployable(cal: Calib, ckpt: Checkpoint, arch: MoEArch, req: DeployRequest) -> tuple[Allocation, float, dict]:
@@ -327,7 +329,8 @@ def plan_deployable(cal: Calib, ckpt: Checkpoint, arch: MoEArch, req: DeployRequ
                                       f"kept channels per layer each shape's re-fit is the matrix-free solve, as costly as the final one")
             notes.append(probe_refit["skipped"])
         tokens = cal.info["tokens"] if refit_each else PROBE_TOKENS
-        measured.update(shape_klds(ckpt, arch, cands, attr, groups, calibration_windows(ckpt.path, cal.info, tokens), cal.grams if refit else None, refit_each))
+        measured.update(shape_klds(ckpt, arch, cands, attr, groups, calibration_windows(ckpt.path, cal.info, tokens), cal.grams if refit else None, refit_each,
+                                   device=req.device))
         release_freed()  # the probe's layers and head slices, before the rewrite allocates its own
         best = min(cands, key=lambda s: (measured[s], s.experts * s.width))
         return best, table.coverage(best)

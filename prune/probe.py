@@ -51,6 +51,7 @@ from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.device import CPU, moved
 from moe2gguf.memory import release_freed
 from moe2gguf.modeling import build_model, hidden_of, load_weights
 from moe2gguf.prune.calibrate import catch_layer_inputs
@@ -138,27 +139,32 @@ def _kld_sums(ref: torch.Tensor, got: list[torch.Tensor], norm: nn.Module, head:
     and of the logits."""
     r = norm(ref.reshape(-1, ref.shape[-1]))
     ds = [norm(g.reshape(-1, g.shape[-1])) - r for g in got]
+    dev = r.device
+
+    def f64(x: torch.Tensor) -> torch.Tensor:  # the running sums: on the CPU (MPS has no float64)
+        return x.to(CPU, torch.float64)
+
     totals = [0.0] * len(got)
     for t in range(0, r.shape[0], TOKEN_SLICE):
         rt, dt = r[t : t + TOKEN_SLICE], [d[t : t + TOKEN_SLICE] for d in ds]
         n = rt.shape[0]
-        m = torch.full((n,), -torch.inf)  # running max of z_ref
+        m = torch.full((n,), -torch.inf, device=dev)  # running max of z_ref
         s = torch.zeros(n, dtype=torch.float64)  # sum exp(z_ref - m)
         a = [torch.zeros(n, dtype=torch.float64) for _ in got]  # sum exp(z_ref - m) expm1(d)
         c = [torch.zeros(n, dtype=torch.float64) for _ in got]  # sum exp(z_ref - m) (expm1(d) - d)
         both = torch.cat([rt, *dt])  # one product for every stream: 19.6 s, not 24.4, for 5 x 512 tokens at 151,936
         for v in range(0, head.shape[0], VOCAB_SLICE):
-            z = both @ head[v : v + VOCAB_SLICE].float().T
+            z = both @ head[v : v + VOCAB_SLICE].to(dev, torch.float32).T
             zr = z[:n]
             m_new = torch.maximum(m, zr.amax(-1))
-            scale = torch.exp(m - m_new).double()
+            scale = f64(torch.exp(m - m_new))
             e = torch.exp(zr.sub_(m_new[:, None]))
-            s = s * scale + e.sum(-1, dtype=torch.float64)
+            s = s * scale + f64(e.sum(-1))
             for i in range(len(dt)):
                 zd = z[(i + 1) * n : (i + 2) * n]
                 x = torch.expm1(zd)
-                a[i] = a[i] * scale + torch.einsum("ij,ij->i", e, x).double()
-                c[i] = c[i] * scale + torch.einsum("ij,ij->i", e, x.sub_(zd)).double()
+                a[i] = a[i] * scale + f64(torch.einsum("ij,ij->i", e, x))
+                c[i] = c[i] * scale + f64(torch.einsum("ij,ij->i", e, x.sub_(zd)))
             m = m_new
         for i in range(len(got)):
             big_a = a[i] / s
@@ -177,20 +183,24 @@ def shape_klds(
     grams: Mapping[int, Sequence[torch.Tensor]] | None = None,
     reconstruct: bool = False,
     batch: int = PROBE_BATCH,
+    device: torch.device = CPU,
 ) -> dict[Shape, float]:
     """Per shape, the mean KL-divergence of the pruned model's next-token distribution from the
-    unpruned one's on `windows`, at the positions `check` scores. Layer by layer: each decoder layer is materialised once and
-    runs the unpruned stream and, with its MoE block's output replaced by the shape's pruned
-    block, every shape's own stream. With `reconstruct`, each pruned block is first re-fit as
+    unpruned one's on `windows`, at the positions `check` scores. Layer by layer: each decoder
+    layer is materialised once and runs the unpruned stream and, with its MoE block's output
+    replaced by the shape's pruned block, every shape's own stream. With `reconstruct`, each pruned block is first re-fit as
     `prune --reconstruct` does (prune/reconstruct.py) on the even batches of windows, and the
     KLD is taken on the odd ones, so that a shape is not credited for fitting its own test tokens
     (a single window is both). The KLD is before quantization: under `--target-size` the shapes
-    then get different bytes left for type upgrades, which the probe does not see."""
+    then get different bytes left for type upgrades, which the probe does not see. On `device`
+    run the layers, the candidates' blocks, their streams and the head's slices; the re-fit's
+    sums and the KLD's running sums stay on the CPU in float64."""
     if reconstruct:  # at least two batches: one to fit on, one to measure on
         batch = max(1, min(batch, len(windows) // 2))
     model = build_model(arch)
     layers = model.get_submodule(arch.layers_attr)
     ref, kwargs, _ = catch_layer_inputs(model, arch, ckpt, windows, batch)
+    ref, kwargs = moved(ref, device), moved(kwargs, device)
     streams = {s: [h.clone() for h in ref] for s in shapes}
     allocs = {s: allocate_shape(scores, s, groups) for s in shapes}
     pruned = {}
@@ -209,15 +219,16 @@ def shape_klds(
 
     for bid in bar(range(arch.n_layers), desc="probe shapes", unit="layer"):
         layer = layers[bid]
-        # experts as stored (bf16): the unpruned layer and a pruned block are resident together
+        # experts as stored (bf16); the unpruned ones stay only while a re-fit needs their output
         load_weights(layer, f"{arch.layers_attr}.{bid}.", ckpt, torch.float32, experts_as_stored=True)
+        layer.to(device)  # the one layer on the device (a no-op on the CPU)
         ref[:] = run(layer, ref)
         source: Checkpoint | _Overlay = ckpt
-        if bid in moe_index and reconstruct:
+        if bid in moe_index and reconstruct and device == CPU:
             # the re-fit's target is the unpruned block's output: it stays, and the shapes are
-            # sliced from it in memory rather than read again
+            # sliced from it in memory rather than read again (on an accelerator, from the pages)
             source = _Overlay(ckpt, layer.state_dict(prefix=f"{arch.layers_attr}.{bid}.", keep_vars=False))
-        elif bid in moe_index:
+        elif bid in moe_index and not reconstruct:
             # every shape's forward swaps it out: its experts (1.2 GB at Qwen3-30B-A3B) need not
             # stay beside a pruned block, which is sliced from the checkpoint's pages instead
             arch.moe_block(model, bid).to("meta")
@@ -231,6 +242,7 @@ def shape_klds(
             name = _name_of(pmodel, block)
             tensors, _ = pruned_layer(source, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
             load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32, experts_as_stored=True)
+            block.to(device)
             del tensors
             oblock = arch.moe_block(model, bid)
             if reconstruct:  # the unpruned block's output on the pruned stream is the fit's target
@@ -258,6 +270,7 @@ def shape_klds(
         layer.to("meta")
         release_freed()
     norm, head = _final_head(model, arch, ckpt)
+    norm.to(device)
     test = range(1, len(ref), 2) if reconstruct and len(ref) > 1 else range(len(ref))
     # the positions `check` scores (the second half of each window): they are what the probe
     # predicts, and the output head over 151,936 entries costs twice as much on every position

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
 from moe2gguf.calib import CALIB_JSON, SCORES, gram_file, read_calib_json
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.device import resolve
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.quantize import ftype_of
 from moe2gguf.exporter.writer import check_against_config
@@ -274,8 +275,10 @@ def prune(
     experts: int | None = None,
     reconstruct: bool | None = None,
     probe: int = PROBE_SHAPES,
+    device: str = "auto",
 ) -> dict:
     check_method(method)
+    dev = resolve(device)
     if target_size is not None:  # the size target picks the ratio, in the layout llama.cpp runs
         if method != "coverage":
             raise UserError(f"--target-size plans coverage pruning in the llama.cpp layout; drop --method {method} or give --ratio instead")
@@ -306,7 +309,7 @@ def prune(
         from moe2gguf.prune.deploy import DeployRequest, plan_deployable  # deploy.py imports this module
 
         ftype_of(quant)
-        req = DeployRequest(ratio, target_size, quant, A.LAYOUTS[layout], score, normalise, width, experts, probe, refit, reconstruct)
+        req = DeployRequest(ratio, target_size, quant, A.LAYOUTS[layout], score, normalise, width, experts, probe, refit, reconstruct, dev)
         layer_alloc, cov, deploy_entries = plan_deployable(cal, ckpt, arch, req)
         for note in deploy_entries["notes"]:  # the ratio band missed, bytes lost to the type fallback
             click.echo(f"note: {note}", err=True)
@@ -380,7 +383,7 @@ def reconstruct_verdict(cal: Calib, alloc: A.Allocation, asked: bool) -> tuple[b
 
 def prune_main(
     model: str, calib: str, ratio: float | None, output: str, method: str, layout: str, target_size: str | None, quant: str,
-    width: int | None, experts: int | None, probe: int, score: str, min_width: int, refit: bool, reconstruct: bool | None,
+    width: int | None, experts: int | None, probe: int, score: str, min_width: int, refit: bool, reconstruct: bool | None, device: str = "auto",
 ) -> None:
     """The `prune` verb once moe2gguf/commands.py has parsed its options."""
     if (ratio is None) == (target_size is None):
@@ -389,7 +392,7 @@ def prune_main(
         size = parse_size(target_size) if target_size is not None else None
     except ValueError as e:
         raise UserError(f"--target-size: {e}") from None
-    r = prune(model, calib, ratio, output, method, layout, score, refit=refit, min_width=min_width, target_size=size, quant=quant, width=width, experts=experts, reconstruct=reconstruct, probe=probe)
+    r = prune(model, calib, ratio, output, method, layout, score, refit=refit, min_width=min_width, target_size=size, quant=quant, width=width, experts=experts, reconstruct=reconstruct, probe=probe, device=device)
     if "deployable" in r:
         d = r["deployable"]
         click.echo(

@@ -39,6 +39,7 @@ from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
+from moe2gguf.device import CPU
 from moe2gguf.memory import release_freed
 from moe2gguf.modeling import build_model, hidden_of, load_weights
 from moe2gguf.progress import bar
@@ -295,7 +296,8 @@ def dense_features(parts: list[tuple[int, torch.Tensor, torch.Tensor]], tokens: 
 class BlockFit:
     """Normal equations of one pruned MoE block, fed while the block runs: `observe()` hooks
     it; after each call, `add(y_orig)` takes the unpruned block's output on the same input.
-    `solve()` re-fits the kept experts' down_proj in place."""
+    `solve()` re-fits the kept experts' down_proj in place. The block may run on any device;
+    what it observes is summed and solved on the CPU (float64 where the solve needs it)."""
 
     def __init__(self, block: nn.Module, hidden: int):
         self.block, self.experts = block, block.experts
@@ -311,14 +313,14 @@ class BlockFit:
 
         def tap(xid: int, token: torch.Tensor, _x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
             # the activations the block computes anyway (recomputing them cost a fifth of the pass)
-            parts.append((xid, token, h.float() * w.float()))
+            parts.append((xid, token.to(CPU), (h.float() * w.float()).to(CPU)))
 
         def post(_m, _args, out):  # noqa: ANN001, ANN202
-            got["block"] = hidden_of(out)
+            got["block"] = hidden_of(out).to(CPU)
 
         def routed(_m, _args, out):  # noqa: ANN001, ANN202
             got["feat"] = dense_features(parts, out.reshape(-1, out.shape[-1]).shape[0], self.widths) if self.joint else list(parts)
-            got["routed"] = out
+            got["routed"] = out.to(CPU)
             parts.clear()
 
         self.experts.observer = tap
@@ -333,19 +335,19 @@ class BlockFit:
     def add(self, y_orig: torch.Tensor) -> None:
         # the routed part the unpruned block produced (shared experts etc. are equal in both)
         h = y_orig.shape[-1]
-        target = (y_orig - self.got["block"]).reshape(-1, h) + self.got["routed"].reshape(-1, h)
+        target = (y_orig.to(CPU) - self.got["block"]).reshape(-1, h) + self.got["routed"].reshape(-1, h)
         self.eq.add(self.got["feat"], target)
 
     def solve(self, ridge: float = RIDGE, on_change: Callable[[slice, torch.Tensor], None] | None = None) -> tuple[list[torch.Tensor], dict]:
         """Write the re-fit down_proj into the block; returns them and the relative errors.
         The matrix-free solver also reports the change of the block's output (`Blockwise.solve`)."""
         if self.joint:
-            d0 = torch.cat([e.down_proj.weight.double() for e in self.experts], dim=1)
+            d0 = torch.cat([e.down_proj.weight.to(CPU, F64) for e in self.experts], dim=1)
             d = solve_down(self.eq, d0, ridge)
             before, after = block_error(self.eq, d0), block_error(self.eq, d)
             out = list(torch.split(d, self.widths, dim=1))
         else:  # in the weights' own dtype: a float64 copy of every kept down_proj is 1.2 GB at 30B
-            out = self.eq.solve([e.down_proj.weight for e in self.experts], ridge, on_change)
+            out = self.eq.solve([e.down_proj.weight.to(CPU) for e in self.experts], ridge, on_change)
             before, after = self.eq.before, self.eq.after
         for e, d in zip(self.experts, out, strict=True):
             e.down_proj.weight.copy_(d)

@@ -34,11 +34,10 @@ from collections.abc import Mapping
 
 import torch
 
+from moe2gguf.device import CPU  # statistics are summed there whatever device computed the batch
 from moe2gguf.options import SCORE_KINDS
 
 F64 = torch.float64
-# statistics are summed here whatever device computed the batch (moe2gguf/device.py)
-CPU = torch.device("cpu")
 
 
 class ExpertStats:

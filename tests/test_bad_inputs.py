@@ -414,6 +414,10 @@ CASES: list[Case] = [
          "chat_template is neither text nor a list"),
     Case("export-chat-template-list-bad", lambda E, w: export(E, w, model=E.model_with(w, files={"tokenizer_config.json": b'{"chat_template": [{"name": 5, "template": "x"}]}'},
                                                                         drop=("chat_template.jinja",))), "chat_template is neither text nor a list"),
+    Case("export-chat-template-syntax-error", lambda E, w: export(E, w, model=E.model_with(w, files={"chat_template.jinja": b"{% for m in messages %}{{ m.content }}"})),
+         "is not valid Jinja (line 1: Unexpected end of template"),
+    Case("export-chat-template-list-syntax-error", lambda E, w: export(E, w, model=E.model_with(w, files={"tokenizer_config.json": b'{"chat_template": [{"name": "tool_use", "template": "{{ x"}]}'},
+                                                                          drop=("chat_template.jinja",))), "chat_template (tool_use) is not valid Jinja"),
     Case("export-chat-template-not-utf8", lambda E, w: export(E, w, model=E.model_with(w, files={"chat_template.jinja": b"\xff\xfe{{ x }}"})), "chat template"),
     Case("calibrate-chat-template-not-utf8", lambda E, w: calibrate(E, w, E.model_with(w, files={"chat_template.jinja": b"\xff\xfe{{ x }}"})), "is not UTF-8"),
     Case("export-tokenizer-config-list", lambda E, w: export(E, w, model=E.model_with(w, files={"tokenizer_config.json": b"[]"})), "holds a JSON list"),
@@ -635,6 +639,10 @@ VALID: list[tuple[str, Callable[[Env, pathlib.Path], list[str]], bytes | None, s
     ("export-imatrix", lambda E, w: export(E, w, "--imatrix", str(E.calib)), None, "wrote"),
     ("run-dry", lambda E, w: ["run", "--recipe", str(_ok_recipe(E, w)), "--dry-run"], None, "unpruned   Q8_0"),
     ("chat", lambda E, w: chat(E, w), b"hello\n/exit\n", ""),
+    # transformers' own {% generation %} tag (assistant masks) is valid Jinja for a chat template
+    ("export-template-generation-tag", lambda E, w: export(E, w, model=E.model_with(w, files={"chat_template.jinja": (
+        b"{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+        b"{% else %}{{ m.content }}{% endif %}{% endfor %}")})), None, "wrote"),
 ]
 
 

@@ -258,3 +258,18 @@ def test_refit_reads_the_gram_matrices_calibrate_wrote_per_layer(tiny_qwen3moe: 
     r = CliRunner().invoke(cli, [*args, "--calib", str(calib), "-o", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "layer-1.safetensors" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_prune_on_a_device_torch_cannot_see_is_exit_2_before_any_work(device: str, tiny_qwen3moe: pathlib.Path, calib: pathlib.Path,
+                                                                      tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device for the shape probe, as for calibrate: with no such GPU (forced, so a GPU machine
+    runs this too) one line naming the device and the fix, and nothing written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    out = tmp_path / "pruned"
+    r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(calib), "--ratio", "0.25", "--layout", "llama.cpp", "-o", str(out), "--device", device])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and f"--device {device}" in lines[0] and "--device cpu" in lines[0] and "Traceback" not in r.output
+    assert not out.exists() and not list(tmp_path.glob(".pruned*"))
