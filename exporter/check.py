@@ -143,14 +143,15 @@ def _drop(*entries: pathlib.Path) -> None:
         f.unlink(missing_ok=True)
 
 
-def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, threads: int) -> tuple[np.ndarray, pathlib.Path]:
+def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, threads: int, device: str = "cpu") -> tuple[np.ndarray, pathlib.Path]:
     """(windows, the base's log-prob grid file; moe2gguf/logprobs.py), from the cache or
     computed once. Two files: the grid, then the windows, which say the grid is whole."""
     p = pathlib.Path(base).resolve()
     backend = backend_of(p)
     limit = cache_limit_bytes()  # a bad setting is refused before the base runs
     key = hashlib.sha256(
-        json.dumps([str(p), _mtime(p), hashlib.sha256(text.encode()).hexdigest(), ctx, chunks, kv_type]).encode()
+        json.dumps([str(p), _mtime(p), hashlib.sha256(text.encode()).hexdigest(), ctx, chunks, kv_type]
+                   + ([device] if backend == "torch" and device != "cpu" else [])).encode()  # a device rounds its own way
     ).hexdigest()[:24]
     grid, wins_f = cache_dir() / f"base-{key}.npy", cache_dir() / f"base-{key}.npz"
     try:
@@ -165,11 +166,25 @@ def base_grid(base: str, text: str, ctx: int, chunks: int | None, kv_type: str, 
     _drop(grid, wins_f)
     wins = windows(tokenize(str(p), backend, text), ctx, chunks)
     with tempfile.TemporaryDirectory(prefix="moe2gguf-base-") as d, atomic_file(grid, "cache") as tmp:
-        run_in_child(backend, str(p), wins, d, kv_type, threads, save_lp=str(tmp), label="base")
+        run_in_child(backend, str(p), wins, d, kv_type, threads, save_lp=str(tmp), label="base", device=device if backend == "torch" else "cpu")
     with atomic_file(wins_f, "cache") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, windows=wins)
     evict(grid.parent, limit, keep=(grid, wins_f))
     return wins, grid
+
+
+def torch_device(name: str, backends: list[str], model: str) -> str:
+    """--device for the PyTorch runs among `backends`, as a torch device type; refused in one
+    line where torch sees no such device, or where only GGUFs run (llama.cpp runs them on the
+    CPU here). A GGUF-only check never imports torch for this."""
+    if "torch" not in backends:
+        if name not in ("auto", "cpu"):
+            raise UserError(f"--device {name} applies to a PyTorch run (a model folder); {model} is a GGUF, which llama.cpp runs on the CPU; "
+                            "drop --device")
+        return "cpu"
+    from moe2gguf.device import resolve
+
+    return resolve(name).type
 
 
 def params_experts(path: pathlib.Path, backend: str) -> int:
@@ -207,9 +222,11 @@ def check(
     task: str | None = None,
     task_format: str | None = None,
     n_tasks: int | None = None,
+    device: str = "auto",
 ) -> dict:
     """The report dict (DESIGN.md keys) for MODEL on TEXT and/or the multiple-choice TASK file,
-    against BASE if given."""
+    against BASE if given. `device` is where a PyTorch run (a model folder) computes; llama.cpp
+    runs a GGUF on the CPU."""
     path = pathlib.Path(model).resolve()
     backend = backend_of(path)
     if text is None and task is None:
@@ -226,14 +243,16 @@ def check(
             "params_experts": params_experts(path, backend),
         }
     body = read_text(text)
+    device = torch_device(device, [backend] + ([backend_of(base)] if base is not None else []), model)
     base_wins = base_lp = None
     if base is not None:
-        base_wins, base_lp = base_grid(base, body, ctx, chunks, kv_type, threads)
+        base_wins, base_lp = base_grid(base, body, ctx, chunks, kv_type, threads, device)
     wins = windows(tokenize(str(path), backend, body), ctx, chunks)
     if base_wins is not None and not np.array_equal(base_wins, wins):
         raise UserError(f"{model} and --base {base} tokenize the text differently; KL-divergence needs the same tokenizer")
     with tempfile.TemporaryDirectory(prefix="moe2gguf-check-") as d:
-        s, measured = run_in_child(backend, str(path), wins, d, kv_type, threads, base_lp=None if base_lp is None else str(base_lp))
+        s, measured = run_in_child(backend, str(path), wins, d, kv_type, threads, base_lp=None if base_lp is None else str(base_lp),
+                                   device=device if backend == "torch" else "cpu")
     report = {
         "backend": backend,
         "model": str(path),
@@ -337,7 +356,7 @@ def table(r: dict) -> str:
 
 def check_main(
     model: str, text: str | None, base: str | None, ctx: int, chunks: int | None, json_out: str | None, kv_type: str, threads: int,
-    task: str | None, task_format: str | None, n_tasks: int | None,
+    task: str | None, task_format: str | None, n_tasks: int | None, device: str = "auto",
 ) -> None:
     """The `check` verb once moe2gguf/commands.py has parsed its options."""
     cpus = os.cpu_count() or 1
@@ -346,7 +365,7 @@ def check_main(
                         f"give at most {cpus} (0: all of them)")
     if json_out is not None:  # before the measurement, not after it (an empty name is refused, not ignored)
         check_output(json_out, "check", [model, text, base, task], folder=False)
-    r = check(model, text, base, ctx, chunks, kv_type, threads, task, task_format, n_tasks)
+    r = check(model, text, base, ctx, chunks, kv_type, threads, task, task_format, n_tasks, device)
     if json_out is not None:
         with atomic_file(json_out, "check", [model, text, base, task]) as tmp:
             tmp.write_text(json.dumps(r, indent=2) + "\n")

@@ -122,14 +122,16 @@ def run_llama(gguf_path: str, wins: np.ndarray, scorer: Scorer, kv_type: str, th
     }
 
 
-def run_torch(model_dir: str, wins: np.ndarray, scorer: Scorer, threads: int) -> dict:
+def run_torch(model_dir: str, wins: np.ndarray, scorer: Scorer, threads: int, device: str = "cpu") -> dict:
     import torch
 
     from moe2gguf.modeling import load_model
     from moe2gguf.protocol import scored
 
     torch.set_num_threads(threads)
+    dev = torch.device(device)  # resolved (and refused where torch sees no such device) by the parent
     model, _arch, _ckpt = load_model(model_dir, torch.float32)
+    model.to(dev)
     ctx = wins.shape[1]
     half = ctx // 2
     seen: set[int] = set()
@@ -143,16 +145,17 @@ def run_torch(model_dir: str, wins: np.ndarray, scorer: Scorer, threads: int) ->
     say_ready()
     with torch.no_grad():
         for i, w in enumerate(wins):
-            ids = torch.from_numpy(np.ascontiguousarray(w))[None]
+            ids = torch.from_numpy(np.ascontiguousarray(w))[None].to(dev)
             t0 = time.perf_counter()
             res = model(ids, use_cache=True)
+            logits = res.logits[0, scored(ctx)].float().cpu()  # waits for the device: timed with the pass
             t_eval += time.perf_counter() - t0
             if i == 0:
                 kv_bytes = _cache_bytes(res.past_key_values)
-            scorer.add(i, res.logits[0, scored(ctx)].float().numpy())
+            scorer.add(i, logits.numpy())
             say_step()
             del res
-        ids = torch.from_numpy(np.ascontiguousarray(wins[0, :half]))[None]
+        ids = torch.from_numpy(np.ascontiguousarray(wins[0, :half]))[None].to(dev)
         res = model(ids, use_cache=True)
         cache = res.past_key_values
         tok = res.logits[0, -1].argmax().view(1, 1)
@@ -161,6 +164,7 @@ def run_torch(model_dir: str, wins: np.ndarray, scorer: Scorer, threads: int) ->
             res = model(tok, past_key_values=cache, use_cache=True)
             cache = res.past_key_values
             tok = res.logits[0, -1].argmax().view(1, 1)
+        tok.cpu()  # waits for the device
         t_dec = time.perf_counter() - t0
     return {
         "model_buffer_bytes": buf,
@@ -190,7 +194,7 @@ def main(argv: list[str]) -> None:
         if job["backend"] == "llama.cpp":
             res = run_llama(job["path"], wins, scorer, job["kv_type"], job["threads"])
         else:
-            res = run_torch(job["path"], wins, scorer, job["threads"])
+            res = run_torch(job["path"], wins, scorer, job["threads"], job.get("device", "cpu"))
         scorer.finish(out_dir)
     except NoRoom as e:
         res = {"error": str(e), "no_room": True}
@@ -205,7 +209,7 @@ def child_command(out_dir: str) -> list[str]:
 
 def run_in_child(
     backend: str, path: str, wins: np.ndarray, out_dir: str, kv_type: str = "f16", threads: int = 0,
-    base_lp: str | None = None, save_lp: str | None = None, label: str = "score",
+    base_lp: str | None = None, save_lp: str | None = None, label: str = "score", device: str = "cpu",
 ) -> tuple[Scores, dict]:
     """(per-position scores, measurements) from a fresh interpreter, so nothing the parent
     imported (torch for a GGUF run) counts in the model's peak RSS. Against the grid file
@@ -213,7 +217,7 @@ def run_in_child(
     d = pathlib.Path(out_dir)
     threads = threads or os.cpu_count() or 1
     np.save(d / WINDOWS, wins)
-    job = {"backend": backend, "path": path, "kv_type": kv_type, "threads": threads, "base_lp": base_lp, "save_lp": save_lp}
+    job = {"backend": backend, "path": path, "kv_type": kv_type, "threads": threads, "base_lp": base_lp, "save_lp": save_lp, "device": device}
     (d / JOB).write_text(json.dumps(job))
     env, extra_bufts = llama_runtime.child_env(backend)
     rc, why = run_with_progress(child_command(out_dir), len(wins), f"{label} {pathlib.Path(path).name}", "window", d, env)

@@ -123,6 +123,7 @@ def export_cmd(**kwargs: Any) -> None:
 @click.option("--threads", type=click.IntRange(0, 4096), default=0, help="CPU threads (default: all cores).")
 @click.option("--task", type=click.Path(), help="Multiple-choice task file in a llama-perplexity format: accuracy as llama-perplexity scores it.")
 @click.option("--task-format", type=click.Choice(TASK_FORMATS), help="Format of --task (default: detected).")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Where a PyTorch run (MODEL or --base a model folder) computes: auto takes a CUDA or Apple (MPS) GPU when torch sees one, else the CPU. A GGUF runs in llama.cpp on the CPU. --task runs on the CPU.")
 @click.option("--tasks", "n_tasks", type=int, help="Score N tasks, the N llama-perplexity picks with --<format>-tasks N (default: all).")
 def check_cmd(**kwargs: Any) -> None:
     """Measure a GGUF or checkpoint: PPL, KLD/top-1 vs --base, memory, tokens/s, and

@@ -161,3 +161,24 @@ def test_a_model_against_itself_never_shows_negative_zero_kld():
 
     shown = table({"backend": "gguf", "model": "m", "kld": -3e-9, "kld_se": 1e-9, "top1": 1.0, "file_bytes": 1, "params_experts": 1})
     assert "0.000000 ±" in shown and "-0.000000" not in shown
+
+
+def test_device_runs_the_pytorch_path_and_is_refused_where_it_cannot(tiny_qwen3moe, reference_model, tmp_path, cache, monkeypatch):
+    """--device cpu scores a model folder as the default does; --device cuda is one line (exit 2)
+    where torch sees no GPU (forced, so a GPU machine runs this too) and for a GGUF alone,
+    which llama.cpp runs on the CPU."""
+    import torch
+
+    text = str(reference_model / "eval.txt")
+    auto = check(str(tiny_qwen3moe), text, ctx=64, chunks=2)
+    on_cpu = check(str(tiny_qwen3moe), text, ctx=64, chunks=2, device="cpu")
+    assert on_cpu["backend"] == "torch" and on_cpu["ppl"] == pytest.approx(auto["ppl"], rel=1e-6)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gguf = tmp_path / "tiny.gguf"
+    export(str(tiny_qwen3moe), str(gguf), "F32", progress=False)
+    for model, words in ((tiny_qwen3moe, "--device cpu"), (gguf, "drop --device")):
+        jf = tmp_path / "r.json"
+        res = CliRunner().invoke(cli, ["check", str(model), "--text", text, "--ctx", "64", "--chunks", "2", "--device", "cuda", "--json", str(jf)])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and "--device cuda" in lines[0] and words in lines[0], res.output
+        assert not jf.exists()
