@@ -21,10 +21,12 @@ from __future__ import annotations
 import errno
 import math
 import os
+import pathlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from moe2gguf.outputs import free_bytes
 from moe2gguf.units import human_bytes
 
 RANGE = 30.0  # nats below a position's top log-probability that the grid resolves
@@ -138,9 +140,9 @@ class NoRoom(OSError):
     """The disk cannot hold a grid file; raised before its first row is written, not after
     minutes of a model's windows."""
 
-    def __init__(self, path: str, need: int, free: int | None):
+    def __init__(self, path: str, need: int, free: int):
         folder = os.path.dirname(os.path.abspath(path))
-        have = "" if free is None else f", {human_bytes(free)} is free there"
+        have = f", {human_bytes(free)} is free there" if free < 1 << 60 else ""
         super().__init__(errno.ENOSPC, f"disk full: the log-prob grid needs {human_bytes(need)} in {folder}{have}")
 
     def __str__(self) -> str:
@@ -149,24 +151,16 @@ class NoRoom(OSError):
 
 def _reserve(f, path: str, size: int) -> None:  # noqa: ANN001 - an open binary file
     """Claim `size` bytes for `f` now, so a full disk is said at once rather than mid-run."""
+    folder = pathlib.Path(path).resolve().parent
     try:
         os.posix_fallocate(f.fileno(), 0, size)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise NoRoom(path, size, _free(path)) from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoRoom(path, size, free_bytes(folder)) from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
-        free = _free(path)  # a file system that cannot reserve: its free space, then
-        if free is not None and free < size:
-            raise NoRoom(path, size, free) from None
-
-
-def _free(path: str) -> int | None:
-    try:
-        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
+        if free_bytes(folder) < size:  # a file system that cannot reserve: its free space, then
+            raise NoRoom(path, size, free_bytes(folder)) from None
 
 
 class GridFile:

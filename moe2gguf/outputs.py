@@ -319,7 +319,8 @@ def temp_dir(near: PathLike, kind: str = "f32") -> Iterator[pathlib.Path]:
 
 
 # --- file-system failures as user errors ----------------------------------------------------
-def _free_bytes(path: pathlib.Path) -> int:
+def free_bytes(path: pathlib.Path) -> int:
+    """Bytes this process may still write at `path` (a huge number where it cannot be told)."""
     try:
         st = os.statvfs(path)
     except OSError:
@@ -388,7 +389,7 @@ def _user_errors(target: pathlib.Path, temps: list[pathlib.Path] | None = None) 
         raise  # already said as the user should read it (a cache folder's own disk-full line)
     except Exception as e:
         e = _as_os_error(e)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or _free_bytes(target.parent) < _FULL_BYTES:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or free_bytes(target.parent) < _FULL_BYTES:
             written = sum(_tree_bytes(t) for t in temps or [])
             raise UserError(
                 f"disk full writing {target} ({_mib(written)} written before it filled); "

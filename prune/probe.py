@@ -188,10 +188,10 @@ def shape_klds(
     """Per shape, the mean KL-divergence of the pruned model's next-token distribution from the
     unpruned one's on `windows`, at the positions `check` scores. Layer by layer: each decoder
     layer is materialised once and runs the unpruned stream and, with its MoE block's output
-    replaced by the shape's pruned block, every shape's own stream. With `reconstruct`, each pruned block is first re-fit as
-    `prune --reconstruct` does (prune/reconstruct.py) on the even batches of windows, and the
-    KLD is taken on the odd ones, so that a shape is not credited for fitting its own test tokens
-    (a single window is both). The KLD is before quantization: under `--target-size` the shapes
+    replaced by the shape's pruned block, every shape's own stream. With `reconstruct`, each
+    pruned block is first re-fit as `prune --reconstruct` does (prune/reconstruct.py) on the
+    even batches of windows, and the KLD is taken on the odd ones, so that a shape is not
+    credited for fitting its own test tokens (a single window is both). The KLD is before quantization: under `--target-size` the shapes
     then get different bytes left for type upgrades, which the probe does not see. On `device`
     run the layers, the candidates' blocks, their streams and the head's slices; the re-fit's
     sums and the KLD's running sums stay on the CPU in float64."""
@@ -275,7 +275,7 @@ def shape_klds(
     # the positions `check` scores (the second half of each window): they are what the probe
     # predicts, and the output head over 151,936 entries costs twice as much on every position
     pos = scored(windows.shape[1])
-    n = sum(ref[i][:, pos].shape[0] * ref[i][:, pos].shape[1] for i in test)
+    n = sum(ref[i].shape[0] for i in test) * (pos.stop - pos.start)
     total = dict.fromkeys(shapes, 0.0)
     for i in test:
         for s, k in zip(shapes, _kld_sums(ref[i][:, pos], [streams[s][i][:, pos] for s in shapes], norm, head), strict=True):
