@@ -73,7 +73,7 @@ def calibrate_cmd(**kwargs: Any) -> None:
 @click.option("--score", type=click.Choice(SCORE_KINDS), default="energy", show_default=True, help="Attribution: squared (energy) or absolute (abs) contribution, or the paper's first-order |activation x dLoss/dactivation| (taylor).")
 @click.option("--min-width", default=0, show_default=True, type=click.IntRange(0), help="coverage: channels every expert keeps at least (0 lets experts be removed).")
 @click.option("--refit/--no-refit", default=True, show_default=True, help="Least-squares refit of kept down_proj columns on calibration activations.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Where the shape probe runs its decoder layers and the output head: auto takes a CUDA or Apple (MPS) GPU when torch sees one, else the CPU. The refit and the block re-fit solve on the CPU.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Where the shape probe and the final block re-fit run their decoder layers (and the probe its output head): auto takes a CUDA or Apple (MPS) GPU when torch sees one, else the CPU. The least-squares solves run on the CPU.")
 @click.option("--reconstruct/--no-reconstruct", default=None, help="Re-fit kept experts' down_proj per layer so the pruned block, under its new routing, reproduces the unpruned block's output on the calibration text.  [default: on for --method coverage with --layout llama.cpp or --target-size, off otherwise]")
 def prune_cmd(**kwargs: Any) -> None:
     """Prune MODEL's routed experts by --ratio (or to --target-size) using CALIB/ and write a

@@ -331,7 +331,7 @@ def prune(
         shapes = write_pruned(ckpt, arch, alloc, tmp, grams)
         recon = None
         if reconstruct:
-            recon = run_reconstruct(ckpt, arch, tmp, calibration_windows(model, cal.info))
+            recon = run_reconstruct(ckpt, arch, tmp, calibration_windows(model, cal.info), device=dev)
         new_arch = arch_for_config(json.loads((tmp / "config.json").read_text()))
         after = routed_params(new_arch, shapes)
         report = {

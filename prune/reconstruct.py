@@ -39,7 +39,7 @@ from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
-from moe2gguf.device import CPU
+from moe2gguf.device import CPU, moved
 from moe2gguf.memory import release_freed
 from moe2gguf.modeling import build_model, hidden_of, load_weights
 from moe2gguf.progress import bar
@@ -361,16 +361,19 @@ class BlockFit:
 
 
 @torch.no_grad()
-def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windows, batch: int = 8, ridge: float = RIDGE) -> dict:  # noqa: ANN001
+def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windows, batch: int = 8, ridge: float = RIDGE,  # noqa: ANN001
+                device: torch.device = CPU) -> dict:
     """Re-fit the down_proj of every kept expert in the pruned checkpoint `pruned_dir` (written
     by the rewrite) in place. Returns per MoE layer the relative block-output error on the
-    calibration tokens before and after."""
+    calibration tokens before and after. The layers (pruned and unpruned) and the hidden
+    states run on `device`; the solve runs on the CPU (`BlockFit`)."""
     release_freed()  # what the rewrite freed: the first layer would otherwise sit on top of it
     pck = Checkpoint(pruned_dir)
     parch = arch_for_config(pck.config)
     model, omodel = build_model(parch), build_model(arch)
     layers, olayers = model.get_submodule(parch.layers_attr), omodel.get_submodule(arch.layers_attr)
     hidden, kwargs, _ = catch_layer_inputs(model, parch, pck, windows, batch)
+    hidden, kwargs = moved(hidden, device), moved(kwargs, device)
 
     report: dict[str, dict] = {}
     for bid in bar(range(parch.n_layers), desc="reconstruct", unit="layer"):
@@ -378,9 +381,11 @@ def reconstruct(orig: Checkpoint, arch: MoEArch, pruned_dir: pathlib.Path, windo
         layer = layers[bid]
         # experts as stored (bf16): with both layers resident, float32 would be 2x their size
         load_weights(layer, prefix, pck, torch.float32, experts_as_stored=True)
+        layer.to(device)
         if parch.is_moe_layer(bid):
             olayer = olayers[bid]
             load_weights(olayer, prefix, orig, torch.float32, experts_as_stored=True)
+            olayer.to(device)
             block, oblock = parch.moe_block(model, bid), arch.moe_block(omodel, bid)
             fit = BlockFit(block, parch.hidden_size)
             x_in: list[torch.Tensor] = []
@@ -416,7 +421,7 @@ def _add_rows(hidden: list[torch.Tensor], rows: slice, delta: torch.Tensor) -> N
     n = 0
     for h in hidden:
         flat = h.view(-1, h.shape[-1])
-        flat[:, rows] += delta[n : n + flat.shape[0]]
+        flat[:, rows] += delta[n : n + flat.shape[0]].to(flat.device)
         n += flat.shape[0]
 
 
