@@ -6,6 +6,11 @@ dynamic mmap threshold has risen past their size, and a heap fragmented by tenso
 different lifetimes keeps its pages: at Qwen3-30B-A3B layer size the shape probe grew by
 ~1.4 GB a layer that way (3.5 -> 7.5 GiB over four layers, tools/bench_scale.py), with
 nothing alive. `malloc_trim(0)` returns every free page, wherever it lies in the heap.
+
+Every pass calls `release_freed` once per step (layer, probed shape, rewritten layer), so it is
+also where a benchmark learns where memory peaks: with $MOE2GGUF_PEAK_LOG set to a file, each
+call appends the exact peak RSS since the previous one (the kernel's VmHWM, reset through
+/proc/self/clear_refs) and its caller (Linux only; tools/bench_scale.py reads it).
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+import sys
+import time
+
+PEAK_LOG = "MOE2GGUF_PEAK_LOG"
 
 
 @functools.cache
@@ -26,6 +36,23 @@ def _trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 def release_freed() -> None:
     """Give the pages of freed tensors back to the OS (a no-op off glibc)."""
+    log = os.environ.get(PEAK_LOG)
+    if log:
+        _log_peak(log, sys._getframe(1))
     trim = _trim()
     if trim is not None:
         trim(0)
+
+
+def _log_peak(path: str, caller: object) -> None:
+    """Append "time<TAB>peak bytes<TAB>file:line function" for the step that ends here."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        code = caller.f_code  # type: ignore[attr-defined]
+        with open(path, "a") as f:
+            f.write(f"{time.time():.1f}\t{hwm}\t{code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno} {code.co_name}\n")  # type: ignore[attr-defined]
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the next step's peak starts from the RSS of now
+    except (OSError, StopIteration):
+        pass  # not Linux, or a read-only /proc: no log

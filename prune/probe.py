@@ -277,7 +277,13 @@ def shape_klds(
     pos = scored(windows.shape[1])
     n = sum(ref[i].shape[0] for i in test) * (pos.stop - pos.start)
     total = dict.fromkeys(shapes, 0.0)
-    for i in test:
-        for s, k in zip(shapes, _kld_sums(ref[i][:, pos], [streams[s][i][:, pos] for s in shapes], norm, head), strict=True):
+    # slice by slice, for the progress bar: through a 151,936-entry head a slice takes ~20 s
+    slices = [(i, t) for i in test for t in range(0, ref[i].shape[0] * (pos.stop - pos.start), TOKEN_SLICE)]
+    for i, t in bar(slices, desc="probe KLD", unit="slice", disable=len(slices) < 2):
+
+        def rows(x: torch.Tensor, t: int = t) -> torch.Tensor:
+            return x[:, pos].reshape(-1, x.shape[-1])[t : t + TOKEN_SLICE]
+
+        for s, k in zip(shapes, _kld_sums(rows(ref[i]), [rows(streams[s][i]) for s in shapes], norm, head), strict=True):
             total[s] += k
     return {s: total[s] / n for s in shapes}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -60,23 +60,38 @@ def slice_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, keep:
     return gate[keep].contiguous(), up[keep].contiguous(), new_down.contiguous()
 
 
-def pruned_layer(
+def kept_experts(channels: list[torch.Tensor]) -> list[int]:
+    """Original index of each expert the allocation keeps (non-empty `channels`), in order."""
+    return [xid for xid, ch in enumerate(channels) if ch.numel() > 0]
+
+
+def pruned_tensors(
     ckpt: Checkpoint, arch: MoEArch, bid: int, channels: list[torch.Tensor], grams: Sequence[torch.Tensor] | None = None
-) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """MoE layer `bid` as the rewrite stores it: kept experts (non-empty `channels`) sliced,
-    refit when `grams` (per expert, [width, width]) is given, renumbered 0..K-1, and the router
-    tensors cut to their rows. Returns (tensors by checkpoint name, original index of each kept expert)."""
-    rows = [xid for xid, ch in enumerate(channels) if ch.numel() > 0]
-    out: dict[str, torch.Tensor] = {}
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """MoE layer `bid` as the rewrite stores it, one tensor at a time: kept experts sliced,
+    refit when `grams` (per expert, [width, width]) is given, renumbered 0..K-1, then the
+    router tensors cut to their rows. One at a time so that a writer can let each go once it is
+    on disk: a whole pruned layer (0.9 GB at Qwen3-30B-A3B) held beside the shard being filled
+    made the rewrite's peak depend on where the layer fell in the shards."""
+    rows = kept_experts(channels)
     for k, xid in enumerate(rows):
         parts = [ckpt.tensor(arch.expert_name(bid, xid, p)) for p in ("gate", "up", "down")]
         gram = grams[xid] if grams is not None else None
-        for p, t in zip(("gate", "up", "down"), slice_expert(*parts, channels[xid], gram), strict=True):
-            out[arch.expert_name(bid, k, p)] = t
+        sliced = slice_expert(*parts, channels[xid], gram)
+        del parts
+        for p, t in zip(("gate", "up", "down"), sliced, strict=True):
+            yield arch.expert_name(bid, k, p), t
     for name in arch.router_tensor_names(bid):
         if name in ckpt:  # the router, and per-expert router extras (V3's selection bias)
-            out[name] = ckpt.tensor(name)[rows]
-    return out, rows
+            yield name, ckpt.tensor(name)[rows]
+
+
+def pruned_layer(
+    ckpt: Checkpoint, arch: MoEArch, bid: int, channels: list[torch.Tensor], grams: Sequence[torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """`pruned_tensors` of layer `bid` as one dict (tensors by checkpoint name), and the original
+    index of each kept expert."""
+    return dict(pruned_tensors(ckpt, arch, bid, channels, grams)), kept_experts(channels)
 
 
 def routed_params(arch: MoEArch, shapes: dict[str, tuple[int, ...]]) -> int:
@@ -173,13 +188,12 @@ def write_pruned(
         if bid not in moe:
             stored_widths.append([])
             continue
-        tensors, rows = pruned_layer(ckpt, arch, bid, alloc.channels[bid], grams[bid] if grams is not None else None)
-        for name, t in tensors.items():
-            shards.add(name, t)
+        for name, t in pruned_tensors(ckpt, arch, bid, alloc.channels[bid], grams[bid] if grams is not None else None):
+            shards.add(name, t)  # the buffer holds what is not on disk yet; nothing else does
+        rows = kept_experts(alloc.channels[bid])
         kept = [alloc.channels[bid][x] for x in rows]
         stored_widths.append([int(ch.numel()) for ch in kept])
         pmap[bid] = (rows, [ch.tolist() for ch in kept])
-        del tensors
         release_freed()
     shards.close()
 

@@ -114,3 +114,24 @@ def test_bf16_intermediate_stacks_experts_in_bf16_bit_exact(sharded: pathlib.Pat
     assert got.dtype == torch.bfloat16
     want = torch.stack([ckpt.tensor(arch.expert_name(1, x, "down")) for x in range(arch.n_experts)])
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
+def test_peak_log_gives_each_step_its_own_high_water_mark(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$MOE2GGUF_PEAK_LOG (what tools/bench_scale.py reads to show where a pass peaks): each
+    release_freed() logs the peak RSS since the previous one, so a 256 MB tensor freed inside a
+    step shows in that step and not in the next, and the line names the caller."""
+    from moe2gguf.memory import release_freed
+
+    log = tmp_path / "peaks"
+    monkeypatch.setenv("MOE2GGUF_PEAK_LOG", str(log))
+    release_freed()  # the first step: everything before this test
+    x = torch.ones(64 << 20)  # 256 MB, every page touched
+    del x
+    release_freed()
+    release_freed()
+    rows = [line.split("\t") for line in log.read_text().splitlines()]
+    assert len(rows) == 3
+    with_tensor, after = int(rows[1][1]), int(rows[2][1])
+    assert with_tensor - after >= 200 << 20, (with_tensor, after)
+    assert rows[1][2].endswith("test_peak_log_gives_each_step_its_own_high_water_mark")

@@ -11,9 +11,11 @@ with the bundled model's 4,096-entry tokenizer (the GGUF pads the vocabulary wit
 [PADi] tokens, as convert_hf_to_gguf does). Then runs each verb as a child process exactly as a
 user types it and measures, per verb: wall time, seconds per layer, peak RSS of the whole
 process tree (sum of RSS over the child and its descendants, /proc polled every 0.2 s; mmapped
-weight pages count, as `top` shows them) and the largest single process's maxrss (wait4), the
-ratio of the tree peak to one decoder layer + embeddings + head (bf16 bytes), and for export
-the peak bytes in its output folder beyond the final GGUF (temporary disk) and any file left.
+weight pages count, as `top` shows them), the largest single process's maxrss (wait4), the
+exact peak of each step of our verbs (each layer, probed shape, rewritten layer:
+$MOE2GGUF_PEAK_LOG, moe2gguf/memory.py), the ratio of the tree peak to one decoder layer +
+embeddings + head (bf16 bytes), and for export the peak bytes in its output folder beyond the
+final GGUF (temporary disk) and any file left.
 
 Verbs: calibrate (--tokens/--ctx, by default calibrate's own 32,768 and 512), prune with
 its defaults (--ratio 0.25 --layout llama.cpp, named because the old code's default layout was
@@ -292,8 +294,11 @@ def run_code(label: str, code: pathlib.Path | None, ckpt: pathlib.Path, layers: 
         if name.startswith("check") and rows and rows[-1]["status"] != "ok":
             continue
         print(f"[{label} L{layers}] {name} ...", file=sys.stderr, flush=True)
-        row = measure(cli + args, env, watch, a.timeout, a.rss_limit * GiB, work / f"{name.split()[0]}-{len(rows)}.log")
-        row.update(code=label, layers=layers, verb=name)
+        peaks = work / f"{name.split()[0]}-{len(rows)}.peaks"
+        peaks.unlink(missing_ok=True)
+        row = measure(cli + args, dict(env, MOE2GGUF_PEAK_LOG=str(peaks)), watch, a.timeout, a.rss_limit * GiB,
+                      work / f"{name.split()[0]}-{len(rows)}.log")
+        row.update(code=label, layers=layers, verb=name, **step_peaks(peaks, row))
         if watch is not None:
             final = [f for f in watch.iterdir()]
             out = watch / "model-Q4_K_M.gguf"
@@ -307,6 +312,17 @@ def run_code(label: str, code: pathlib.Path | None, ckpt: pathlib.Path, layers: 
         rows.append(row)
         a.sink(row)
     return rows
+
+
+def step_peaks(log: pathlib.Path, row: dict) -> dict:
+    """The exact peak RSS of each step (layer, probed shape, rewritten layer) of the verb's main
+    process, from moe2gguf.memory's $MOE2GGUF_PEAK_LOG; empty for code that does not write it.
+    Each logged step resets the kernel's high-water mark, so the process's maxrss is the
+    larger of wait4's and the steps'."""
+    if not log.exists():
+        return {}
+    steps = [(where, int(b)) for _, b, where in (line.rstrip("\n").split("\t") for line in log.read_text().splitlines())]
+    return {"step_peaks": steps, "max_proc_rss": max([row["max_proc_rss"]] + [b for _, b in steps])}
 
 
 def run_baseline(ckpt: pathlib.Path, layers: int, a: argparse.Namespace) -> tuple[list[dict], pathlib.Path | None]:
@@ -472,6 +488,22 @@ def _sizes_and_table(rows: list[dict], sizes: dict) -> None:
     print(table(rows, sizes))
     print()
     print("\n".join(ratios(rows)))
+    print()
+    print("\n".join(step_lines(rows)))
+
+
+def step_lines(rows: list[dict]) -> list[str]:
+    """Per verb and depth, the exact peak of each step, in order, grouped by where the step
+    ends: a peak that grows with depth shows as a rising sequence."""
+    lines = []
+    for r in rows:
+        groups: dict[str, list[str]] = {}
+        for where, b in r.get("step_peaks", []):
+            groups.setdefault(where, []).append(f"{b / GiB:.2f}")
+        if groups:
+            lines.append(f"- {r['code']}, {r['layers']} layers, {r['verb']}: peak RSS per step, GiB: "
+                         + "; ".join(f"{w}: {' '.join(v)}" for w, v in groups.items()))
+    return lines
 
 
 def _emit(rows: list[dict], sizes: dict, start: dict, a: argparse.Namespace, final: bool = False) -> None:
