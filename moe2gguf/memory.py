@@ -18,9 +18,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 import os
 import sys
 import time
+
+import torch
 
 PEAK_LOG = "MOE2GGUF_PEAK_LOG"
 
@@ -56,3 +59,14 @@ def _log_peak(path: str, caller: object) -> None:
             f.write("5")  # the next step's peak starts from the RSS of now
     except (OSError, StopIteration):
         pass  # not Linux, or a read-only /proc: no log
+
+
+def mapped_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed 1-D tensor in an anonymous mapping of its own, outside malloc's heap: malloc
+    places even a 600 MB request in its heap when a free stretch there fits it, and a
+    long-lived buffer there fragments it; a mapping goes back to the OS whole when the
+    tensor is freed."""
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    if not nbytes:
+        return torch.zeros(0, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)

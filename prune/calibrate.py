@@ -222,8 +222,7 @@ class Calibration:
                     experts.observer = None
             if experts is not None:
                 if stats.gram is not None:  # done accumulating: float32 is what the refit reads
-                    for i, g in enumerate(stats.gram):  # one at a time: never both copies of the layer
-                        stats.gram[i] = g.float()
+                    stats.gram_to_float32()
                     if spill is not None:
                         save_gram(spill, bid, stats.gram)
                         stats.gram = None

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 import torch
 
 from moe2gguf.device import CPU  # statistics are summed there whatever device computed the batch
+from moe2gguf.memory import mapped_zeros
 from moe2gguf.options import SCORE_KINDS
 
 F64 = torch.float64
@@ -49,8 +50,11 @@ class ExpertStats:
         self.reap = torch.zeros(n_experts, dtype=F64)  # sum of router weight x ||expert output|| (REAP)
         self.abs_act = [torch.zeros(w, dtype=F64) for w in widths]  # sum p |h_j|
         self.sq_act = [torch.zeros(w, dtype=F64) for w in widths]  # sum (p h_j)^2
-        # sum p^2 h h^T: lets the rewrite refit the kept down_proj columns by least squares
-        self.gram = [torch.zeros(w, w, dtype=F64) for w in widths] if gram else None
+        # sum p^2 h h^T: lets the rewrite refit the kept down_proj columns by least squares. One
+        # mapping for the layer (604 MB at Qwen3-30B-A3B): 128 matrices of 4.7 MB each sat in
+        # malloc's heap among the batches' temporaries and fragmented it, so that every layer
+        # peaked higher than the one before (tools/bench_scale.py)
+        self.gram = _views(mapped_zeros(sum(w * w for w in widths), F64), widths) if gram else None
         self.in_sum2 = torch.zeros(n_experts, hidden, dtype=F64)  # imatrix of gate/up
         self.mid_sum2 = [torch.zeros(w, dtype=F64) for w in widths]  # imatrix of down (unweighted)
 
@@ -70,6 +74,33 @@ class ExpertStats:
             self.gram[xid] += ph.T @ ph
         self.in_sum2[xid] += (x * x).sum(0)
         self.mid_sum2[xid] += (h * h).sum(0)
+
+
+    def gram_to_float32(self) -> None:
+        """Turn the Gram matrices into float32 (what the refit reads) in their own buffer: expert
+        i's float32 copy ends before expert i+1's float64 one starts, so the layer's matrices
+        never exist twice."""
+        if self.gram is None:
+            return
+        flat = self.gram[0].untyped_storage()
+        as32 = torch.empty(0, dtype=torch.float32).set_(flat)  # the same bytes, seen as float32
+        out, off = [], 0
+        for g in self.gram:
+            n = g.numel()
+            dst = as32[off : off + n].view(g.shape)
+            dst.copy_(g.float())  # through a copy: dst may overlap g's own first bytes
+            out.append(dst)
+            off += n
+        self.gram = out
+
+
+def _views(flat: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """[w, w] views of consecutive slices of `flat`, one per width."""
+    out, off = [], 0
+    for w in widths:
+        out.append(flat[off : off + w * w].view(w, w))
+        off += w * w
+    return out
 
 
 class TaylorStats:
