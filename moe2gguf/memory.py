@@ -69,4 +69,5 @@ def mapped_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
     nbytes = numel * torch.empty(0, dtype=dtype).element_size()
     if not nbytes:
         return torch.zeros(0, dtype=dtype)
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)  # POSIX; Windows has neither
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes), dtype=dtype)
