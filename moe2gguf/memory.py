@@ -40,25 +40,36 @@ def _trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 def release_freed() -> None:
     """Give the pages of freed tensors back to the OS (a no-op off glibc)."""
     log = os.environ.get(PEAK_LOG)
-    if log:
-        _log_peak(log, sys._getframe(1))
+    hwm = _high_water() if log else None  # the step's peak, before the trim lowers the RSS
     trim = _trim()
     if trim is not None:
         trim(0)
+    if log and hwm is not None:
+        _log_peak(log, hwm, sys._getframe(1))
 
 
-def _log_peak(path: str, caller: object) -> None:
-    """Append "time<TAB>peak bytes<TAB>file:line function" for the step that ends here."""
+def _high_water() -> int | None:
     try:
         with open("/proc/self/status") as f:
-            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        code = caller.f_code  # type: ignore[attr-defined]
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None  # not Linux
+
+
+def _log_peak(path: str, hwm: int, caller: object) -> None:
+    """Append "time<TAB>peak bytes<TAB>file:line function" for the step that ends here, and
+    start the next step's peak from the RSS of now (after the trim)."""
+    code = caller.f_code  # type: ignore[attr-defined]
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return  # a read-only /proc: every "step" would be the peak since the start; no log
+    try:
         with open(path, "a") as f:
             f.write(f"{time.time():.1f}\t{hwm}\t{code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno} {code.co_name}\n")  # type: ignore[attr-defined]
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the next step's peak starts from the RSS of now
-    except (OSError, StopIteration):
-        pass  # not Linux, or a read-only /proc: no log
+    except OSError:
+        pass  # a diagnostic: an unwritable log must not stop the work it measures
 
 
 def mapped_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:

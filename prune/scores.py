@@ -79,7 +79,8 @@ class ExpertStats:
     def gram_to_float32(self) -> None:
         """Turn the Gram matrices into float32 (what the refit reads) in their own buffer: expert
         i's float32 copy ends before expert i+1's float64 one starts, so the layer's matrices
-        never exist twice."""
+        never exist twice. The views keep the whole float64-sized mapping until they go, which
+        `Calibration.run` does at once by spilling them to CALIB."""
         if self.gram is None:
             return
         flat = self.gram[0].untyped_storage()
