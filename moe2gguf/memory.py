@@ -22,6 +22,7 @@ import mmap
 import os
 import sys
 import time
+import types
 
 import torch
 
@@ -56,10 +57,10 @@ def _high_water() -> int | None:
         return None  # not Linux
 
 
-def _log_peak(path: str, hwm: int, caller: object) -> None:
+def _log_peak(path: str, hwm: int, caller: types.FrameType) -> None:
     """Append "time<TAB>peak bytes<TAB>file:line function" for the step that ends here, and
     start the next step's peak from the RSS of now (after the trim)."""
-    code = caller.f_code  # type: ignore[attr-defined]
+    code = caller.f_code
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -67,7 +68,7 @@ def _log_peak(path: str, hwm: int, caller: object) -> None:
         return  # a read-only /proc: every "step" would be the peak since the start; no log
     try:
         with open(path, "a") as f:
-            f.write(f"{time.time():.1f}\t{hwm}\t{code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno} {code.co_name}\n")  # type: ignore[attr-defined]
+            f.write(f"{time.time():.1f}\t{hwm}\t{code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno} {code.co_name}\n")
     except OSError:
         pass  # a diagnostic: an unwritable log must not stop the work it measures
 

@@ -75,7 +75,6 @@ class ExpertStats:
         self.in_sum2[xid] += (x * x).sum(0)
         self.mid_sum2[xid] += (h * h).sum(0)
 
-
     def gram_to_float32(self) -> None:
         """Turn the Gram matrices into float32 (what the refit reads) in their own buffer: expert
         i's float32 copy ends before expert i+1's float64 one starts, so the layer's matrices

@@ -79,6 +79,28 @@ def test_windows_are_spread_over_all_texts() -> None:
     assert w[1, 0] >= 500  # spread over the text, not its first windows
 
 
+def test_gram_matrices_turned_float32_in_place_are_their_float64_sums_rounded() -> None:
+    """The Gram matrices CALIB stores (what prune's refit reads) are the float64 sums rounded
+    to float32, for every expert, whatever the widths (one zero among them): the float32 copies
+    are written over the float64 buffer itself, and one written over a neighbour not yet read
+    would corrupt it."""
+    from moe2gguf.prune.scores import ExpertStats
+
+    widths = [24, 0, 40, 8, 40]
+    stats = ExpertStats(len(widths), widths, hidden=16)
+    gen = torch.Generator().manual_seed(0)
+    want = []
+    for xid, w in enumerate(widths):
+        h = torch.randn(50, w, generator=gen)
+        x = torch.randn(50, 16, generator=gen)
+        stats.add_batch(xid, x, h, torch.rand(50, 1, generator=gen))
+        want.append(stats.gram[xid].clone())
+    stats.gram_to_float32()
+    assert [g.dtype for g in stats.gram] == [torch.float32] * len(widths)
+    for g, ref in zip(stats.gram, want, strict=True):
+        assert torch.equal(g, ref.float())
+
+
 @pytest.mark.parametrize("gram", [False, True], ids=["scores", "scores+gram"])
 def test_memory_stays_per_layer(tmp_path: pathlib.Path, gram: bool) -> None:
     """A 12-layer model: at every layer only that layer's weights are materialised, and the
