@@ -18,7 +18,8 @@ each candidate's own, with the MoE block's output swapped for the candidate's bl
 memory is one layer (its unpruned experts only while the unpruned stream runs, or while a
 re-fit needs their output) and one pruned block, experts as stored (bf16), a hidden-state copy
 per candidate, and one slice of the output head (`_kld_sums`). The KLD is taken where `check`
-takes it, on the second half of each window.
+takes it, on the second half of each window (every k-th of those where the head is so large that
+all of them would cost more than `HEAD_MACS`).
 
 On the bundled model (8,192 calibration tokens, 12 s for ten shapes) this ranks the ten shapes
 from 4x256 to 8x192 in the same order as their KLD on the held-out eval.txt, where the
@@ -127,6 +128,21 @@ def _swapped(parent: nn.Module, old: nn.Module, new: nn.Module) -> Iterator[None
 # logits for 1,024 tokens 0.6 GB, so the vocabulary is walked in slices with running sums.
 VOCAB_SLICE = 16384
 TOKEN_SLICE = 512
+# Multiply-adds through the output head per stream that the KLD may cost: 2,048 positions of
+# Qwen3-30B-A3B's 151,936 x 2048 head. Its cost grows with the vocabulary, the precision a ranking
+# needs does not: past this, every k-th scored position is taken (spread over all windows). At
+# 30B size the 4,096 scored positions of the 8,192 probe tokens took ~150 s on 2 cores (90% of
+# it the product, at the cores' 82 GFLOPS), more than a layer of calibrate; every other one
+# halves that. On the bundled model (4,096 entries, never strided) every 2nd and every 4th of
+# the 8,192 positions ranked the candidates as all of them did, at --ratio 0.25 and 0.5
+# (7 x 224 < 6 x 256 < 8 x 192 and 8 x 128 < 4 x 256; tools/bench_scale.md).
+HEAD_MACS = 2048 * 151936 * 2048
+
+
+def kld_stride(positions: int, vocab: int, hidden: int, budget: int) -> int:
+    """Every how many scored positions the probe's KLD is taken: 1 while `positions` fit the
+    head's budget of multiply-adds, else the least stride that brings them within it."""
+    return max(1, -(-positions * vocab * hidden // budget))
 
 
 def _kld_sums(ref: torch.Tensor, got: list[torch.Tensor], norm: nn.Module, head: torch.Tensor) -> list[float]:
@@ -186,13 +202,15 @@ def shape_klds(
     device: torch.device = CPU,
 ) -> dict[Shape, float]:
     """Per shape, the mean KL-divergence of the pruned model's next-token distribution from the
-    unpruned one's on `windows`, at the positions `check` scores. Layer by layer: each decoder
+    unpruned one's on `windows`, at the positions `check` scores (every `kld_stride`-th of them
+    through a head larger than `HEAD_MACS` allows). Layer by layer: each decoder
     layer is materialised once and runs the unpruned stream and, with its MoE block's output
     replaced by the shape's pruned block, every shape's own stream. With `reconstruct`, each
     pruned block is first re-fit as `prune --reconstruct` does (prune/reconstruct.py) on the
     even batches of windows, and the KLD is taken on the odd ones, so that a shape is not
-    credited for fitting its own test tokens (a single window is both). The KLD is before quantization: under `--target-size` the shapes
-    then get different bytes left for type upgrades, which the probe does not see. On `device`
+    credited for fitting its own test tokens (a single window is both). The KLD is before
+    quantization: under `--target-size` the shapes then get different bytes left for type
+    upgrades, which the probe does not see. On `device`
     run the layers, the candidates' blocks, their streams and the head's slices; the re-fit's
     sums and the KLD's running sums stay on the CPU in float64."""
     if reconstruct:  # at least two batches: one to fit on, one to measure on
@@ -275,14 +293,18 @@ def shape_klds(
     # the positions `check` scores (the second half of each window): they are what the probe
     # predicts, and the output head over 151,936 entries costs twice as much on every position
     pos = scored(windows.shape[1])
-    n = sum(ref[i].shape[0] for i in test) * (pos.stop - pos.start)
+    per_batch = [ref[i].shape[0] * (pos.stop - pos.start) for i in test]
+    stride = kld_stride(sum(per_batch), head.shape[0], head.shape[1], HEAD_MACS)
+    # every stride-th of the scored positions of the test batches, counted across batches
+    picks = {i: torch.arange(-sum(per_batch[:j]) % stride, per_batch[j], stride) for j, i in enumerate(test)}
+    n = sum(len(p) for p in picks.values())
     total = dict.fromkeys(shapes, 0.0)
     # slice by slice, for the progress bar: through a 151,936-entry head a slice takes ~20 s
-    slices = [(i, t) for i in test for t in range(0, ref[i].shape[0] * (pos.stop - pos.start), TOKEN_SLICE)]
+    slices = [(i, t) for i in test for t in range(0, len(picks[i]), TOKEN_SLICE)]
     for i, t in bar(slices, desc="probe KLD", unit="slice", disable=len(slices) < 2):
 
-        def rows(x: torch.Tensor, t: int = t) -> torch.Tensor:
-            return x[:, pos].reshape(-1, x.shape[-1])[t : t + TOKEN_SLICE]
+        def rows(x: torch.Tensor, i: int = i, t: int = t) -> torch.Tensor:
+            return x[:, pos].reshape(-1, x.shape[-1])[picks[i][t : t + TOKEN_SLICE]]
 
         for s, k in zip(shapes, _kld_sums(rows(ref[i]), [rows(streams[s][i]) for s in shapes], norm, head), strict=True):
             total[s] += k

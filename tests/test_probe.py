@@ -26,13 +26,15 @@ def model64(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pat
     return calibrated_tiny_qwen3moe(tmp_path_factory.mktemp("probe"), seed=1, tokens=2048, ctx=64, moe_intermediate_size=64)
 
 
-def _kld(pruned: pathlib.Path, base: pathlib.Path, windows) -> float:  # noqa: ANN001
+def _kld(pruned: pathlib.Path, base: pathlib.Path, windows, stride: int = 1) -> float:  # noqa: ANN001
+    """Mean KLD on every `stride`-th of check's positions (the second half of each window),
+    counted window after window."""
     ids = torch.from_numpy(windows)
-    pos = scored(windows.shape[1])  # check's positions: the second half of each window
+    pos = scored(windows.shape[1])
     with torch.no_grad():
         lp = torch.log_softmax(load_model(str(pruned))[0](input_ids=ids).logits[:, pos], -1)
         lq = torch.log_softmax(load_model(str(base))[0](input_ids=ids).logits[:, pos], -1)
-    return float((lq.exp() * (lq - lp)).sum(-1).mean())
+    return float((lq.exp() * (lq - lp)).sum(-1).reshape(-1)[::stride].mean())
 
 
 def test_probe_kld_is_the_kld_of_the_written_checkpoint(model64, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,6 +57,44 @@ def test_probe_kld_is_the_kld_of_the_written_checkpoint(model64, tmp_path: pathl
               width=s.width, experts=s.experts, probe=0, reconstruct=False)
         assert got[s] == pytest.approx(_kld(out, model, windows), rel=1e-3, abs=1e-7)
     assert got[Shape(3, 64)] > got[Shape(6, 64)] > 0  # removing more experts costs more
+
+
+def test_through_a_head_over_its_budget_the_probe_kld_is_the_written_checkpoints_on_every_kth_position(
+    model64, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moe2gguf.prune.probe as P
+
+    model, calib_dir = model64
+    ckpt = Checkpoint(model)
+    arch = arch_for_config(ckpt.config)
+    cal = Calib(calib_dir, arch, ckpt)
+    windows = calibration_windows(model, cal.info, PROBE_TOKENS)
+    positions = windows.shape[0] * (windows.shape[1] // 2)
+    vocab, hidden = ckpt.config["vocab_size"], ckpt.config["hidden_size"]
+    # a budget of a third of the positions, as a 151,936-entry head is held to HEAD_MACS; slices
+    # of tokens that do not divide the picks, nor the picks the batches of windows
+    monkeypatch.setattr(P, "HEAD_MACS", -(-positions * vocab * hidden // 3))
+    monkeypatch.setattr(P, "TOKEN_SLICE", 7)
+    assert P.kld_stride(positions, vocab, hidden, P.HEAD_MACS) == 3
+    shape = Shape(6, 64)
+    got = shape_klds(ckpt, arch, [shape], cal.attribution(), [1, 1], windows, cal.grams)[shape]
+    out = tmp_path / "6x64"
+    prune(str(model), str(calib_dir), 1 - 6 / 8 - 1e-9, str(out), layout="llama.cpp", width=64, experts=6, probe=0, reconstruct=False)
+    assert got == pytest.approx(_kld(out, model, windows, stride=3), rel=1e-3, abs=1e-7)
+    assert got != pytest.approx(_kld(out, model, windows), rel=1e-3)  # a subset: not the mean of them all
+
+
+def test_the_probes_head_budget_holds_the_kld_within_it_and_strides_only_past_it() -> None:
+    from moe2gguf.prune.probe import HEAD_MACS, kld_stride
+
+    # Qwen3-30B-A3B's head: the 4,096 scored positions of the probe's 8,192 tokens, every other one
+    assert kld_stride(4096, 151936, 2048, HEAD_MACS) == 2
+    assert kld_stride(8192, 4096, 256, HEAD_MACS) == 1  # the bundled model: all of them
+    for positions, vocab, hidden in [(4096, 151936, 2048), (16384, 256000, 7168), (5, 1, 1), (2049, 151936, 2048)]:
+        stride = kld_stride(positions, vocab, hidden, HEAD_MACS)
+        taken = -(-positions // stride)
+        assert (taken - 1) * vocab * hidden <= HEAD_MACS  # within one position of the budget
+        assert stride == 1 or -(-positions // (stride - 1)) * vocab * hidden > HEAD_MACS  # no more stride than it needs
 
 
 def test_llama_cpp_layout_keeps_the_least_kld_candidate_and_reconstructs(model64, tmp_path: pathlib.Path) -> None:
