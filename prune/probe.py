@@ -135,7 +135,7 @@ TOKEN_SLICE = 512
 # it the product, at the cores' 82 GFLOPS), more than a layer of calibrate; every other one
 # halves that. On the bundled model (4,096 entries, never strided) every 2nd and every 4th of
 # the 8,192 positions ranked the candidates as all of them did, at --ratio 0.25 and 0.5
-# (7 x 224 < 6 x 256 < 8 x 192 and 8 x 128 < 4 x 256; tools/bench_scale.md).
+# (7 x 224 < 6 x 256 < 8 x 192 and 8 x 128 < 4 x 256; tools/bench_probe_stride.py).
 HEAD_MACS = 2048 * 151936 * 2048
 
 

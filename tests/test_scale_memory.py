@@ -135,3 +135,60 @@ def test_peak_log_gives_each_step_its_own_high_water_mark(tmp_path: pathlib.Path
     with_tensor, after = int(rows[1][1]), int(rows[2][1])
     assert with_tensor - after >= 200 << 20, (with_tensor, after)
     assert rows[1][2].endswith("test_peak_log_gives_each_step_its_own_high_water_mark")
+
+
+def _held_tensor_bytes() -> int:
+    """Bytes of every CPU tensor storage alive in this process (each storage once)."""
+    import gc
+
+    import warnings
+
+    held = {}
+    with warnings.catch_warnings():  # isinstance() on a deprecated torch alias warns
+        warnings.simplefilter("ignore")
+        for o in gc.get_objects():
+            if isinstance(o, torch.Tensor) and o.device.type == "cpu":
+                st = o.untyped_storage()
+                held[st.data_ptr()] = st.nbytes()
+    return sum(held.values())
+
+
+def test_calibrate_holds_no_statistics_of_the_layers_it_has_done(tmp_path: pathlib.Path) -> None:
+    """With CALIB being written (as `calibrate` runs), each MoE layer's statistics (scores, the
+    imatrix's sums, Gram matrices) go to disk as the layer ends: what the pass holds at its end
+    does not grow with the layer count (kept until `save` they grew it by 6 MB a layer at
+    Qwen3-30B-A3B, 35 MB at DeepSeek-V3), and CALIB is the same as from a pass that kept them,
+    with no file of its own left."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from moe2gguf.arch import arch_for_config
+    from moe2gguf.calib import IMATRIX, SCORES
+    from moe2gguf.prune.calibrate import Calibration
+    from safetensors.torch import load_file
+
+    grown = {}
+    for layers in (2, 10):
+        torch.manual_seed(0)
+        cfg = tiny_qwen3moe_config(num_hidden_layers=layers, num_experts=64, hidden_size=128, moe_intermediate_size=64, head_dim=32)
+        model = Qwen3MoeForCausalLM(cfg)
+        model.save_pretrained(tmp_path / f"m{layers}")
+        ckpt = Checkpoint(tmp_path / f"m{layers}")
+        arch = arch_for_config(ckpt.config)
+        out = tmp_path / f"calib{layers}"
+        out.mkdir()
+        cal = Calibration(ckpt, arch, _windows(2, 32))
+        before = _held_tensor_bytes()
+        cal.run(spill=out)
+        grown[layers] = _held_tensor_bytes() - before
+        cal.save(out, ["t.txt"])
+    kept = Calibration(ckpt, arch, _windows(2, 32))
+    kept.run()  # no CALIB folder: everything stays in memory until save
+    (tmp_path / "kept").mkdir()
+    kept.save(tmp_path / "kept", ["t.txt"])
+    # a layer's statistics: 64 experts x (7 x 64 channels + 128 inputs) float64, Gram matrices apart
+    per_layer = 64 * (7 * 64 + 128) * 8
+    assert grown[10] - grown[2] < per_layer, (grown, per_layer)  # kept: 8 layers' worth more
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "kept").iterdir())
+    a, b = load_file(out / SCORES), load_file(tmp_path / "kept" / SCORES)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / IMATRIX).read_bytes() == (tmp_path / "kept" / IMATRIX).read_bytes()

@@ -23,7 +23,9 @@ ragged) and its cheapest setting (+ --probe 0 --no-reconstruct; the refit stays 
 own Q4_K_M of the same checkpoint (KLD ~0 says the two exports agree). The baseline, in the
 same run on the same files: llama.cpp's convert_hf_to_gguf.py --outtype bf16 (its pre-tokenizer
 hash lookup patched to "qwen2", the regex of the bundled tokenizer, as tools/parity_upstream.py
-does) + llama-quantize Q4_K_M.
+does) + llama-quantize Q4_K_M; with check, llama-perplexity's own KLD on that Q4_K_M at check's
+--ctx/--chunks (the logits of the base to a file, then the model against them), whose peak is
+what llama.cpp itself holds to run the model that check runs.
 
 --old-commit runs the same verbs with the code of an older commit, from a temporary git
 worktree (removed at the end) on the same venv, each under --rss-limit and --timeout: a verb
@@ -347,6 +349,21 @@ def run_baseline(ckpt: pathlib.Path, layers: int, a: argparse.Namespace) -> tupl
             return rows, None
     rows[0]["gguf_bytes"] = bf16.stat().st_size
     rows[1]["gguf_bytes"] = q4.stat().st_size
+    if "check" in a.verbs and a.llama_perplexity.exists():
+        # what llama.cpp's own tool holds for the same KLD: its logits of the base as a file, then
+        # the model against them (here the Q4_K_M against itself: the memory is the model's)
+        kld, ppl = work / "base.kld", str(a.llama_perplexity)
+        common = ["-f", str(REF / "eval.txt"), "-c", str(a.check_ctx), "--chunks", str(a.check_chunks), "--kl-divergence-base", str(kld)]
+        cmd = ["sh", "-c", '"$0" "$@" && "$0" "$@" --kl-divergence', ppl, "-m", str(q4), *common]
+        print(f"[llama.cpp L{layers}] llama-perplexity KLD ...", file=sys.stderr, flush=True)
+        row = measure(cmd, dict(os.environ), None, a.timeout, a.rss_limit * GiB, work / "llama-perplexity.log")
+        row.update(code="llama.cpp", layers=layers, verb="llama-perplexity KLD (base, then model)")
+        print(f"    {row['status']}, {row['wall_s']:.0f} s, tree RSS {row['peak_tree_rss'] / GiB:.2f} GiB", file=sys.stderr, flush=True)
+        rows.append(row)
+        a.sink(row)
+        kld.unlink(missing_ok=True)
+    elif "check" in a.verbs:
+        print(f"[llama.cpp L{layers}] no {a.llama_perplexity}: check has no llama-perplexity row to compare with", file=sys.stderr, flush=True)
     return rows, q4
 
 
@@ -429,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="llama.cpp source folder with convert_hf_to_gguf.py")
     ap.add_argument("--llama-quantize", type=pathlib.Path, default=pathlib.Path("/tmp/t17/lcbuild/bin/llama-quantize"),
                     help="llama-quantize binary (cmake --build BUILD --target llama-quantize)")
+    ap.add_argument("--llama-perplexity", type=pathlib.Path, default=pathlib.Path("/tmp/t17/lcbuild/bin/llama-perplexity"),
+                    help="llama-perplexity binary, for check's baseline row (cmake --build BUILD --target llama-perplexity)")
     ap.add_argument("--json", type=pathlib.Path, help="also write every row as JSON here")
     ap.add_argument("--report", type=pathlib.Path, nargs="+", metavar="JSON",
                     help="run nothing: print one table from the --json files of earlier runs (runs split over processes)")
