@@ -166,7 +166,7 @@ class Calibration:
             raise UserError(f"{ckpt.path} is already pruned; calibrate the unpruned model and prune it once")
         self.ckpt, self.arch, self.windows, self.batch = ckpt, arch, windows, batch
         self.gram, self.device = gram, device
-        self.spill: pathlib.Path | None = None  # where each layer's Gram matrices go once it is done
+        self.spill: pathlib.Path | None = None  # where each layer's statistics go once it is done
         self.experts: dict[int, ExpertStats] = {}
         self.spilled: dict[int, pathlib.Path] = {}  # MoE layer -> its statistics, written as it ended (`run`)
         self.scale: dict[int, ScaleStats] = {}
@@ -187,8 +187,8 @@ class Calibration:
     @torch.no_grad()
     def run(self, on_layer: Callable[[int, nn.Module], None] | None = None, spill: pathlib.Path | None = None) -> None:
         """One pass over the layers. With `spill` (the CALIB folder being written), each layer's
-        Gram matrices are written there as soon as the layer is done, so memory holds one
-        layer's; without it they stay in memory until `save`."""
+        Gram matrices and other statistics are written there as soon as the layer is done, so
+        memory holds one layer's; without it they stay in memory until `save`."""
         arch, ckpt = self.arch, self.ckpt
         self.spill = spill
         model = build_model(arch)

@@ -145,6 +145,16 @@ def kld_stride(positions: int, vocab: int, hidden: int, budget: int) -> int:
     return max(1, -(-positions * vocab * hidden // budget))
 
 
+def kld_picks(per_batch: list[int], stride: int) -> list[torch.Tensor]:
+    """Per batch of `per_batch[j]` scored positions, the indices of its positions that are
+    every `stride`-th of all of them, counted across batches (a batch may have none)."""
+    picks, start = [], 0
+    for n in per_batch:
+        picks.append(torch.arange(-start % stride, max(n, -start % stride), stride))
+        start += n
+    return picks
+
+
 def _kld_sums(ref: torch.Tensor, got: list[torch.Tensor], norm: nn.Module, head: torch.Tensor) -> list[float]:
     """Per stream in `got`, the sum over tokens of KL(p_ref || p_got). With d = z_got - z_ref,
     KL = log E_p[e^d] - E_p[d] = log1p(A) - A + C, where A = E_p[expm1(d)] and
@@ -295,8 +305,7 @@ def shape_klds(
     pos = scored(windows.shape[1])
     per_batch = [ref[i].shape[0] * (pos.stop - pos.start) for i in test]
     stride = kld_stride(sum(per_batch), head.shape[0], head.shape[1], HEAD_MACS)
-    # every stride-th of the scored positions of the test batches, counted across batches
-    picks = {i: torch.arange(-sum(per_batch[:j]) % stride, per_batch[j], stride) for j, i in enumerate(test)}
+    picks = dict(zip(test, kld_picks(per_batch, stride), strict=True))
     n = sum(len(p) for p in picks.values())
     total = dict.fromkeys(shapes, 0.0)
     # slice by slice, for the progress bar: through a 151,936-entry head a slice takes ~20 s

@@ -59,6 +59,7 @@ def test_calib_dir_contract(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path,
     for k in ("architectures", "n_layers", "hidden_size", "n_experts", "expert_width", "tokens", "ctx", "texts"):
         assert k in info
     assert info["tokens"] == 256 and info["ctx"] == 64
+    assert not any(p.name.startswith(".layer") for p in out.iterdir())  # the per-layer statistics were read back and removed
     r = gguf.GGUFReader(out / "imatrix.gguf")
     assert bytes(r.fields["general.type"].parts[-1]).decode() == "imatrix"
     assert int(r.fields["imatrix.chunk_count"].parts[-1][0]) == 4

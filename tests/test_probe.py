@@ -26,15 +26,18 @@ def model64(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pat
     return calibrated_tiny_qwen3moe(tmp_path_factory.mktemp("probe"), seed=1, tokens=2048, ctx=64, moe_intermediate_size=64)
 
 
-def _kld(pruned: pathlib.Path, base: pathlib.Path, windows, stride: int = 1) -> float:  # noqa: ANN001
-    """Mean KLD on every `stride`-th of check's positions (the second half of each window),
-    counted window after window."""
+def _klds(pruned: pathlib.Path, base: pathlib.Path, windows) -> torch.Tensor:  # noqa: ANN001
+    """KLD at each of check's positions (the second half of each window), window after window."""
     ids = torch.from_numpy(windows)
     pos = scored(windows.shape[1])
     with torch.no_grad():
         lp = torch.log_softmax(load_model(str(pruned))[0](input_ids=ids).logits[:, pos], -1)
         lq = torch.log_softmax(load_model(str(base))[0](input_ids=ids).logits[:, pos], -1)
-    return float((lq.exp() * (lq - lp)).sum(-1).reshape(-1)[::stride].mean())
+    return (lq.exp() * (lq - lp)).sum(-1).reshape(-1)
+
+
+def _kld(pruned: pathlib.Path, base: pathlib.Path, windows) -> float:  # noqa: ANN001
+    return float(_klds(pruned, base, windows).mean())
 
 
 def test_probe_kld_is_the_kld_of_the_written_checkpoint(model64, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,8 +83,9 @@ def test_through_a_head_over_its_budget_the_probe_kld_is_the_written_checkpoints
     got = shape_klds(ckpt, arch, [shape], cal.attribution(), [1, 1], windows, cal.grams)[shape]
     out = tmp_path / "6x64"
     prune(str(model), str(calib_dir), 1 - 6 / 8 - 1e-9, str(out), layout="llama.cpp", width=64, experts=6, probe=0, reconstruct=False)
-    assert got == pytest.approx(_kld(out, model, windows, stride=3), rel=1e-3, abs=1e-7)
-    assert got != pytest.approx(_kld(out, model, windows), rel=1e-3)  # a subset: not the mean of them all
+    klds = _klds(out, model, windows)
+    assert got == pytest.approx(float(klds[::3].mean()), rel=1e-3, abs=1e-7)
+    assert got != pytest.approx(float(klds.mean()), rel=1e-3)  # a subset: not the mean of them all
 
 
 def test_the_probes_head_budget_holds_the_kld_within_it_and_strides_only_past_it() -> None:
@@ -95,6 +99,17 @@ def test_the_probes_head_budget_holds_the_kld_within_it_and_strides_only_past_it
         taken = -(-positions // stride)
         assert (taken - 1) * vocab * hidden <= HEAD_MACS  # within one position of the budget
         assert stride == 1 or -(-positions // (stride - 1)) * vocab * hidden > HEAD_MACS  # no more stride than it needs
+
+
+@pytest.mark.parametrize("per_batch, stride", [([128, 128, 64], 3), ([3, 1, 5, 2], 4), ([4, 4], 7), ([5], 1), ([2, 0, 9], 2)])
+def test_kld_picks_are_every_kth_position_across_batches_however_they_are_cut(per_batch: list[int], stride: int) -> None:
+    """Batches shorter than the stride (a tiny --ctx through a huge head) get none or one."""
+    from moe2gguf.prune.probe import kld_picks
+
+    picks = kld_picks(per_batch, stride)
+    starts = [sum(per_batch[:j]) for j in range(len(per_batch))]
+    taken = [int(s + i) for s, p in zip(starts, picks, strict=True) for i in p]
+    assert taken == list(range(0, sum(per_batch), stride))
 
 
 def test_llama_cpp_layout_keeps_the_least_kld_candidate_and_reconstructs(model64, tmp_path: pathlib.Path) -> None:

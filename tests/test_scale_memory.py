@@ -143,6 +143,7 @@ def _held_tensor_bytes() -> int:
 
     import warnings
 
+    gc.collect()  # cycles freed or not during the pass would move the count
     held = {}
     with warnings.catch_warnings():  # isinstance() on a deprecated torch alias warns
         warnings.simplefilter("ignore")

@@ -353,7 +353,10 @@ def run_baseline(ckpt: pathlib.Path, layers: int, a: argparse.Namespace) -> tupl
         # what llama.cpp's own tool holds for the same KLD: its logits of the base as a file, then
         # the model against them (here the Q4_K_M against itself: the memory is the model's)
         kld, ppl = work / "base.kld", str(a.llama_perplexity)
-        common = ["-f", str(REF / "eval.txt"), "-c", str(a.check_ctx), "--chunks", str(a.check_chunks), "--kl-divergence-base", str(kld)]
+        # one window per batch, as check scores them (by default llama-perplexity's first run
+        # packs 2048 / ctx windows into one batch, with a KV cache and logits to match)
+        common = ["-f", str(REF / "eval.txt"), "-c", str(a.check_ctx), "-b", str(a.check_ctx), "--chunks", str(a.check_chunks),
+                  "--kl-divergence-base", str(kld)]
         cmd = ["sh", "-c", '"$0" "$@" && "$0" "$@" --kl-divergence', ppl, "-m", str(q4), *common]
         print(f"[llama.cpp L{layers}] llama-perplexity KLD ...", file=sys.stderr, flush=True)
         row = measure(cmd, dict(os.environ), None, a.timeout, a.rss_limit * GiB, work / "llama-perplexity.log")
