@@ -131,8 +131,8 @@ TOKEN_SLICE = 512
 # Multiply-adds through the output head per stream that the KLD may cost: 2,048 positions of
 # Qwen3-30B-A3B's 151,936 x 2048 head. Its cost grows with the vocabulary, the precision a ranking
 # needs does not: past this, every k-th scored position is taken (spread over all windows). At
-# 30B size the 4,096 scored positions of the 8,192 probe tokens took ~150 s on 2 cores (90% of
-# it the product, at the cores' 82 GFLOPS), more than a layer of calibrate; every other one
+# 30B size the 4,096 scored positions of the 8,192 probe tokens took ~150 s on 2 cores (85% of
+# it the product, at the cores' ~85 GFLOPS), more than a layer of calibrate; every other one
 # halves that. On the bundled model (4,096 entries, never strided) every 2nd and every 4th of
 # the 8,192 positions ranked the candidates as all of them did, at --ratio 0.25 and 0.5
 # (7 x 224 < 6 x 256 < 8 x 192 and 8 x 128 < 4 x 256; tools/bench_probe_stride.py).
@@ -213,16 +213,15 @@ def shape_klds(
 ) -> dict[Shape, float]:
     """Per shape, the mean KL-divergence of the pruned model's next-token distribution from the
     unpruned one's on `windows`, at the positions `check` scores (every `kld_stride`-th of them
-    through a head larger than `HEAD_MACS` allows). Layer by layer: each decoder
-    layer is materialised once and runs the unpruned stream and, with its MoE block's output
-    replaced by the shape's pruned block, every shape's own stream. With `reconstruct`, each
-    pruned block is first re-fit as `prune --reconstruct` does (prune/reconstruct.py) on the
-    even batches of windows, and the KLD is taken on the odd ones, so that a shape is not
-    credited for fitting its own test tokens (a single window is both). The KLD is before
-    quantization: under `--target-size` the shapes then get different bytes left for type
-    upgrades, which the probe does not see. On `device`
-    run the layers, the candidates' blocks, their streams and the head's slices; the re-fit's
-    sums and the KLD's running sums stay on the CPU in float64."""
+    through a head larger than `HEAD_MACS` allows). Layer by layer: each decoder layer is
+    materialised once and runs the unpruned stream and, with its MoE block's output replaced by
+    the shape's pruned block, every shape's own stream. With `reconstruct`, each pruned block is
+    first re-fit as `prune --reconstruct` does (prune/reconstruct.py) on the even batches of
+    windows, and the KLD is taken on the odd ones, so that a shape is not credited for fitting
+    its own test tokens (a single window is both). The KLD is before quantization: under
+    `--target-size` the shapes then get different bytes left for type upgrades, which the probe
+    does not see. On `device` run the layers, the candidates' blocks, their streams and the
+    head's slices; the re-fit's sums and the KLD's running sums stay on the CPU in float64."""
     if reconstruct:  # at least two batches: one to fit on, one to measure on
         batch = max(1, min(batch, len(windows) // 2))
     model = build_model(arch)

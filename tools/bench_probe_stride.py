@@ -24,41 +24,35 @@ import moe2gguf.prune.probe as P
 from moe2gguf.arch import arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.prune import deploy as D
-from moe2gguf.prune.calibrate import calibration_windows
-from moe2gguf.prune.prune import Calib, channel_cost
-from moe2gguf.prune.reconstruct import enough_tokens, joint_fits
+from moe2gguf.prune.prune import Calib
 
 BUNDLED = pathlib.Path(__file__).resolve().parent.parent / "moe2gguf" / "data" / "reference-moe"
 
 
 def per_position_klds(model: pathlib.Path, calib: pathlib.Path, ratio: float) -> tuple[list[D.Shape], np.ndarray]:
-    """The candidates of `prune --ratio` (llama.cpp layout, defaults) and [positions, candidates]
-    KLDs on the positions the probe scores, in its order, stride 1."""
+    """The candidates `prune --ratio` measures (llama.cpp layout, its defaults: `plan_deployable`
+    chooses them, windows and re-fit included) and [positions, candidates] KLDs on the positions
+    the probe scores, in its order, stride 1."""
     ckpt = Checkpoint(model)
     arch = arch_for_config(ckpt.config)
-    cal = Calib(calib, arch, ckpt)
-    attr = cal.attribution()
-    cost = channel_cost(ckpt, arch)
-    groups, n_group, groups_used = D.expert_grouping(arch)
-    shapes = D.feasible_shapes(D.A.LAYOUTS["llama.cpp"], arch.n_experts, arch.expert_width, arch.n_used, n_group, groups_used)
-    fit, _ = D.ratio_band(shapes, ratio, sum(cost) * arch.n_experts * arch.expert_width, cost)
-    cands = P.candidates(fit, D.ShapeScores.of(attr, shapes, groups), D.PROBE_SHAPES)
-    refit = all(enough_tokens(int(cal.info["tokens"]), c.experts * c.width) and joint_fits(c.experts * c.width) for c in cands)
     rows: list[np.ndarray] = []
-    whole = P._kld_sums
+    cands: list[D.Shape] = []
+    whole, probe, budget = P._kld_sums, P.shape_klds, P.HEAD_MACS
 
     def each_row(ref, got, norm, head):  # noqa: ANN001, ANN202
         k = np.array([whole(ref[i : i + 1], [g[i : i + 1] for g in got], norm, head) for i in range(ref.shape[0])])
         rows.append(k)
         return list(k.sum(0))
 
-    P._kld_sums, budget = each_row, P.HEAD_MACS
-    P.HEAD_MACS = 1 << 62  # every position: the strides are taken here
+    def recorded(ckpt, arch, shapes, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        cands[:] = shapes
+        return probe(ckpt, arch, shapes, *args, **kwargs)
+
+    P._kld_sums, P.shape_klds, P.HEAD_MACS = each_row, recorded, 1 << 62  # every position: the strides are taken here
     try:
-        windows = calibration_windows(model, cal.info, cal.info["tokens"] if refit else P.PROBE_TOKENS)
-        P.shape_klds(ckpt, arch, cands, attr, groups, windows, cal.grams, refit)
+        D.plan_deployable(Calib(calib, arch, ckpt), ckpt, arch, D.DeployRequest(ratio, None, "Q4_K_M", reconstruct=True))
     finally:
-        P._kld_sums, P.HEAD_MACS = whole, budget
+        P._kld_sums, P.shape_klds, P.HEAD_MACS = whole, probe, budget
     return cands, np.concatenate(rows)
 
 
