@@ -4,10 +4,11 @@ its file names and calib.json read back and checked.
   calib.json          what was measured (model shape, tokens, ctx, texts, peak layer memory)
   scores.safetensors  per MoE layer statistics for prune (prune/calibrate.py lists them)
   imatrix.gguf        llama.cpp's GGUF importance matrix (exporter/imatrix.py)
-  gram/layer-N.safetensors
+  gram/layer-N.safetensors, gram/layer-N-1.safetensors, ...
                       per MoE layer, each expert's Gram matrix of down_proj inputs for the
-                      least-squares refit (written as each layer finishes: together they
-                      grow with the model, 14 GiB at Qwen3-30B-A3B, so none stays in RAM)
+                      least-squares refit, keyed by expert index, whole experts per file
+                      (written as each layer finishes: together they grow with the model,
+                      14 GiB at Qwen3-30B-A3B, so none stays in RAM; prune/gram.py)
 """
 
 from __future__ import annotations
@@ -23,8 +24,21 @@ IMATRIX = "imatrix.gguf"
 GRAM_DIR = "gram"
 
 
+def gram_part(folder: pathlib.Path, bid: int, part: int) -> pathlib.Path:
+    """File `part` of MoE layer `bid`'s Gram matrices (part 0 is the only one of older CALIBs)."""
+    return folder / GRAM_DIR / (f"layer-{bid}.safetensors" if part == 0 else f"layer-{bid}-{part}.safetensors")
+
+
 def gram_file(folder: pathlib.Path, bid: int) -> pathlib.Path:
-    return folder / GRAM_DIR / f"layer-{bid}.safetensors"
+    return gram_part(folder, bid, 0)
+
+
+def gram_parts(folder: pathlib.Path, bid: int) -> list[pathlib.Path]:
+    """Layer `bid`'s Gram files that exist, in order (none: this CALIB has no Gram matrices)."""
+    out: list[pathlib.Path] = []
+    while (f := gram_part(folder, bid, len(out))).is_file():
+        out.append(f)
+    return out
 
 # calib.json fields later steps read, with their types
 CALIB_FIELDS: dict[str, type] = {

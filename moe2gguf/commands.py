@@ -50,6 +50,7 @@ def inspect_cmd(**kwargs: Any) -> None:
 @click.option("--tokens", default=32768, show_default=True, type=click.IntRange(1), help="Calibration tokens in all.")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(2), help="Tokens per window (at most the model's max_position_embeddings).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Where each decoder layer runs: auto takes a CUDA or Apple (MPS) GPU when torch sees one, else the CPU (all cores). One layer is on the device at a time; statistics are summed on the CPU in float64.")
+@click.option("--gram/--no-gram", default=True, show_default=True, help="Keep each expert's Gram matrix of down_proj inputs for prune's least-squares refit: width x width floats per expert and layer (14 GiB at Qwen3-30B-A3B, 210 GB at Mixtral-8x7B; checked against the free disk first). --no-gram: prune skips the refit.")
 def calibrate_cmd(**kwargs: Any) -> None:
     """Run calibration text through MODEL layer by layer and write CALIB/: per-channel
     attribution scores of every expert, routing statistics and a llama.cpp imatrix."""

@@ -18,13 +18,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import mmap
 import os
 import sys
 import time
 import types
 
-import torch
 
 PEAK_LOG = "MOE2GGUF_PEAK_LOG"
 
@@ -71,15 +69,3 @@ def _log_peak(path: str, hwm: int, caller: types.FrameType) -> None:
             f.write(f"{time.time():.1f}\t{hwm}\t{code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno} {code.co_name}\n")
     except OSError:
         pass  # a diagnostic: an unwritable log must not stop the work it measures
-
-
-def mapped_zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed 1-D tensor in an anonymous mapping of its own, outside malloc's heap: malloc
-    places even a 600 MB request in its heap when a free stretch there fits it, and a
-    long-lived buffer there fragments it; a mapping goes back to the OS whole when the
-    tensor is freed."""
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-    if not nbytes:
-        return torch.zeros(0, dtype=dtype)
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)  # POSIX; Windows has neither
-    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes), dtype=dtype)

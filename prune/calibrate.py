@@ -15,10 +15,12 @@ CALIB/ holds
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
+import tempfile
 from collections.abc import Callable
 
 import click
@@ -29,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe2gguf.arch import MoEArch, arch_for_config
-from moe2gguf.calib import CALIB_JSON, IMATRIX, SCORES, gram_file
+from moe2gguf.calib import CALIB_JSON, IMATRIX, SCORES
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.device import CPU, moved, resolve
 from moe2gguf.errors import UserError, atomic_dir, check_output
@@ -37,9 +39,12 @@ from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
 from moe2gguf.memory import release_freed
 from moe2gguf.modeling import ExpertObserver, build_model, hidden_of, load_model, load_weights
+from moe2gguf.outputs import free_bytes
 from moe2gguf.protocol import read_text
+from moe2gguf.prune.gram import GramSpill, write_grams
 from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
 from moe2gguf.progress import bar
+from moe2gguf.units import human_bytes
 
 # The Taylor pass holds the whole model (float32) for a full-model backward, the one pass that
 # does not stream layers; above this many weight bytes (or half the machine's memory) it is
@@ -169,6 +174,7 @@ class Calibration:
         self.spill: pathlib.Path | None = None  # where each layer's statistics go once it is done
         self.experts: dict[int, ExpertStats] = {}
         self.spilled: dict[int, pathlib.Path] = {}  # MoE layer -> its statistics, written as it ended (`run`)
+        self.grams: dict[int, list[torch.Tensor]] = {}  # MoE layer -> its Gram matrices, when `run` had no CALIB to write them to
         self.scale: dict[int, ScaleStats] = {}
         self.inputs: dict[str, InputStats] = {}  # HF module name -> stats
         self.weights: dict[str, torch.Tensor] = {}  # per layer: down_norm, magnitude
@@ -188,9 +194,19 @@ class Calibration:
     def run(self, on_layer: Callable[[int, nn.Module], None] | None = None, spill: pathlib.Path | None = None) -> None:
         """One pass over the layers. With `spill` (the CALIB folder being written), each layer's
         Gram matrices and other statistics are written there as soon as the layer is done, so
-        memory holds one layer's; without it they stay in memory until `save`."""
-        arch, ckpt = self.arch, self.ckpt
+        memory holds one layer's; without it they stay in memory until `save`. The activations
+        the Gram matrices are made from go to disk either way (prune/gram.py): to `spill`, or
+        to a temporary folder."""
         self.spill = spill
+        with contextlib.ExitStack() as stack:
+            if spill is not None:
+                acts = spill / _SPILL_DIR / "activations"
+            else:
+                acts = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moe2gguf-gram-")))
+            self._run(acts, on_layer, spill)
+
+    def _run(self, acts: pathlib.Path, on_layer: Callable[[int, nn.Module], None] | None, spill: pathlib.Path | None) -> None:
+        arch, ckpt = self.arch, self.ckpt
         model = build_model(arch)
         layers = model.get_submodule(arch.layers_attr)
         hidden, kwargs, self.peak_bytes = catch_layer_inputs(model, arch, ckpt, self.windows, self.batch)
@@ -210,7 +226,8 @@ class Calibration:
             handles = self._observe_inputs(_linear_inputs(layer, prefix, experts))
             scale = self.scale[bid] = ScaleStats()
             if experts is not None:
-                stats = self.experts[bid] = ExpertStats(len(experts), [e.down_proj.in_features for e in experts], arch.hidden_size, self.gram)
+                widths = [e.down_proj.in_features for e in experts]
+                stats = self.experts[bid] = ExpertStats(len(experts), widths, arch.hidden_size, GramSpill(acts, widths) if self.gram else None)
                 experts.observer = _with_output(stats, experts)
             try:
                 for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
@@ -223,21 +240,16 @@ class Calibration:
                 if experts is not None:
                     experts.observer = None
             if experts is not None:
-                if stats.gram is not None:  # done accumulating: float32 is what the refit reads
-                    stats.gram_to_float32()
-                    if spill is not None:
-                        save_gram(spill, bid, stats.gram)
-                        stats.gram = None
                 self.weights[f"layers.{bid}.down_norm"] = torch.stack([e.down_proj.weight.to(CPU, torch.float64).norm(dim=0) for e in experts])
                 self.weights[f"layers.{bid}.magnitude"] = torch.stack(
                     [weight_norms(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in experts]
                 )
-                if spill is not None:
-                    self._spill_layer(spill, bid)
             if on_layer is not None:
                 on_layer(bid, model)
             layer.to("meta")  # free it: the next layer reuses the memory
             release_freed()
+            if experts is not None:
+                self._finish_layer(bid, spill)
 
         # final norm, then the input of the output projection
         norm = model.get_submodule(arch.final_norm)
@@ -270,6 +282,20 @@ class Calibration:
              p + "in_sum2": s.in_sum2, p + "mid_sum2": torch.stack(s.mid_sum2)}
         t.update({k: v for k, v in self.weights.items() if k.startswith(p)})
         return {k: v.contiguous() for k, v in t.items()}
+
+    def _finish_layer(self, bid: int, spill: pathlib.Path | None) -> None:
+        """MoE layer `bid`'s Gram matrices, made from its activations on disk once its weights are
+        freed (one expert's matrix at a time), and its other statistics: written to `spill`, or
+        kept for `save`."""
+        gs = self.experts[bid].gram
+        if gs is not None:
+            if spill is not None:
+                gs.write(spill, bid)
+            else:
+                self.grams[bid] = list(gs.matrices())
+            self.experts[bid].gram = None
+        if spill is not None:
+            self._spill_layer(spill, bid)
 
     def _spill_layer(self, folder: pathlib.Path, bid: int) -> None:
         """Write layer `bid`'s statistics to `folder` and drop them from memory: kept until `save`
@@ -320,9 +346,8 @@ class Calibration:
 
     def save(self, out: pathlib.Path, texts: list[str]) -> None:
         save_file(self.score_tensors(), out / SCORES)
-        for bid, s in self.experts.items():
-            if s.gram is not None:  # not spilled during the pass
-                save_gram(out, bid, s.gram)
+        for bid, g in self.grams.items():  # not written during the pass
+            write_grams(out, bid, [m.shape[0] for m in g], g.__getitem__)
         write_imatrix(out / IMATRIX, self.imatrix_entries(), texts, len(self.windows), self.windows.shape[1])
         if self.spilled:  # read into the files above, not part of CALIB (nor readable after this)
             shutil.rmtree(next(iter(self.spilled.values())).parent)
@@ -354,13 +379,6 @@ class Calibration:
 _SPILL_DIR = ".layer-stats"
 # entries of a layer's statistics that only the imatrix takes, not scores.safetensors
 _IMATRIX_ONLY = (".in_sum2", ".mid_sum2")
-
-
-def save_gram(folder: pathlib.Path, bid: int, grams: list[torch.Tensor]) -> None:
-    """Layer `bid`'s Gram matrices, one tensor per expert, in CALIB's gram/ folder."""
-    f = gram_file(folder, bid)
-    f.parent.mkdir(exist_ok=True)
-    save_file({str(x): g.contiguous() for x, g in enumerate(grams)}, f)
 
 
 def _with_output(stats: ExpertStats, experts: nn.Module) -> ExpertObserver:
@@ -459,7 +477,27 @@ def check_fits(arch: MoEArch, tokens: int, ctx: int) -> None:
         )
 
 
-def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens: int = 32768, ctx: int = 512, batch: int = 8, device: str = "auto") -> Calibration:
+def check_disk(arch: MoEArch, tokens: int, output: pathlib.Path, gram: bool = True) -> None:
+    """Refuse before the pass a CALIB its disk cannot take: the refit's Gram matrices are width^2
+    floats per expert and layer (14 GiB at Qwen3-30B-A3B, 210 GB at Mixtral-8x7B), plus one
+    layer's activations while its matrices are made (prune/gram.py)."""
+    if not gram:
+        return
+    widths = [layer for layer in arch.expert_widths() if layer]
+    grams = sum(4 * w * w for layer in widths for w in layer)
+    acts = max((4 * tokens * arch.n_used * max(layer) for layer in widths), default=0)
+    where = next(p for p in (output, *output.parents) if p.exists())
+    free = free_bytes(where)
+    if grams + acts > free:
+        raise UserError(
+            f"{output} needs {human_bytes(grams + acts)} of disk for the refit's Gram matrices ({human_bytes(grams)} for {len(widths)} MoE layers of "
+            f"{max(len(layer) for layer in widths)} experts up to {max(max(layer) for layer in widths):,} wide) and one layer's activations "
+            f"({human_bytes(acts)}); {human_bytes(free)} are free there. Free space, choose another -o, or pass --no-gram (prune then skips the least-squares refit)"
+        )
+
+
+def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens: int = 32768, ctx: int = 512, batch: int = 8, device: str = "auto",
+              gram: bool = True) -> Calibration:
     dev = resolve(device)
     ckpt = Checkpoint(model)
     arch = arch_for_config(ckpt.config)
@@ -467,9 +505,10 @@ def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens
     if not texts:
         raise UserError("no calibration text; pass --text FILE (several allowed)")
     check_fits(arch, tokens, ctx)
-    check_output(output, "calibrate", [model, *texts], folder=True)  # before the work, not after it
+    target = check_output(output, "calibrate", [model, *texts], folder=True)  # before the work, not after it
+    check_disk(arch, tokens, target, gram)
     wins = spread_windows(tokenize(model, texts), texts, tokens, ctx)
-    cal = Calibration(ckpt, arch, wins, batch=batch, device=dev)
+    cal = Calibration(ckpt, arch, wins, batch=batch, gram=gram, device=dev)
     with atomic_dir(output, "calibrate", [model, *texts]) as tmp:
         cal.run(spill=tmp)
         cal.run_taylor()
@@ -477,7 +516,7 @@ def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens
     return cal
 
 
-def calibrate_main(model: str, text: tuple[str, ...], output: str, tokens: int, ctx: int, device: str) -> None:
+def calibrate_main(model: str, text: tuple[str, ...], output: str, tokens: int, ctx: int, device: str, gram: bool = True) -> None:
     """The `calibrate` verb once moe2gguf/commands.py has parsed its options."""
-    cal = calibrate(model, text, output, tokens, ctx, device=device)
+    cal = calibrate(model, text, output, tokens, ctx, device=device, gram=gram)
     click.echo(f"wrote {output}: {cal.windows.size} tokens in {len(cal.windows)} windows of {cal.windows.shape[1]} (on {cal.device.type})")

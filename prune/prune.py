@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from moe2gguf.arch import EXPERT_PARTS, MoEArch, arch_for_config
-from moe2gguf.calib import CALIB_JSON, SCORES, gram_file, read_calib_json
+from moe2gguf.calib import CALIB_JSON, GRAM_DIR, SCORES, gram_file, gram_parts, read_calib_json
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.device import resolve
 from moe2gguf.errors import UserError, atomic_dir, check_output
@@ -151,6 +151,8 @@ class Calib:
 
     @property
     def refit_note(self) -> str:
+        if self.info.get("gram") is False:
+            return f"{self.path} has no Gram matrices (calibrated with --no-gram); the least-squares refit needs them: calibrate without --no-gram"
         return f"{self.path} has no Gram matrices (calibrated by an older moe2gguf); the least-squares refit needs them: {self.again}"
 
 
@@ -162,7 +164,7 @@ class LayerGrams(Mapping[int, Sequence[torch.Tensor]]):
         self.cal = cal
 
     def __getitem__(self, bid: int) -> Sequence[torch.Tensor]:
-        return _ExpertGrams(self.cal, gram_file(self.cal.path, bid))
+        return _ExpertGrams(self.cal, gram_parts(self.cal.path, bid))
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.cal.layers)
@@ -172,17 +174,33 @@ class LayerGrams(Mapping[int, Sequence[torch.Tensor]]):
 
 
 class _ExpertGrams(Sequence[torch.Tensor]):
-    """One layer's Gram matrices, one expert at a time from its file."""
+    """One layer's Gram matrices, one expert at a time from the file that holds it."""
 
-    def __init__(self, cal: Calib, path: pathlib.Path):
-        self.cal, self.path = cal, path
+    def __init__(self, cal: Calib, paths: list[pathlib.Path]):
+        self.cal, self.paths = cal, paths
         self.n, self.width = cal.info["n_experts"], cal.info["expert_width"]
+        self._where: dict[str, pathlib.Path] | None = None
+
+    def _file(self, key: str) -> pathlib.Path:
+        if self._where is None:
+            where = {}
+            for f in self.paths:
+                try:
+                    with safe_open(f, framework="pt") as fh:
+                        where.update(dict.fromkeys(fh.keys(), f))
+                except (SafetensorError, OSError) as e:
+                    raise UserError(f"{f} is truncated or corrupt ({e}); {self.cal.again}") from None
+            self._where = where
+        if key not in self._where:
+            raise UserError(f"{self.cal.path / GRAM_DIR} lacks the Gram matrix of expert {key} ({len(self.paths)} files of this layer); {self.cal.again}")
+        return self._where[key]
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, xid: int) -> torch.Tensor:  # type: ignore[override]
-        cal, f, w = self.cal, self.path, self.width
+        cal, w = self.cal, self.width
+        f = self._file(str(xid))
         try:
             with safe_open(f, framework="pt") as fh:
                 g = fh.get_tensor(str(xid))

@@ -42,12 +42,13 @@ def refit_down(down: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge
     drop = removed.nonzero().squeeze(1)
     if not drop.numel():
         return down[:, keep].to(dt)
-    gk = gram.to(F64)[keep]  # [k, width]
-    gkk = gk[:, keep]
+    # the kept rows' blocks, indexed before the float64 copy: a float64 copy of the whole matrix
+    # was 1.6 GB at Mixtral-8x7B's width of 14,336 (tools/bench_scale.py --dims mixtral-8x7b)
+    gkk = gram[keep[:, None], keep].to(F64)
+    gkr = gram[keep[:, None], drop].to(F64)
     gkk.diagonal().add_(ridge * float(gkk.diagonal().mean().clamp_min(1e-30)))
-    chol, info = torch.linalg.cholesky_ex(gkk)
-    gkr = gk[:, drop]
-    x = torch.cholesky_solve(gkr, chol) if not info else torch.linalg.solve(gkk, gkr)  # gkk is symmetric
+    chol, info = torch.linalg.cholesky_ex(gkk)  # gkk is symmetric
+    x = torch.linalg.solve(gkk, gkr) if info else torch.cholesky_solve(gkr, chol)
     return down[:, keep].to(dt) + down[:, drop].to(dt) @ x.T.to(dt)
 
 

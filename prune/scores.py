@@ -35,8 +35,8 @@ from collections.abc import Mapping
 import torch
 
 from moe2gguf.device import CPU  # statistics are summed there whatever device computed the batch
-from moe2gguf.memory import mapped_zeros
 from moe2gguf.options import SCORE_KINDS
+from moe2gguf.prune.gram import GramSpill
 
 F64 = torch.float64
 
@@ -44,17 +44,15 @@ F64 = torch.float64
 class ExpertStats:
     """Per-expert routing statistics and per-channel activation moments of one MoE layer."""
 
-    def __init__(self, n_experts: int, widths: list[int], hidden: int, gram: bool = True):
+    def __init__(self, n_experts: int, widths: list[int], hidden: int, gram: GramSpill | None = None):
         self.freq = torch.zeros(n_experts, dtype=F64)  # tokens routed to the expert
         self.mass = torch.zeros(n_experts, dtype=F64)  # sum of their router weights (`frequency`)
         self.reap = torch.zeros(n_experts, dtype=F64)  # sum of router weight x ||expert output|| (REAP)
         self.abs_act = [torch.zeros(w, dtype=F64) for w in widths]  # sum p |h_j|
         self.sq_act = [torch.zeros(w, dtype=F64) for w in widths]  # sum (p h_j)^2
-        # sum p^2 h h^T: lets the rewrite refit the kept down_proj columns by least squares. One
-        # mapping for the layer (604 MB at Qwen3-30B-A3B): 128 matrices of 4.7 MB each sat in
-        # malloc's heap among the batches' temporaries and fragmented it, so that every layer
-        # peaked higher than the one before (tools/bench_scale.py)
-        self.gram = _views(mapped_zeros(sum(w * w for w in widths), F64), widths) if gram else None
+        # sum p^2 h h^T, for the least-squares refit of the kept down_proj columns: the
+        # activations go to disk and the matrices are made after the pass (prune/gram.py)
+        self.gram = gram
         self.in_sum2 = torch.zeros(n_experts, hidden, dtype=F64)  # imatrix of gate/up
         self.mid_sum2 = [torch.zeros(w, dtype=F64) for w in widths]  # imatrix of down (unweighted)
 
@@ -71,36 +69,9 @@ class ExpertStats:
         self.abs_act[xid] += ph.abs().sum(0)
         self.sq_act[xid] += (ph * ph).sum(0)
         if self.gram is not None:
-            self.gram[xid] += ph.T @ ph
+            self.gram.add(xid, ph)
         self.in_sum2[xid] += (x * x).sum(0)
         self.mid_sum2[xid] += (h * h).sum(0)
-
-    def gram_to_float32(self) -> None:
-        """Turn the Gram matrices into float32 (what the refit reads) in their own buffer: expert
-        i's float32 copy ends before expert i+1's float64 one starts, so the layer's matrices
-        never exist twice. The views keep the whole float64-sized mapping until they go, which
-        `Calibration.run` does at once by spilling them to CALIB."""
-        if self.gram is None:
-            return
-        flat = self.gram[0].untyped_storage()
-        as32 = torch.empty(0, dtype=torch.float32).set_(flat)  # the same bytes, seen as float32
-        out, off = [], 0
-        for g in self.gram:
-            n = g.numel()
-            dst = as32[off : off + n].view(g.shape)
-            dst.copy_(g.float())  # through a copy: dst may overlap g's own first bytes
-            out.append(dst)
-            off += n
-        self.gram = out
-
-
-def _views(flat: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
-    """[w, w] views of consecutive slices of `flat`, one per width."""
-    out, off = [], 0
-    for w in widths:
-        out.append(flat[off : off + w * w].view(w, w))
-        off += w * w
-    return out
 
 
 class TaylorStats:

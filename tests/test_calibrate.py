@@ -80,26 +80,33 @@ def test_windows_are_spread_over_all_texts() -> None:
     assert w[1, 0] >= 500  # spread over the text, not its first windows
 
 
-def test_gram_matrices_turned_float32_in_place_are_their_float64_sums_rounded() -> None:
-    """The Gram matrices CALIB stores (what prune's refit reads) are the float64 sums rounded
-    to float32, for every expert, whatever the widths (one zero among them): the float32 copies
-    are written over the float64 buffer itself, and one written over a neighbour not yet read
-    would corrupt it."""
+@pytest.mark.parametrize("chunk_rows", [7, 4096])
+def test_gram_matrices_are_the_float64_sums_over_every_batch_and_leave_no_activations(chunk_rows: int, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Gram matrices CALIB stores (what prune's refit reads) are sum p^2 h h^T over every
+    batch an expert saw, to float32 rounding, whatever the widths (one zero) and however the
+    spilled activations are summed (in float32 over a few rows at a time, or over all of them);
+    an expert no token reached
+    gets zeros; the activations on disk are gone once the matrices are made."""
+    from moe2gguf.prune import gram as G
     from moe2gguf.prune.scores import ExpertStats
 
-    widths = [24, 0, 40, 8, 40]
-    stats = ExpertStats(len(widths), widths, hidden=16)
+    monkeypatch.setattr(G, "CHUNK_ROWS", chunk_rows)
+    widths = [24, 0, 40, 8, 40, 16]
+    stats = ExpertStats(len(widths), widths, hidden=16, gram=G.GramSpill(tmp_path / "acts", widths))
     gen = torch.Generator().manual_seed(0)
-    want = []
-    for xid, w in enumerate(widths):
-        h = torch.randn(50, w, generator=gen)
-        x = torch.randn(50, 16, generator=gen)
-        stats.add_batch(xid, x, h, torch.rand(50, 1, generator=gen))
-        want.append(stats.gram[xid].clone())
-    stats.gram_to_float32()
-    assert [g.dtype for g in stats.gram] == [torch.float32] * len(widths)
-    for g, ref in zip(stats.gram, want, strict=True):
-        assert torch.equal(g, ref.float())
+    want = [torch.zeros(w, w, dtype=torch.float64) for w in widths]
+    for _batch in range(3):
+        for xid, w in enumerate(widths[:-1]):  # the last expert is never routed to
+            n = int(torch.randint(1, 30, (1,), generator=gen))
+            h, x, p = torch.randn(n, w, generator=gen), torch.randn(n, 16, generator=gen), torch.rand(n, 1, generator=gen)
+            stats.add_batch(xid, x, h, p)
+            ph = p.double() * h.double()
+            want[xid] += ph.T @ ph
+    got = list(stats.gram.matrices())
+    assert [(g.dtype, tuple(g.shape)) for g in got] == [(torch.float32, (w, w)) for w in widths]
+    for g, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-6 * max([1.0, *ref.abs().flatten().tolist()]))
+    assert not torch.any(got[-1]) and not list((tmp_path / "acts").iterdir())
 
 
 @pytest.mark.parametrize("gram", [False, True], ids=["scores", "scores+gram"])
@@ -151,6 +158,31 @@ def test_text_too_short_is_exit_2_and_writes_nothing(tiny_qwen3moe: pathlib.Path
     assert r.exit_code == 2
     assert "too few" in r.output and "Traceback" not in r.output
     assert not out.exists() and not list(tmp_path.glob(".calib*"))
+
+
+def test_a_calib_its_disk_cannot_take_is_refused_before_the_pass_and_no_gram_is_the_way_out(tiny_qwen3moe: pathlib.Path, tmp_path: pathlib.Path, text: str,
+                                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """CALIB's Gram matrices grow with width^2 per expert and layer (210 GB at Mixtral-8x7B):
+    with less free disk than they and one layer's activations take (128 KiB here), calibrate
+    is one line before any work (exit 2) naming both sizes and --no-gram, and writes nothing;
+    with --no-gram it calibrates, and prune says its refit was skipped for that reason."""
+    from moe2gguf.prune import calibrate as C
+
+    monkeypatch.setattr(C, "free_bytes", lambda _p: 100_000)
+    before = sorted(tmp_path.iterdir())
+    out = tmp_path / "calib"
+    args = ["calibrate", str(tiny_qwen3moe), "--text", text, "-o", str(out), "--tokens", "256", "--ctx", "64"]
+    r = CliRunner().invoke(cli, args)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output
+    assert "128.00 KiB" in lines[0] and "97.66 KiB are free" in lines[0] and "--no-gram" in lines[0]
+    assert sorted(tmp_path.iterdir()) == before
+    r = CliRunner().invoke(cli, [*args, "--no-gram"])
+    assert r.exit_code == 0 and not (out / "gram").exists(), r.output
+    r = CliRunner().invoke(cli, ["prune", str(tiny_qwen3moe), "--calib", str(out), "--ratio", "0.3", "--layout", "ragged", "-o", str(tmp_path / "pruned")])
+    assert r.exit_code == 0 and "--no-gram" in r.output, r.output
+    rep = json.loads((tmp_path / "pruned" / "prune_report.json").read_text())
+    assert rep["refit_down"] is False and "--no-gram" in rep["refit_skipped"]
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])

@@ -212,15 +212,19 @@ def test_one_count_one_width_checkpoint_loads_in_stock_transformers(tiny_qwen3mo
         assert torch.allclose(stock(IDS).logits, _logits(out), atol=1e-5)
 
 
-def test_refit_reads_the_gram_matrices_calibrate_wrote_per_layer(tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path) -> None:
+def test_refit_reads_the_gram_matrices_calibrate_wrote_per_layer(tiny_qwen3moe: pathlib.Path, calib: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CALIB keeps each layer's Gram matrices in gram/layer-N.safetensors (never all in RAM);
-    prune's refit reads them a layer at a time and gives what the older one-file CALIB gave;
-    without them prune says so and the report records why; a damaged one is one line, exit 2."""
+    prune's refit reads them a layer at a time and gives what the older one-file CALIB gave,
+    and what a CALIB gives whose layers' matrices are split over several files (as calibrate
+    splits wide experts'); without them prune says so and the report records why; a damaged or
+    missing one is one line, exit 2."""
     import shutil
 
     from safetensors import safe_open
 
-    from moe2gguf.calib import gram_file
+    from moe2gguf.calib import gram_file, gram_part
+    from moe2gguf.prune import gram as gram_module
+    from moe2gguf.prune.gram import write_grams
 
     with safe_open(calib / "scores.safetensors", framework="pt") as f:
         assert not [k for k in f.keys() if "gram" in k]
@@ -245,6 +249,23 @@ def test_refit_reads_the_gram_matrices_calibrate_wrote_per_layer(tiny_qwen3moe: 
     assert r.exit_code == 0, r.output
     new_w, old_w = load_file(str(tmp_path / "new" / "model.safetensors")), load_file(str(tmp_path / "old" / "model.safetensors"))
     assert new_w.keys() == old_w.keys() and all(torch.equal(new_w[k], old_w[k]) for k in new_w)
+
+    parts = tmp_path / "parts-calib"  # a layer's matrices over several files: here one per expert
+    shutil.copytree(calib, parts)
+    shutil.rmtree(parts / "gram")
+    monkeypatch.setattr(gram_module, "PART_BYTES", 1)
+    for bid in range(2):
+        layer = load_file(str(gram_file(calib, bid)))
+        write_grams(parts, bid, [32] * 8, lambda x, layer=layer: layer[str(x)])
+    assert len(list((parts / "gram").iterdir())) == 16
+    r = CliRunner().invoke(cli, [*args, "--calib", str(parts), "-o", str(tmp_path / "parts")])
+    assert r.exit_code == 0, r.output
+    parts_w = load_file(str(tmp_path / "parts" / "model.safetensors"))
+    assert parts_w.keys() == new_w.keys() and all(torch.equal(new_w[k], parts_w[k]) for k in new_w)
+    gram_part(parts, 1, 5).unlink()  # experts 5-7 of layer 1 are no longer found
+    r = CliRunner().invoke(cli, [*args, "--calib", str(parts), "-o", str(tmp_path / "parts-bad")])
+    assert r.exit_code == 2 and "expert 5" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "parts-bad").exists()
 
     none = tmp_path / "no-gram"
     shutil.copytree(calib, none)

@@ -2,6 +2,7 @@
 
     python tools/bench_scale.py --layers 2 4 --work /tmp/bench-scale --json out.json
     python tools/bench_scale.py --layers 2 --old-commit 0d15e18     # also the old code, same files
+    python tools/bench_scale.py --dims mixtral-8x7b --layers 1 2 --tokens 4096   # few, wide experts
 
 Builds (once, cached under --work) a synthetic checkpoint with Qwen3-30B-A3B's layer
 dimensions (hidden 2048, 128 experts x 768, top-8, 32 query / 4 KV heads of 128, vocabulary
@@ -61,6 +62,15 @@ QWEN3_30B_A3B = dict(
     router_aux_loss_coef=0.001, sliding_window=None, tie_word_embeddings=False, dtype="bfloat16",
     use_cache=True, use_sliding_window=False, vocab_size=151936,
 )
+# --dims: whose layer dimensions the synthetic checkpoint has (Qwen3-MoE's tensor layout either
+# way), and the decoder layers of that model, for the extrapolation. Mixtral-8x7B: few, wide
+# experts (8 x 14,336 of hidden 4,096, top-2, 32 query / 8 KV heads of 128, vocabulary 32,000),
+# where per-expert matrices of width x width (the refit's Gram matrices) outgrow the layer itself
+DIMS = {
+    "qwen3-30b-a3b": (QWEN3_30B_A3B, 48),
+    "mixtral-8x7b": (dict(QWEN3_30B_A3B, hidden_size=4096, intermediate_size=14336, moe_intermediate_size=14336, num_experts=8,
+                          num_experts_per_tok=2, num_key_value_heads=8, vocab_size=32000, max_window_layers=32), 32),
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 SHAPE_KEYS = ("hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size")
@@ -108,13 +118,13 @@ def write_shard(path: pathlib.Path, shapes: dict[str, tuple[int, ...]], seed: in
     os.replace(tmp, path)
 
 
-def build_checkpoint(work: pathlib.Path, layers: int) -> pathlib.Path:
+def build_checkpoint(work: pathlib.Path, layers: int, dims: dict = QWEN3_30B_A3B) -> pathlib.Path:
     """work/ckpt-L{layers}: shards generated once in work/shards (layer i is the same tensor
     in every depth) and hard-linked, so the 4-layer model costs two more layers of time."""
     out = work / f"ckpt-L{layers}"
     if (out / ".complete").exists():
         return out
-    cfg = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
+    cfg = dict(dims, num_hidden_layers=layers)
     pool = work / "shards"
     pool.mkdir(parents=True, exist_ok=True)
     h, v = cfg["hidden_size"], cfg["vocab_size"]
@@ -395,7 +405,7 @@ def table(rows: list[dict], sizes: dict[int, dict[str, int]]) -> str:
     return "\n".join(out)
 
 
-def ratios(rows: list[dict]) -> list[str]:
+def ratios(rows: list[dict], full: int = 48) -> list[str]:
     """The issue's ratios, per code and depth: prune / calibrate, export / llama.cpp."""
     lines = []
     by = {(r["code"], r["layers"], r["verb"]): r for r in rows}
@@ -414,14 +424,14 @@ def ratios(rows: list[dict]) -> list[str]:
             lines.append(f"- {code}, {layers} layers: export Q4_K_M / (convert bf16 + llama-quantize) = "
                          f"{t('export Q4_K_M'):.0f} / {theirs:.0f} s wall = {t('export Q4_K_M') / theirs:.2f}; "
                          f"CPU {ours_cpu:.0f} / {theirs_cpu:.0f} s = {ours_cpu / theirs_cpu:.2f}")
-    # slope between depths: seconds per extra layer, extrapolated to 48 layers
+    # slope between depths: seconds per extra layer, extrapolated to the real model's `full` layers
     for code in sorted({r["code"] for r in rows}):
         for v in sorted({r["verb"] for r in rows if r["code"] == code}):
             pts = sorted((r["layers"], r["wall_s"]) for r in rows if r["code"] == code and r["verb"] == v and r["status"] == "ok")
             if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
                 (l0, t0), (l1, t1) = pts[0], pts[-1]
                 slope = (t1 - t0) / (l1 - l0)
-                lines.append(f"- {code} {v}: {slope:.0f} s per extra layer ({l0}->{l1}); 48 layers ~ {(t0 + slope * (48 - l0)) / 3600:.1f} h")
+                lines.append(f"- {code} {v}: {slope:.0f} s per extra layer ({l0}->{l1}); {full} layers ~ {(t0 + slope * (full - l0)) / 3600:.1f} h")
     return lines
 
 
@@ -429,6 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="decoder layers of the synthetic checkpoints (default: 2 4)")
+    ap.add_argument("--dims", choices=sorted(DIMS), default="qwen3-30b-a3b",
+                    help="whose layer dimensions (default qwen3-30b-a3b; mixtral-8x7b: 8 experts of 14,336, 2.9 GB a layer); "
+                         "its checkpoints are cached in WORK/DIMS")
     ap.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/bench-scale"),
                     help="folder for the cached checkpoints and every output (about 3.7 GB per layer count of 2, +1.25 GB per layer)")
     ap.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default 32768, calibrate's own: the time targets are ratios to it)")
@@ -457,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.report:
         return report(a.report)
-    a.work = a.work.resolve()
+    a.work = (a.work / a.dims).resolve()
     a.verbs = set(a.verbs.split(","))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the worktree is removed on kill too
     a.work.mkdir(parents=True, exist_ok=True)
@@ -472,8 +485,8 @@ def main(argv: list[str] | None = None) -> None:
         if a.old_commit:
             old = old_worktree(a.old_commit, pathlib.Path("/tmp") / f"bench-scale-old-{os.getpid()}")
         for layers in a.layers:
-            ckpt = build_checkpoint(a.work, layers)
-            sizes[layers] = bf16_bytes(json.loads((ckpt / "config.json").read_text()), layers)
+            ckpt = build_checkpoint(a.work, layers, DIMS[a.dims][0])
+            sizes[layers] = dict(bf16_bytes(json.loads((ckpt / "config.json").read_text()), layers), dims=a.dims, full_layers=DIMS[a.dims][1])
             q4 = a.work / f"run-llama.cpp-L{layers}" / "out" / "model-Q4_K_M.gguf"  # an earlier run's, with --no-baseline
             q4 = q4 if q4.exists() else None
             if not a.no_baseline:
@@ -504,12 +517,12 @@ def report(files: list[pathlib.Path]) -> None:
 
 def _sizes_and_table(rows: list[dict], sizes: dict) -> None:
     for layers, s in sorted(sizes.items()):
-        print(f"{layers} layers: one layer {s['layer'] / GiB:.2f} GiB, embeddings + head {s['embed_head'] / GiB:.2f} GiB, "
+        print(f"{layers} layers of {s.get('dims', 'qwen3-30b-a3b')}: one layer {s['layer'] / GiB:.2f} GiB, embeddings + head {s['embed_head'] / GiB:.2f} GiB, "
               f"model {s['model'] / GiB:.2f} GiB (bf16); 1.5x (layer + embeddings + head) = {1.5 * (s['layer'] + s['embed_head']) / GiB:.2f} GiB")
     print()
     print(table(rows, sizes))
     print()
-    print("\n".join(ratios(rows)))
+    print("\n".join(ratios(rows, next((s.get("full_layers", 48) for s in sizes.values()), 48))))
     print()
     print("\n".join(step_lines(rows)))
 
