@@ -217,7 +217,7 @@ def torch_imatrix(model_dir: str | pathlib.Path, text_ids: np.ndarray) -> dict[s
             bid = arch.layer_of(mname)
             n = len(mod)
 
-            def obs(xid, _token, x, h, w, bid=bid, n=n):  # noqa: ANN001
+            def obs(xid, _token, x, h, w, _y, bid=bid, n=n):  # noqa: ANN001
                 for part in ("gate", "up"):
                     add(arch.gguf_expert_name(bid, part), n, xid, x)
                 add(arch.gguf_expert_name(bid, "down"), n, xid, h)

@@ -18,10 +18,11 @@ from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError
 
-# observer(xid, token, x, h, w): the rows `token` of the block's input that reach expert xid,
-# those tokens x, their intermediate activations h (act(gate x) * up x, the input of
-# down_proj) and their router weights w.
-ExpertObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# observer(xid, token, x, h, w, y): the rows `token` of the block's input that reach expert
+# xid, those tokens x, their intermediate activations h (act(gate x) * up x, the input of
+# down_proj), their router weights w and the expert's output y = down_proj(h) before the
+# router weight (None for an expert pruned to width 0).
+ExpertObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
 
 
 DEFAULT_PARTS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -29,14 +30,28 @@ DEFAULT_PARTS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+# StoredLinear upcasts at most this many bytes of its weight at once: a whole float32 copy of one
+# of Mixtral-8x7B's expert weights (14,336 x 4,096) is 235 MB
+UPCAST_BYTES = 32 << 20
+
+
 class StoredLinear(nn.Linear):
     """nn.Linear whose weight may be held in the checkpoint's 16-bit dtype and is upcast to the
     input's dtype at each call. Exact (bf16/f16 -> f32 loses nothing), so experts computed in
     float32 cost 2 bytes a parameter resident, not 4: at Qwen3-30B-A3B a layer's 128 experts
-    are 1.2 GB instead of 2.4."""
+    are 1.2 GB instead of 2.4. A weight larger than `UPCAST_BYTES` upcast is applied a block
+    of output rows at a time."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+        w, b = self.weight, self.bias
+        size = x.element_size() * w.shape[1]
+        if w.dtype == x.dtype or size * w.shape[0] <= UPCAST_BYTES:
+            return nn.functional.linear(x, w.to(x.dtype), b)
+        step = max(1, UPCAST_BYTES // size)
+        out = x.new_empty(*x.shape[:-1], w.shape[0])
+        for i in range(0, w.shape[0], step):
+            out[..., i : i + step] = nn.functional.linear(x, w[i : i + step].to(x.dtype), None if b is None else b[i : i + step])
+        return out
 
 
 class ExpertMLP(nn.Module):
@@ -74,11 +89,11 @@ class ExpertList(nn.ModuleList):
             x = hidden[token]
             w = top_k_weights[token, slot].unsqueeze(-1)
             h = expert.intermediate(x)
+            y = expert.down_proj(h) if h.shape[-1] else None  # an expert pruned to nothing contributes nothing
             if self.observer is not None:
-                self.observer(xid, token, x, h, w)
-            if h.shape[-1] == 0:  # an expert pruned to nothing contributes nothing
-                continue
-            out.index_add_(0, token, (expert.down_proj(h) * w).to(out.dtype))
+                self.observer(xid, token, x, h, w, y)
+            if y is not None:
+                out.index_add_(0, token, (y * w).to(out.dtype))
         return out
 
 

@@ -42,7 +42,7 @@ from moe2gguf.modeling import ExpertObserver, build_model, hidden_of, load_model
 from moe2gguf.outputs import free_bytes
 from moe2gguf.protocol import read_text
 from moe2gguf.prune.gram import GramSpill, write_grams
-from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, weight_norms
+from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, norms, weight_norms
 from moe2gguf.progress import bar
 from moe2gguf.units import human_bytes
 
@@ -228,7 +228,7 @@ class Calibration:
             if experts is not None:
                 widths = [e.down_proj.in_features for e in experts]
                 stats = self.experts[bid] = ExpertStats(len(experts), widths, arch.hidden_size, GramSpill(acts, widths) if self.gram else None)
-                experts.observer = _with_output(stats, experts)
+                experts.observer = stats.observe
             try:
                 for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
                     out = hidden_of(layer(h, **kw))
@@ -240,7 +240,7 @@ class Calibration:
                 if experts is not None:
                     experts.observer = None
             if experts is not None:
-                self.weights[f"layers.{bid}.down_norm"] = torch.stack([e.down_proj.weight.to(CPU, torch.float64).norm(dim=0) for e in experts])
+                self.weights[f"layers.{bid}.down_norm"] = torch.stack([norms(e.down_proj.weight, dim=0) for e in experts])
                 self.weights[f"layers.{bid}.magnitude"] = torch.stack(
                     [weight_norms(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in experts]
                 )
@@ -381,16 +381,6 @@ _SPILL_DIR = ".layer-stats"
 _IMATRIX_ONLY = (".in_sum2", ".mid_sum2")
 
 
-def _with_output(stats: ExpertStats, experts: nn.Module) -> ExpertObserver:
-    """The experts' observer for `stats`, adding each expert's output f = down_proj(h), which
-    REAP's saliency needs and the tap (called before down_proj) does not pass."""
-
-    def observe(xid: int, _token: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
-        stats.add_batch(xid, x, h, w, experts[xid].down_proj(h))
-
-    return observe
-
-
 def _ram_bytes() -> int | None:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
 
@@ -451,7 +441,7 @@ def _grad_tap(stats: TaylorStats) -> ExpertObserver:
     """An experts' observer that hooks each routed activation h and, when backward reaches it,
     adds |h * dL/dh| to `stats`."""
 
-    def observe(xid: int, _token: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+    def observe(xid: int, _token: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, _y: torch.Tensor | None) -> None:
         if h.requires_grad:
             act = h.detach()
             h.register_hook(lambda g: stats.add_batch(xid, act, g))

@@ -50,7 +50,7 @@ class GramSpill:
         if not ph.numel():  # no token, or an expert of width 0
             return
         with open(self._file(xid), "ab") as f:
-            f.write(ph.to("cpu", torch.float32).contiguous().numpy().tobytes())
+            ph.to("cpu", torch.float32).contiguous().numpy().tofile(f)
         self.rows[xid] += ph.shape[0]
 
     def matrices(self) -> Iterator[torch.Tensor]:

@@ -311,7 +311,7 @@ class BlockFit:
         got = self.got
         parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-        def tap(xid: int, token: torch.Tensor, _x: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+        def tap(xid: int, token: torch.Tensor, _x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, _y: torch.Tensor | None) -> None:
             # the activations the block computes anyway (recomputing them cost a fifth of the pass)
             parts.append((xid, token.to(CPU), (h.float() * w.float()).to(CPU)))
 

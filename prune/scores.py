@@ -39,6 +39,7 @@ from moe2gguf.options import SCORE_KINDS
 from moe2gguf.prune.gram import GramSpill
 
 F64 = torch.float64
+NORM_BLOCK_BYTES = 64 << 20  # `norms`: the float64 copy of a weight's rows made at once
 
 
 class ExpertStats:
@@ -56,22 +57,33 @@ class ExpertStats:
         self.in_sum2 = torch.zeros(n_experts, hidden, dtype=F64)  # imatrix of gate/up
         self.mid_sum2 = [torch.zeros(w, dtype=F64) for w in widths]  # imatrix of down (unweighted)
 
+    def observe(self, xid: int, _token: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor | None) -> None:
+        """As `ExpertList.observer`."""
+        self.add_batch(xid, x, h, w, y)
+
     def add_batch(self, xid: int, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> None:
-        """The `ExpertList.observer` tap: tokens x [n, hidden], activations h [n, width], weights
-        w [n, 1], and the expert's output out = down_proj(h) [n, hidden] (before the router
-        weight) for REAP's saliency."""
-        x, h, w = x.to(CPU, F64), h.to(CPU, F64), w.to(CPU, F64).reshape(-1, 1)
+        """Tokens x [n, hidden], activations h [n, width], weights w [n, 1], and the expert's
+        output out = down_proj(h) [n, hidden] (before the router weight) for REAP's saliency.
+        Each sum is one reduction over a float64 copy of h or p h, none over a temporary of their
+        size: at Mixtral-8x7B's width of 14,336 each such [n, width] copy is 117 MB a batch."""
+        x, w = x.to(CPU, F64), w.to(CPU, F64).reshape(-1, 1)
+        h = h.to(CPU, F64, copy=True)  # scaled by w in place below
         self.freq[xid] += x.shape[0]
         self.mass[xid] += w.sum()
         if out is not None:
             self.reap[xid] += (w[:, 0] * out.to(CPU, F64).norm(dim=1)).sum()
-        ph = w * h
-        self.abs_act[xid] += ph.abs().sum(0)
-        self.sq_act[xid] += (ph * ph).sum(0)
+        self.in_sum2[xid] += _sum_sq(x)
+        self.mid_sum2[xid] += _sum_sq(h)
+        ph = h.mul_(w)
+        self.abs_act[xid] += torch.linalg.vector_norm(ph, 1, dim=0)
+        self.sq_act[xid] += _sum_sq(ph)
         if self.gram is not None:
             self.gram.add(xid, ph)
-        self.in_sum2[xid] += (x * x).sum(0)
-        self.mid_sum2[xid] += (h * h).sum(0)
+
+
+def _sum_sq(t: torch.Tensor) -> torch.Tensor:
+    """sum over rows of t^2, per column, without a temporary of t's size."""
+    return torch.linalg.vector_norm(t, 2, dim=0).square_()
 
 
 class TaylorStats:
@@ -159,5 +171,15 @@ def normalise_layers(scores: list[torch.Tensor], resid_mean_sq: list[float], kin
 def weight_norms(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """Magnitude score of every channel of one expert: ||gate_j|| * ||up_j|| * ||down_:,j||
     (the product, because the channel's output scales with each of the three)."""
-    g, u, d = gate.to(CPU, F64), up.to(CPU, F64), down.to(CPU, F64)
-    return g.norm(dim=1) * u.norm(dim=1) * d.norm(dim=0)
+    return norms(gate, dim=1) * norms(up, dim=1) * norms(down, dim=0)
+
+
+def norms(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The float64 norms of a 2-D weight's rows (dim=1) or columns (dim=0), a block of rows at a
+    time: a float64 copy of a whole expert weight is 470 MB at Mixtral-8x7B's 4,096 x 14,336,
+    and the three of one expert were the peak of calibrate's pass there."""
+    step = max(1, NORM_BLOCK_BYTES // (8 * max(w.shape[1], 1)))
+    blocks = [torch.linalg.vector_norm(w[i : i + step].to(CPU, F64), 2, dim=dim) for i in range(0, w.shape[0], step)]
+    if dim == 1:
+        return torch.cat(blocks) if blocks else torch.zeros(0, dtype=F64)
+    return torch.stack(blocks).square_().sum(0).sqrt_() if blocks else torch.zeros(w.shape[1], dtype=F64)

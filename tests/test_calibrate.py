@@ -80,10 +80,33 @@ def test_windows_are_spread_over_all_texts() -> None:
     assert w[1, 0] >= 500  # spread over the text, not its first windows
 
 
+@pytest.mark.parametrize("block", [64 << 20, 1000], ids=["whole", "blocks"])
+def test_weight_scores_are_the_float64_norms_of_the_stored_weights(tiny_qwen3moe: pathlib.Path, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CALIB's per-channel weight scores (down_norm: ||down[:, j]||; magnitude: ||gate[j]||
+    ||up[j]|| ||down[:, j]||) are those of the checkpoint's weights in float64, however many
+    rows are made float64 at once (a few here)."""
+    from safetensors.torch import load_file
+
+    from moe2gguf.prune import scores as S
+
+    monkeypatch.setattr(S, "NORM_BLOCK_BYTES", block)
+    ckpt = Checkpoint(tiny_qwen3moe)
+    cal = Calibration(ckpt, arch_for_config(ckpt.config), _windows(1, 32), gram=False)
+    cal.run()
+    t = cal.score_tensors()
+    w = load_file(str(tiny_qwen3moe / "model.safetensors"))
+    for bid in range(2):
+        part = {p: torch.stack([w[f"model.layers.{bid}.mlp.experts.{x}.{p}_proj.weight"].double() for x in range(8)]) for p in ("gate", "up", "down")}
+        down = part["down"].norm(dim=1)
+        torch.testing.assert_close(t[f"layers.{bid}.down_norm"], down, rtol=1e-12, atol=0)
+        torch.testing.assert_close(t[f"layers.{bid}.magnitude"], part["gate"].norm(dim=2) * part["up"].norm(dim=2) * down, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("chunk_rows", [7, 4096])
 def test_gram_matrices_are_the_float64_sums_over_every_batch_and_leave_no_activations(chunk_rows: int, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Gram matrices CALIB stores (what prune's refit reads) are sum p^2 h h^T over every
-    batch an expert saw, to float32 rounding, whatever the widths (one zero) and however the
+    batch an expert saw, to float32 rounding (the channel moments the scores come from to
+    float64 rounding), whatever the widths (one zero) and however the
     spilled activations are summed (in float32 over a few rows at a time, or over all of them);
     an expert no token reached
     gets zeros; the activations on disk are gone once the matrices are made."""
@@ -95,13 +118,21 @@ def test_gram_matrices_are_the_float64_sums_over_every_batch_and_leave_no_activa
     stats = ExpertStats(len(widths), widths, hidden=16, gram=G.GramSpill(tmp_path / "acts", widths))
     gen = torch.Generator().manual_seed(0)
     want = [torch.zeros(w, w, dtype=torch.float64) for w in widths]
+    moments = {k: [torch.zeros(w if k != "in_sum2" else 16, dtype=torch.float64) for w in widths] for k in ("abs_act", "sq_act", "mid_sum2", "in_sum2")}
     for _batch in range(3):
         for xid, w in enumerate(widths[:-1]):  # the last expert is never routed to
             n = int(torch.randint(1, 30, (1,), generator=gen))
             h, x, p = torch.randn(n, w, generator=gen), torch.randn(n, 16, generator=gen), torch.rand(n, 1, generator=gen)
+            given = h.clone()
             stats.add_batch(xid, x, h, p)
+            assert torch.equal(h, given)  # the caller's activations are not scaled in place
             ph = p.double() * h.double()
             want[xid] += ph.T @ ph
+            for k, v in (("abs_act", ph.abs()), ("sq_act", ph * ph), ("mid_sum2", h.double() ** 2), ("in_sum2", x.double() ** 2)):
+                moments[k][xid] += v.sum(0)
+    for k, v in moments.items():  # the channel moments the scores come from, to float64 rounding
+        got = stats.in_sum2 if k == "in_sum2" else torch.cat(getattr(stats, k))
+        torch.testing.assert_close(got.flatten(), (torch.stack(v) if k == "in_sum2" else torch.cat(v)).flatten(), rtol=1e-12, atol=1e-12)
     got = list(stats.gram.matrices())
     assert [(g.dtype, tuple(g.shape)) for g in got] == [(torch.float32, (w, w)) for w in widths]
     for g, ref in zip(got, want, strict=True):
