@@ -40,7 +40,7 @@ class StoredLinear(nn.Linear):
     input's dtype at each call. Exact (bf16/f16 -> f32 loses nothing), so experts computed in
     float32 cost 2 bytes a parameter resident, not 4: at Qwen3-30B-A3B a layer's 128 experts
     are 1.2 GB instead of 2.4. A weight larger than `UPCAST_BYTES` upcast is applied a block
-    of output rows at a time."""
+    of output rows at a time (equal to float32 rounding)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias

@@ -75,6 +75,7 @@ class CalibrationSpec(_Strict):
     texts: list[str] = Field(min_length=1)
     tokens: int = Field(65536, gt=0)
     ctx: int = Field(512, ge=16, le=MAX_CTX)
+    gram: bool = Field(True, description="keep the refit's Gram matrices (false: calibrate --no-gram, and prune skips the refit)")
 
 
 class PruneSpec(_Strict):

@@ -122,7 +122,8 @@ class Run:
         gguf_pruned = out / f"pruned-{quant}.gguf"
         gguf_f32, gguf_base = out / "unpruned-F32.gguf", out / f"unpruned-{quant}.gguf"
         texts = [str(r.resolve(t)) for t in r.calibration.texts]
-        fp_cal = _fingerprint(_model_identity(self.ckpt), texts, r.calibration.model_dump())
+        # a recipe that leaves `gram` on fingerprints as it did before the field existed
+        fp_cal = _fingerprint(_model_identity(self.ckpt), texts, r.calibration.model_dump(exclude={"gram"} if r.calibration.gram else None))
         fp_prune = _fingerprint(fp_cal, r.prune.model_dump())
         fp_exp = _fingerprint(fp_prune, r.export.model_dump())
         fp_base = _fingerprint(fp_cal, r.export.model_dump())
@@ -131,7 +132,7 @@ class Run:
         model = str(self.model_dir)
 
         def calibrate() -> None:
-            calibrate_step.calibrate(model, texts, str(cal), r.calibration.tokens, r.calibration.ctx)
+            calibrate_step.calibrate(model, texts, str(cal), r.calibration.tokens, r.calibration.ctx, gram=r.calibration.gram)
 
         def prune() -> None:
             kw = {"target_size": parse_size(r.prune.target_size), "quant": quant} if r.prune.target_size else {}

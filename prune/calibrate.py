@@ -39,7 +39,7 @@ from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
 from moe2gguf.memory import release_freed
 from moe2gguf.modeling import ExpertObserver, build_model, hidden_of, load_model, load_weights
-from moe2gguf.outputs import free_bytes
+from moe2gguf.outputs import free_bytes, sweep_stale
 from moe2gguf.protocol import read_text
 from moe2gguf.prune.gram import GramSpill, write_grams
 from moe2gguf.prune.scores import ExpertStats, InputStats, ScaleStats, TaylorStats, norms, weight_norms
@@ -482,7 +482,8 @@ def check_disk(arch: MoEArch, tokens: int, output: pathlib.Path, gram: bool = Tr
         raise UserError(
             f"{output} needs {human_bytes(grams + acts)} of disk for the refit's Gram matrices ({human_bytes(grams)} for {len(widths)} MoE layers of "
             f"{max(len(layer) for layer in widths)} experts up to {max(max(layer) for layer in widths):,} wide) and one layer's activations "
-            f"({human_bytes(acts)}); {human_bytes(free)} are free there. Free space, choose another -o, or pass --no-gram (prune then skips the least-squares refit)"
+            f"({human_bytes(acts)}); {human_bytes(free)} are free there. Free space, choose another -o, or pass --no-gram "
+            "(a recipe: calibration.gram: false; prune then skips the least-squares refit)"
         )
 
 
@@ -496,6 +497,7 @@ def calibrate(model: str, text: tuple[str, ...] | list[str], output: str, tokens
         raise UserError("no calibration text; pass --text FILE (several allowed)")
     check_fits(arch, tokens, ctx)
     target = check_output(output, "calibrate", [model, *texts], folder=True)  # before the work, not after it
+    sweep_stale(target.parent)  # a killed run's partial CALIB must not count against the disk (atomic_dir sweeps it anyway)
     check_disk(arch, tokens, target, gram)
     wins = spread_windows(tokenize(model, texts), texts, tokens, ctx)
     cal = Calibration(ckpt, arch, wins, batch=batch, gram=gram, device=dev)

@@ -25,7 +25,7 @@ from moe2gguf.calib import gram_part
 
 F64 = torch.float64
 # activations read back at once: at most CHUNK_BYTES; their products are summed in float32 over
-# at most CHUNK_ROWS rows (as one calibration batch of 8 x 512 tokens would be), those sums in float64
+# about CHUNK_ROWS rows (as one calibration batch of 8 x 512 tokens would be), those sums in float64
 CHUNK_BYTES, CHUNK_ROWS = 64 << 20, 4096
 # a gram/ file holds whole experts' matrices up to this many bytes (an expert larger than it
 # gets a file of its own): safetensors' save_file copies what it writes, so this bounds the copy

@@ -206,7 +206,7 @@ def test_a_calib_its_disk_cannot_take_is_refused_before_the_pass_and_no_gram_is_
     r = CliRunner().invoke(cli, args)
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output
-    assert "128.00 KiB" in lines[0] and "97.66 KiB are free" in lines[0] and "--no-gram" in lines[0]
+    assert "128.00 KiB" in lines[0] and "97.66 KiB are free" in lines[0] and "--no-gram" in lines[0] and "calibration.gram: false" in lines[0]
     assert sorted(tmp_path.iterdir()) == before
     r = CliRunner().invoke(cli, [*args, "--no-gram"])
     assert r.exit_code == 0 and not (out / "gram").exists(), r.output

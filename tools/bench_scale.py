@@ -150,6 +150,16 @@ def build_checkpoint(work: pathlib.Path, layers: int, dims: dict = QWEN3_30B_A3B
     return out
 
 
+def built_checkpoint(work: pathlib.Path, layers: int, dims: dict) -> pathlib.Path:
+    """`build_checkpoint` in a process of its own: built here, its tensors would stay in this
+    process's RSS, which every measured child starts with (Popen forks before it execs), so
+    their maxrss would be this process's."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(build_checkpoint, (work, layers, dims))
+
+
 def bf16_bytes(cfg: dict, layers: int) -> dict[str, int]:
     """bf16 bytes of one decoder layer, embeddings + head, and the whole model."""
     import math
@@ -485,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.old_commit:
             old = old_worktree(a.old_commit, pathlib.Path("/tmp") / f"bench-scale-old-{os.getpid()}")
         for layers in a.layers:
-            ckpt = build_checkpoint(a.work, layers, DIMS[a.dims][0])
+            ckpt = built_checkpoint(a.work, layers, DIMS[a.dims][0])
             sizes[layers] = dict(bf16_bytes(json.loads((ckpt / "config.json").read_text()), layers), dims=a.dims, full_layers=DIMS[a.dims][1])
             q4 = a.work / f"run-llama.cpp-L{layers}" / "out" / "model-Q4_K_M.gguf"  # an earlier run's, with --no-baseline
             q4 = q4 if q4.exists() else None
