@@ -43,20 +43,22 @@ def refit_down(down: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge
     if not drop.numel():
         return down[:, keep].to(dt)
     # Memory, at Mixtral-8x7B's width of 14,336 (k = 10,752 kept): the blocks are indexed before
-    # their float64 copies (a float64 copy of the whole matrix is 1.6 GB), the kept block (0.9 GB)
-    # goes once factored, and the factor is applied by two triangular solves, which do not copy
-    # it as cholesky_solve does: 1.7 GiB beside the matrix, where it was 3.2
+    # their float64 copies (a float64 copy of the whole matrix is 1.6 GB), the kept block
+    # (0.9 GB) is factored in place (as the column-major view of itself: it is symmetric), and
+    # the factor is applied by two triangular solves, which do not copy it as cholesky_solve
+    # does (tools/bench_scale.py --dims mixtral-8x7b)
     gkk = gram[keep[:, None], keep].to(F64)
     gkk.diagonal().add_(ridge * float(gkk.diagonal().mean().clamp_min(1e-30)))
-    chol, info = torch.linalg.cholesky_ex(gkk)  # gkk is symmetric
-    if info:
+    chol, info = torch.linalg.cholesky_ex(gkk.mT, check_errors=False, out=(gkk.mT, torch.empty((), dtype=torch.int32)))
+    if info:  # not positive definite even with the ridge: a general solve of the matrix, made again
+        gkk = gram[keep[:, None], keep].to(F64)
+        gkk.diagonal().add_(ridge * float(gkk.diagonal().mean().clamp_min(1e-30)))
         x = torch.linalg.solve(gkk, gram[keep[:, None], drop].to(F64))
     else:
-        del gkk
         y = torch.linalg.solve_triangular(chol, gram[keep[:, None], drop].to(F64), upper=False)
         x = torch.linalg.solve_triangular(chol.mT, y, upper=True)
         del y
-    del chol
+    del chol, gkk
     return down[:, keep].to(dt) + down[:, drop].to(dt) @ x.T.to(dt)
 
 
