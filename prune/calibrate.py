@@ -480,7 +480,7 @@ def check_disk(arch: MoEArch, tokens: int, output: pathlib.Path, gram: bool = Tr
     free = free_bytes(where)
     if grams + acts > free:
         raise UserError(
-            f"{output} needs {human_bytes(grams + acts)} of disk for the refit's Gram matrices ({human_bytes(grams)} for {len(widths)} MoE layers of "
+            f"not enough free disk for {output}: it needs {human_bytes(grams + acts)} for the refit's Gram matrices ({human_bytes(grams)} for {len(widths)} MoE layers of "
             f"{max(len(layer) for layer in widths)} experts up to {max(max(layer) for layer in widths):,} wide) and one layer's activations "
             f"({human_bytes(acts)}); {human_bytes(free)} are free there. Free space, choose another -o, or pass --no-gram "
             "(a recipe: calibration.gram: false; prune then skips the least-squares refit)"

@@ -331,7 +331,8 @@ def test_disk_full_is_one_line_and_leaves_nothing(verb, world, tmp_path, capsys)
         filler.write_bytes(b"\0" * (free - 16384))  # 16 KiB left: less than any of these outputs
         code, err = moe(capsys, *world.args(verb, small / "out"))
         assert code == 2 and one_error_line(err), err
-        assert "disk full" in err
+        # calibrate sees before its pass that the refit's Gram matrices cannot fit
+        assert "disk full" in err or (verb == "calibrate" and "not enough free disk" in err and "--no-gram" in err), err
         assert sorted(p.name for p in small.iterdir()) == ["filler"]
 
 

@@ -1,4 +1,4 @@
-"""Benchmark (not a test): every verb at Qwen3-30B-A3B's real layer size, in RAM, disk and time.
+"""Benchmark (not a test): every verb at Qwen3-30B-A3B's real layer size (or Mixtral-8x7B's, --dims), in RAM, disk and time.
 
     python tools/bench_scale.py --layers 2 4 --work /tmp/bench-scale --json out.json
     python tools/bench_scale.py --layers 2 --old-commit 0d15e18     # also the old code, same files
