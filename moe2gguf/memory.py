@@ -23,7 +23,6 @@ import sys
 import time
 import types
 
-
 PEAK_LOG = "MOE2GGUF_PEAK_LOG"
 
 

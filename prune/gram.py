@@ -59,7 +59,7 @@ class GramSpill:
 
     def matrix(self, xid: int) -> torch.Tensor:
         """Expert `xid`'s matrix, float32, from its file (then deleted). Rows are summed in
-        float32 products of up to CHUNK_ROWS rows, and those in float64: an expert that saw no
+        float32 products of about CHUNK_ROWS rows, and those in float64: an expert that saw no
         more rows than that (Qwen3-30B-A3B's, at 32,768 tokens) never needs the float64 copy."""
         width, rows = self.widths[xid], self.rows[xid]
         if not rows:  # no token reached it (or it has no channel): no file

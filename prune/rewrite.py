@@ -47,12 +47,15 @@ def refit_down(down: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge
     # (0.9 GB) is factored in place (as the column-major view of itself: it is symmetric), and
     # the factor is applied by two triangular solves, which do not copy it as cholesky_solve
     # does (tools/bench_scale.py --dims mixtral-8x7b)
-    gkk = gram[keep[:, None], keep].to(F64)
-    gkk.diagonal().add_(ridge * float(gkk.diagonal().mean().clamp_min(1e-30)))
-    chol, info = torch.linalg.cholesky_ex(gkk.mT, check_errors=False, out=(gkk.mT, torch.empty((), dtype=torch.int32)))
-    if info:  # not positive definite even with the ridge: a general solve of the matrix, made again
+    def kept_block() -> torch.Tensor:
         gkk = gram[keep[:, None], keep].to(F64)
         gkk.diagonal().add_(ridge * float(gkk.diagonal().mean().clamp_min(1e-30)))
+        return gkk
+
+    gkk = kept_block()
+    chol, info = torch.linalg.cholesky_ex(gkk.mT, check_errors=False, out=(gkk.mT, torch.empty((), dtype=torch.int32)))
+    if info:  # not positive definite even with the ridge: a general solve of the block, made again
+        gkk = kept_block()
         x = torch.linalg.solve(gkk, gram[keep[:, None], drop].to(F64))
     else:
         y = torch.linalg.solve_triangular(chol, gram[keep[:, None], drop].to(F64), upper=False)
