@@ -8,6 +8,7 @@ plain `load_state_dict`, and calibration observes every expert through one tap.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,9 @@ from moe2gguf.errors import UserError
 # down_proj), their router weights w and the expert's output y = down_proj(h) before the
 # router weight (None for an expert pruned to width 0).
 ExpertObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+# resident(xid): a context in which expert xid's weights are in memory, for experts whose
+# weights are not held between calls (the probe's candidates, prune/probe.py)
+ExpertLoader = Callable[[int], contextlib.AbstractContextManager]
 
 
 DEFAULT_PARTS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -80,6 +84,7 @@ class ExpertList(nn.ModuleList):
     def __init__(self, hidden: int, widths: list[int], act: str, device: torch.device | str = "meta", parts: dict[str, str] | None = None):
         super().__init__(ExpertMLP(hidden, w, act, device, parts) for w in widths)
         self.observer: ExpertObserver | None = None
+        self.resident: ExpertLoader | None = None
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden)
@@ -88,8 +93,9 @@ class ExpertList(nn.ModuleList):
             expert = self[xid]
             x = hidden[token]
             w = top_k_weights[token, slot].unsqueeze(-1)
-            h = expert.intermediate(x)
-            y = expert.down_proj(h) if h.shape[-1] else None  # an expert pruned to nothing contributes nothing
+            with self.resident(xid) if self.resident is not None else contextlib.nullcontext():
+                h = expert.intermediate(x)
+                y = expert.down_proj(h) if h.shape[-1] else None  # an expert pruned to nothing contributes nothing
             if self.observer is not None:
                 self.observer(xid, token, x, h, w, y)
             if y is not None:

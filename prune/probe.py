@@ -16,8 +16,9 @@ and its KL-divergence from the unpruned model is the score. One layer-by-layer p
 every candidate: a decoder layer is materialised once and runs the unpruned hidden states and
 each candidate's own, with the MoE block's output swapped for the candidate's block. Peak
 memory is one layer (its unpruned experts only while the unpruned stream runs, or while a
-re-fit needs their output) and one pruned block, experts as stored (bf16), a hidden-state copy
-per candidate, and one slice of the output head (`_kld_sums`). The KLD is taken where `check`
+re-fit needs their output), one pruned block's down_proj and router (its experts' gate/up rows
+are sliced from the checkpoint as each expert runs; all of them where a re-fit needs them), a
+hidden-state copy per candidate, and one slice of the output head (`_kld_sums`). The KLD is taken where `check`
 takes it, on the second half of each window (every k-th of those where the head is so large that
 all of them would cost more than `HEAD_MACS`).
 
@@ -54,13 +55,13 @@ from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.device import CPU, moved
 from moe2gguf.memory import release_freed
-from moe2gguf.modeling import build_model, hidden_of, load_weights
+from moe2gguf.modeling import HALF_DTYPES, build_model, hidden_of, load_weights
 from moe2gguf.prune.calibrate import catch_layer_inputs
 from moe2gguf.prune.deploy import Shape, ShapeScores, allocate_shape
 from moe2gguf.progress import bar
 from moe2gguf.protocol import scored
 from moe2gguf.prune.reconstruct import BlockFit
-from moe2gguf.prune.rewrite import pruned_config, pruned_layer
+from moe2gguf.prune.rewrite import kept_experts, pruned_config, pruned_layer, pruned_tensors
 
 PROBE_TOKENS = 8192  # calibration tokens the shapes are measured on
 # windows run through a layer at once. With the unpruned experts resident beside a candidate's
@@ -108,6 +109,40 @@ def _final_head(model: nn.Module, arch: MoEArch, ckpt: Checkpoint) -> tuple[nn.M
     if not arch.head_is_tied(ckpt):
         raise RuntimeError(f"{ckpt.path} has no {arch.head_name} and does not tie it to the embeddings")
     return norm, ckpt.tensor(f"{_name_of(model, model.get_input_embeddings())}.weight")
+
+
+def _load_sliced_on_call(block: nn.Module, prefix: str, ckpt: Checkpoint, arch: MoEArch, bid: int, channels: list[torch.Tensor],
+                         gram: Sequence[torch.Tensor] | None, device: torch.device) -> None:
+    """Materialise a candidate's pruned MoE `block` (parameters under `prefix`) with its kept
+    experts' gate/up rows left in the checkpoint: each expert's are sliced from the checkpoint's
+    pages while it runs (`ExpertList.resident`) and let go after. The block holds its router,
+    its down_proj (refit once: a Cholesky solve per expert) and one expert's gate/up, not all of
+    them: the whole pruned block is 2 GB at Mixtral-8x7B's layer size, held beside the refit's
+    Gram matrix and solve (`tools/bench_scale.py --dims mixtral-8x7b`)."""
+    kept = kept_experts(channels)
+    tensors = dict(pruned_tensors(ckpt, arch, bid, channels, gram, parts=("down",)))
+    for k, xid in enumerate(kept):  # placeholders of the pruned shape, for load_weights' checks
+        for p in ("gate", "up"):
+            tensors[arch.expert_name(bid, k, p)] = torch.empty(channels[xid].numel(), ckpt.shape(arch.expert_name(bid, xid, p))[1], device="meta")
+    load_weights(block, prefix, _Overlay(ckpt, tensors), torch.float32, experts_as_stored=True)
+    del tensors
+    block._apply(lambda t: t if t.is_meta else t.to(device))  # Module.to cannot move the placeholders
+    experts = block.experts
+
+    @contextlib.contextmanager
+    def resident(k: int) -> Iterator[None]:
+        lins = (experts[k].gate_proj, experts[k].up_proj)
+        held = [lin.weight for lin in lins]
+        for lin, p in zip(lins, ("gate", "up"), strict=True):
+            w = ckpt.tensor(arch.expert_name(bid, kept[k], p))[channels[kept[k]]]
+            lin.weight = nn.Parameter((w if w.dtype in HALF_DTYPES else w.float()).to(device), requires_grad=False)
+        try:
+            yield
+        finally:
+            for lin, w in zip(lins, held, strict=True):
+                lin.weight = w
+
+    experts.resident = resident
 
 
 @contextlib.contextmanager
@@ -267,10 +302,14 @@ def shape_klds(
             parch, pmodel = pruned[s]
             block = parch.moe_block(pmodel, bid)
             name = _name_of(pmodel, block)
-            tensors, _ = pruned_layer(source, arch, bid, allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None)
-            load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32, experts_as_stored=True)
-            block.to(device)
-            del tensors
+            channels, gram = allocs[s].channels[moe_index[bid]], grams[bid] if grams is not None else None
+            if reconstruct:  # the re-fit needs every kept expert's weights at once
+                tensors, _ = pruned_layer(source, arch, bid, channels, gram)
+                load_weights(block, f"{name}.", _Overlay(ckpt, tensors), torch.float32, experts_as_stored=True)
+                block.to(device)
+                del tensors
+            else:
+                _load_sliced_on_call(block, f"{name}.", ckpt, arch, bid, channels, gram, device)
             oblock = arch.moe_block(model, bid)
             if reconstruct:  # the unpruned block's output on the pruned stream is the fit's target
                 fit = BlockFit(block, arch.hidden_size)

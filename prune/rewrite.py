@@ -65,13 +65,11 @@ def refit_down(down: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge
     return down[:, keep].to(dt) + down[:, drop].to(dt) @ x.T.to(dt)
 
 
-def slice_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kept channels of one expert (gate/up rows, down columns); refit down when gram is given."""
+def sliced_down(down: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert's down_proj columns of its kept channels, refit when `gram` is given."""
     if gram is None or keep.numel() == down.shape[1]:  # nothing removed: nothing to refit
-        new_down = down[:, keep]
-    else:
-        new_down = refit_down(down, gram, keep).to(down.dtype)
-    return gate[keep].contiguous(), up[keep].contiguous(), new_down.contiguous()
+        return down[:, keep].contiguous()
+    return refit_down(down, gram, keep).to(down.dtype).contiguous()
 
 
 def kept_experts(channels: list[torch.Tensor]) -> list[int]:
@@ -79,22 +77,28 @@ def kept_experts(channels: list[torch.Tensor]) -> list[int]:
     return [xid for xid, ch in enumerate(channels) if ch.numel() > 0]
 
 
+EXPERT_PARTS = ("gate", "up", "down")
+
+
 def pruned_tensors(
-    ckpt: Checkpoint, arch: MoEArch, bid: int, channels: list[torch.Tensor], grams: Sequence[torch.Tensor] | None = None
+    ckpt: Checkpoint, arch: MoEArch, bid: int, channels: list[torch.Tensor], grams: Sequence[torch.Tensor] | None = None,
+    parts: Sequence[str] = EXPERT_PARTS,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """MoE layer `bid` as the rewrite stores it, one tensor at a time: kept experts sliced,
-    refit when `grams` (per expert, [width, width]) is given, renumbered 0..K-1, then the
-    router tensors cut to their rows. One at a time so that a writer can let each go once it is
-    on disk: a whole pruned layer (0.9 GB at Qwen3-30B-A3B) held beside the shard being filled
-    made the rewrite's peak depend on where the layer fell in the shards."""
+    """MoE layer `bid` as the rewrite stores it, one tensor at a time: kept experts' `parts`
+    sliced (down refit when `grams`, per expert [width, width], is given), renumbered 0..K-1,
+    then the router tensors cut to their rows. One at a time so that a writer can let each go
+    once it is on disk: a whole pruned layer (0.9 GB at Qwen3-30B-A3B) held beside the shard
+    being filled made the rewrite's peak depend on where the layer fell in the shards."""
     rows = kept_experts(channels)
     for k, xid in enumerate(rows):
-        parts = [ckpt.tensor(arch.expert_name(bid, xid, p)) for p in ("gate", "up", "down")]
-        gram = grams[xid] if grams is not None else None
-        sliced = slice_expert(*parts, channels[xid], gram)
-        del parts
-        for p, t in zip(("gate", "up", "down"), sliced, strict=True):
-            yield arch.expert_name(bid, k, p), t
+        keep = channels[xid]
+        for p in parts:
+            w = ckpt.tensor(arch.expert_name(bid, xid, p))
+            if p == "down":
+                yield arch.expert_name(bid, k, p), sliced_down(w, keep, grams[xid] if grams is not None else None)
+            else:
+                yield arch.expert_name(bid, k, p), w[keep].contiguous()
+            del w
     for name in arch.router_tensor_names(bid):
         if name in ckpt:  # the router, and per-expert router extras (V3's selection bias)
             yield name, ckpt.tensor(name)[rows]

@@ -193,3 +193,46 @@ def test_calibrate_holds_no_statistics_of_the_layers_it_has_done(tmp_path: pathl
     a, b = load_file(out / SCORES), load_file(tmp_path / "kept" / SCORES)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (out / IMATRIX).read_bytes() == (tmp_path / "kept" / IMATRIX).read_bytes()
+
+
+def test_a_probed_candidate_holds_one_experts_gate_and_up_at_a_time(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the probe runs a candidate shape (no re-fit of the candidate), the tensors alive
+    are the candidate's router and down_proj plus ONE expert's gate/up rows, sliced from the
+    checkpoint as that expert runs: a whole pruned block held there was 2 GB at
+    Mixtral-8x7B's layer size, on top of the refit's Gram matrix. The KLD is unchanged
+    (tests/test_probe.py pins it against the written checkpoint)."""
+    from conftest import calibrated_tiny_qwen3moe
+
+    from moe2gguf.arch import arch_for_config
+    from moe2gguf.modeling import ExpertMLP
+    from moe2gguf.prune.calibrate import calibration_windows
+    from moe2gguf.prune.deploy import Shape
+    from moe2gguf.prune.probe import shape_klds
+    from moe2gguf.prune.prune import Calib
+
+    hidden, width, experts, kept, pruned_width = 64, 2048, 8, 6, 1024
+    model, calib_dir = calibrated_tiny_qwen3moe(tmp_path, seed=0, tokens=512, ctx=64, moe_intermediate_size=width, num_hidden_layers=1)
+    ckpt = Checkpoint(model)
+    arch = arch_for_config(ckpt.config)
+    cal = Calib(calib_dir, arch, ckpt)
+    windows = calibration_windows(model, cal.info, 512)
+    held: list[int] = []
+    plain = ExpertMLP.intermediate
+
+    def counted(self: ExpertMLP, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj.out_features == pruned_width:  # the candidate's experts, not the unpruned layer's
+            held.append(_held_tensor_bytes())
+        return plain(self, x)
+
+    monkeypatch.setattr(ExpertMLP, "intermediate", counted)
+    before = _held_tensor_bytes()
+    klds = shape_klds(ckpt, arch, [Shape(kept, pruned_width)], cal.attribution(), [1], windows, cal.grams)
+    assert held and all(v > 0 for v in klds.values())
+    f32 = 4  # the tiny checkpoint is stored in float32
+    one_gate_up = 2 * pruned_width * hidden * f32
+    down = kept * pruned_width * hidden * f32
+    embeddings = 4096 * hidden * f32  # materialised for the probe's first layer's inputs
+    # besides: hidden states (the unpruned stream's and the candidate's) and the attention, in
+    # the 0.5 MB; all of the candidate's gate/up at once (the old probe) was 1.8 MB over the bound
+    bound = down + 2 * one_gate_up + embeddings + (512 << 10)
+    assert max(held) - before < bound, (max(held) - before, bound)
