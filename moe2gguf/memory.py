@@ -26,6 +26,15 @@ import types
 PEAK_LOG = "MOE2GGUF_PEAK_LOG"
 
 
+def physical_ram() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say): what a step that would
+    hold more is refused or skipped against, before the work rather than by the OOM killer."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 @functools.cache
 def _trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     name = ctypes.util.find_library("c")

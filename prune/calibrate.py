@@ -37,7 +37,7 @@ from moe2gguf.device import CPU, moved, resolve
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
-from moe2gguf.memory import release_freed
+from moe2gguf.memory import physical_ram, release_freed
 from moe2gguf.modeling import ExpertObserver, build_model, hidden_of, load_model, load_weights
 from moe2gguf.outputs import free_bytes, sweep_stale
 from moe2gguf.protocol import read_text
@@ -381,14 +381,10 @@ _SPILL_DIR = ".layer-stats"
 _IMATRIX_ONLY = (".in_sum2", ".mid_sum2")
 
 
-def _ram_bytes() -> int | None:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-
-
 def taylor_refusal(weight_bytes: int, limit: int | None = None, ram: int | None = None) -> str | None:
     """Why the full-model backward of the Taylor pass is not run, or None when it fits."""
     limit = TAYLOR_LIMIT if limit is None else limit
-    ram = _ram_bytes() if ram is None else ram
+    ram = physical_ram() if ram is None else ram
     cap = min(limit, ram // 2) if ram else limit
     if weight_bytes > cap:
         return (
@@ -459,7 +455,7 @@ def check_fits(arch: MoEArch, tokens: int, ctx: int) -> None:
     if isinstance(longest, int) and ctx > longest:
         raise UserError(f"--ctx {ctx} is longer than the {longest} positions the model was trained for (max_position_embeddings); lower --ctx")
     need = 2 * tokens * arch.hidden_size * 4
-    ram = _ram_bytes()
+    ram = physical_ram()
     if ram and need > ram:
         raise UserError(
             f"--tokens {tokens:,} needs {need / 2**30:,.1f} GiB for the hidden states (hidden size {arch.hidden_size}), "

@@ -104,7 +104,7 @@ def write_grams(folder: pathlib.Path, bid: int, widths: list[int], matrix: Calla
     """Layer `bid`'s matrices (`matrix(xid)`, [width, width] float32), keyed by expert index,
     into CALIB/gram/ (`moe2gguf.calib.gram_part`): consecutive experts share a file up to
     `PART_BYTES`, and a file's matrices are made only when the previous file is written, so
-    memory holds one file's."""
+    memory holds one file's. Parts of the layer beyond these (an earlier write) are removed."""
     parts: list[list[int]] = []
     size = 0
     for xid, w in enumerate(widths):
@@ -117,3 +117,5 @@ def write_grams(folder: pathlib.Path, bid: int, widths: list[int], matrix: Calla
         f = gram_part(folder, bid, k)
         f.parent.mkdir(exist_ok=True)
         save_file({str(x): matrix(x).contiguous() for x in xids}, f)
+    for k in range(len(parts), len(widths)):  # of an earlier write in more parts (at most one per expert): readers take every part
+        gram_part(folder, bid, k).unlink(missing_ok=True)

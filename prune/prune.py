@@ -32,14 +32,16 @@ from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.quantize import ftype_of
 from moe2gguf.exporter.writer import check_against_config
 from moe2gguf.layout import DEFAULT_LAYOUT, LAYOUTS, PRUNE_LAYOUTS
+from moe2gguf.memory import physical_ram
 from moe2gguf.options import METHODS, PROBE_SHAPES, RENAMED
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.calibrate import calibration_windows
-from moe2gguf.prune.reconstruct import MIN_TOKENS_PER_CHANNEL, enough_tokens
+from moe2gguf.prune.reconstruct import MIN_TOKENS_PER_CHANNEL, enough_tokens, refit_bytes
 from moe2gguf.prune.reconstruct import reconstruct as run_reconstruct
 from moe2gguf.prune.rewrite import routed_params, write_pruned
 from moe2gguf.prune.scores import channel_scores, normalise_layers, reap_saliency
 from moe2gguf.recipe import parse_size
+from moe2gguf.units import human_bytes
 
 EXPERT_METHODS = ("reap", "frequency")  # whole experts removed, kept ones stay whole
 REPORT = "prune_report.json"
@@ -340,7 +342,7 @@ def prune(
     alloc = A.Allocation(per_layer)
     recon_skipped = None
     if reconstruct:
-        reconstruct, recon_skipped = reconstruct_verdict(cal, layer_alloc, asked)
+        reconstruct, recon_skipped = reconstruct_verdict(cal, layer_alloc, arch, asked)
     grams = cal.grams if refit else None
     if refit and grams is None:
         click.echo(f"note: {cal.refit_note}", err=True)
@@ -381,11 +383,21 @@ def prune(
     return report
 
 
-def reconstruct_verdict(cal: Calib, alloc: A.Allocation, asked: bool) -> tuple[bool, str | None]:
-    """Whether the block re-fit runs, and why not: by default it is skipped where the CALIB has
-    too few tokens for the channels a layer keeps (it would fit the text, not the model,
-    prune/reconstruct.py); asked for by name, it runs and a note says what to expect."""
+def reconstruct_verdict(cal: Calib, alloc: A.Allocation, arch: MoEArch, asked: bool) -> tuple[bool, str | None]:
+    """Whether the block re-fit runs, and why not. It is skipped where it would hold more than
+    this machine's memory (the pruned model is still written: the OOM killer would lose it), and
+    by default where the CALIB has too few tokens for the channels a layer keeps (it would fit
+    the text, not the model, prune/reconstruct.py); asked for by name, it then runs and a note
+    says what to expect."""
     tokens = int(cal.info["tokens"])
+    layers = 2 * int(cal.info.get("max_layer_param_bytes", 0))  # the pruned and the unpruned layer
+    need = layers + max(refit_bytes([int(c.numel()) for c in layer if c.numel()] or [0], tokens, arch.n_used, arch.hidden_size) for layer in alloc.channels)
+    ram = physical_ram()
+    if ram and need > ram:
+        why = (f"it would hold about {human_bytes(need)} at this layer size (the kept experts' blocks and the features of "
+               f"{tokens:,} calibration tokens), more than this machine's {human_bytes(ram)}")
+        click.echo(f"note: the block re-fit is skipped: {why}; the pruned model is written without it", err=True)
+        return False, why
     kept = max(sum(int(ch.numel()) for ch in layer) for layer in alloc.channels)
     if enough_tokens(tokens, kept):
         return True, None

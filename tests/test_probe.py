@@ -185,3 +185,28 @@ def test_with_too_few_calibration_tokens_the_re_fit_is_skipped_and_said_so(model
     assert r.exit_code == 0, r.output
     rep = json.loads((forced / "prune_report.json").read_text())
     assert rep["reconstruct"] and "reconstruct_skipped" not in rep and "it runs as asked" in r.output
+
+
+def test_a_re_fit_larger_than_the_machines_memory_is_skipped_even_asked_for_and_the_model_still_written(
+    model64, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block re-fit's per-expert blocks and features grow with width and tokens (7.4 GB of
+    blocks alone at Mixtral-8x7B's layer size): where they would pass the machine's memory it is
+    skipped with a note, even under --reconstruct, and the pruned model is written; the OOM
+    killer would have lost the whole run."""
+    import json
+
+    from click.testing import CliRunner
+
+    import moe2gguf.prune.prune as P
+    from moe2gguf.cli import cli
+
+    monkeypatch.setattr(P, "physical_ram", lambda: 64 << 10)  # 64 KiB: less than any layer's re-fit
+    model, calib_dir = model64
+    out = tmp_path / "small-machine"
+    r = CliRunner().invoke(cli, ["prune", str(model), "--calib", str(calib_dir), "--ratio", "0.25", "--layout", "llama.cpp", "--reconstruct", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["reconstruct"] is None and "more than this machine's 64.00 KiB" in rep["reconstruct_skipped"]
+    assert "note: the block re-fit is skipped" in r.output and "runs as asked" not in r.output
+    assert (out / "model.safetensors").is_file()

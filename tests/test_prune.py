@@ -216,7 +216,8 @@ def test_refit_reads_the_gram_matrices_calibrate_wrote_per_layer(tiny_qwen3moe: 
     """CALIB keeps each layer's Gram matrices in gram/layer-N.safetensors (never all in RAM);
     prune's refit reads them a layer at a time and gives what the older one-file CALIB gave,
     and what a CALIB gives whose layers' matrices are split over several files (as calibrate
-    splits wide experts'); without them prune says so and the report records why; a damaged or
+    splits wide experts', and a layer written again in fewer files leaves none of the old
+    split's parts); without them prune says so and the report records why; a damaged or
     missing one is one line, exit 2."""
     import shutil
 
@@ -266,6 +267,11 @@ def test_refit_reads_the_gram_matrices_calibrate_wrote_per_layer(tiny_qwen3moe: 
     r = CliRunner().invoke(cli, [*args, "--calib", str(parts), "-o", str(tmp_path / "parts-bad")])
     assert r.exit_code == 2 and "expert 5" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "parts-bad").exists()
+    monkeypatch.undo()  # the layers written again, one file each: the parts left of the split are no longer read
+    for bid in range(2):
+        layer = load_file(str(gram_file(calib, bid)))
+        write_grams(parts, bid, [32] * 8, lambda x, layer=layer: layer[str(x)])
+    assert sorted(p.name for p in (parts / "gram").iterdir()) == ["layer-0.safetensors", "layer-1.safetensors"]
 
     none = tmp_path / "no-gram"
     shutil.copytree(calib, none)
