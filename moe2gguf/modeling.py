@@ -117,6 +117,12 @@ def build_model(arch: MoEArch, widths: list[list[int]] | None = None) -> nn.Modu
     return model.eval()
 
 
+def as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An expert weight as it is held for computing in `dtype`: in its 16-bit dtype where it is
+    stored so (`StoredLinear` upcasts it per call), else converted."""
+    return t if t.dtype in HALF_DTYPES else t.to(dtype)
+
+
 def load_weights(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype, experts_as_stored: bool = False) -> None:
     """Materialise `module`'s parameters from the checkpoint tensors named `prefix + key`, as
     `dtype`; with `experts_as_stored`, routed-expert weights stored as bf16/f16 stay so
@@ -128,7 +134,7 @@ def load_weights(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.
 
     def read(k: str) -> torch.Tensor:
         t = ckpt.tensor(prefix + k)
-        return t if k in stored and t.dtype in HALF_DTYPES else t.to(dtype)
+        return as_stored(t, dtype) if k in stored else t.to(dtype)
 
     state = {k: read(k) for k in expected}
     for k, v in state.items():

@@ -315,14 +315,16 @@ def plan_deployable(cal: Calib, ckpt: Checkpoint, arch: MoEArch, req: DeployRequ
         if probe <= 0:
             return table.best(fit)
         from moe2gguf.prune.probe import PROBE_TOKENS, candidates, shape_klds  # probe.py imports this module
-        from moe2gguf.prune.reconstruct import enough_tokens, joint_fits
+        from moe2gguf.prune.reconstruct import enough_tokens, joint_fits, refit_memory_refusal
 
         cands = candidates(fit, table, probe)
         if len(cands) == 1:  # e.g. --experts given: nothing to compare
             return cands[0], table.coverage(cands[0])
         # the re-fit needs as many tokens as prune's own (prune/probe.py); the plain probe far fewer
-        # where the final re-fit is skipped for too few tokens (prune.py says so), so is the probe's
-        recon = reconstruct and all(enough_tokens(int(cal.info["tokens"]), c.experts * c.width) for c in cands)
+        # where the final re-fit is skipped, for too few tokens or for memory (prune.py says so), so is the probe's
+        have, layer_bytes = int(cal.info["tokens"]), int(cal.info.get("max_layer_param_bytes", 0))
+        recon = reconstruct and all(enough_tokens(have, c.experts * c.width) for c in cands) and not any(
+            refit_memory_refusal([c.width] * c.experts, have, arch.n_used, arch.hidden_size, layer_bytes) for c in cands)
         refit_each = recon and all(joint_fits(c.experts * c.width) for c in cands)
         if recon and not refit_each:
             probe_refit["skipped"] = (f"the probe ranked the shapes without --reconstruct's re-fit: at up to {max(c.experts * c.width for c in cands):,} "

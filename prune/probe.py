@@ -55,7 +55,7 @@ from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.device import CPU, moved
 from moe2gguf.memory import release_freed
-from moe2gguf.modeling import HALF_DTYPES, build_model, hidden_of, load_weights
+from moe2gguf.modeling import as_stored, build_model, hidden_of, load_weights
 from moe2gguf.prune.calibrate import catch_layer_inputs
 from moe2gguf.prune.deploy import Shape, ShapeScores, allocate_shape
 from moe2gguf.progress import bar
@@ -116,9 +116,9 @@ def _load_sliced_on_call(block: nn.Module, prefix: str, ckpt: Checkpoint, arch: 
     """Materialise a candidate's pruned MoE `block` (parameters under `prefix`) with its kept
     experts' gate/up rows left in the checkpoint: each expert's are sliced from the checkpoint's
     pages while it runs (`ExpertList.resident`) and let go after. The block holds its router,
-    its down_proj (refit once: a Cholesky solve per expert) and one expert's gate/up, not all of
-    them: the whole pruned block is 2 GB at Mixtral-8x7B's layer size, held beside the refit's
-    Gram matrix and solve (`tools/bench_scale.py --dims mixtral-8x7b`)."""
+    its down_proj (made once, with `rewrite.refit_down` where `gram` is given) and one expert's
+    gate/up, not all of them: a whole pruned block is 2 GB at Mixtral-8x7B's layer size, and it
+    sat beside the next expert's down_proj refit (`tools/bench_scale.py --dims mixtral-8x7b`)."""
     kept = kept_experts(channels)
     tensors = dict(pruned_tensors(ckpt, arch, bid, channels, gram, parts=("down",)))
     for k, xid in enumerate(kept):  # placeholders of the pruned shape, for load_weights' checks
@@ -126,17 +126,21 @@ def _load_sliced_on_call(block: nn.Module, prefix: str, ckpt: Checkpoint, arch: 
             tensors[arch.expert_name(bid, k, p)] = torch.empty(channels[xid].numel(), ckpt.shape(arch.expert_name(bid, xid, p))[1], device="meta")
     load_weights(block, prefix, _Overlay(ckpt, tensors), torch.float32, experts_as_stored=True)
     del tensors
-    block._apply(lambda t: t if t.is_meta else t.to(device))  # Module.to cannot move the placeholders
+    if device != CPU:  # Module.to cannot move the meta placeholders: every other tensor, one by one
+        for m in block.modules():
+            for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+                if not t.is_meta:
+                    setattr(m, n, nn.Parameter(t.to(device), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(device))
     experts = block.experts
 
     @contextlib.contextmanager
     def resident(k: int) -> Iterator[None]:
         lins = (experts[k].gate_proj, experts[k].up_proj)
         held = [lin.weight for lin in lins]
-        for lin, p in zip(lins, ("gate", "up"), strict=True):
-            w = ckpt.tensor(arch.expert_name(bid, kept[k], p))[channels[kept[k]]]
-            lin.weight = nn.Parameter((w if w.dtype in HALF_DTYPES else w.float()).to(device), requires_grad=False)
         try:
+            for lin, p in zip(lins, ("gate", "up"), strict=True):
+                w = as_stored(ckpt.tensor(arch.expert_name(bid, kept[k], p))[channels[kept[k]]], torch.float32)
+                lin.weight = nn.Parameter(w.to(device), requires_grad=False)
             yield
         finally:
             for lin, w in zip(lins, held, strict=True):
@@ -329,6 +333,7 @@ def shape_klds(
             with _swapped(layer, oblock, block):
                 streams[s][:] = run(layer, streams[s])
             block.to("meta")
+            block.experts.resident = None
             release_freed()
         # an overlay holds the layer's tensors, mapped from the checkpoint: kept past the loop it
         # held the last layer's 1.2 GB of file pages through the KLD at 30B layer size

@@ -32,16 +32,14 @@ from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.quantize import ftype_of
 from moe2gguf.exporter.writer import check_against_config
 from moe2gguf.layout import DEFAULT_LAYOUT, LAYOUTS, PRUNE_LAYOUTS
-from moe2gguf.memory import physical_ram
 from moe2gguf.options import METHODS, PROBE_SHAPES, RENAMED
 from moe2gguf.prune import allocate as A
 from moe2gguf.prune.calibrate import calibration_windows
-from moe2gguf.prune.reconstruct import MIN_TOKENS_PER_CHANNEL, enough_tokens, refit_bytes
+from moe2gguf.prune.reconstruct import MIN_TOKENS_PER_CHANNEL, enough_tokens, refit_memory_refusal
 from moe2gguf.prune.reconstruct import reconstruct as run_reconstruct
 from moe2gguf.prune.rewrite import routed_params, write_pruned
 from moe2gguf.prune.scores import channel_scores, normalise_layers, reap_saliency
 from moe2gguf.recipe import parse_size
-from moe2gguf.units import human_bytes
 
 EXPERT_METHODS = ("reap", "frequency")  # whole experts removed, kept ones stay whole
 REPORT = "prune_report.json"
@@ -390,12 +388,9 @@ def reconstruct_verdict(cal: Calib, alloc: A.Allocation, arch: MoEArch, asked: b
     the text, not the model, prune/reconstruct.py); asked for by name, it then runs and a note
     says what to expect."""
     tokens = int(cal.info["tokens"])
-    layers = 2 * int(cal.info.get("max_layer_param_bytes", 0))  # the pruned and the unpruned layer
-    need = layers + max(refit_bytes([int(c.numel()) for c in layer if c.numel()] or [0], tokens, arch.n_used, arch.hidden_size) for layer in alloc.channels)
-    ram = physical_ram()
-    if ram and need > ram:
-        why = (f"it would hold about {human_bytes(need)} at this layer size (the kept experts' blocks and the features of "
-               f"{tokens:,} calibration tokens), more than this machine's {human_bytes(ram)}")
+    layer_bytes = int(cal.info.get("max_layer_param_bytes", 0))
+    layers = ([int(c.numel()) for c in layer if c.numel()] or [0] for layer in alloc.channels)
+    if why := next(filter(None, (refit_memory_refusal(w, tokens, arch.n_used, arch.hidden_size, layer_bytes) for w in layers)), None):
         click.echo(f"note: the block re-fit is skipped: {why}; the pruned model is written without it", err=True)
         return False, why
     kept = max(sum(int(ch.numel()) for ch in layer) for layer in alloc.channels)

@@ -40,10 +40,11 @@ from torch import nn
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.device import CPU, moved
-from moe2gguf.memory import release_freed
+from moe2gguf.memory import physical_ram, release_freed
 from moe2gguf.modeling import build_model, hidden_of, load_weights
 from moe2gguf.progress import bar
 from moe2gguf.prune.calibrate import catch_layer_inputs
+from moe2gguf.units import human_bytes
 
 F64 = torch.float64
 RIDGE = 1e-3
@@ -91,17 +92,33 @@ def joint_fits(n_features: int) -> bool:
 
 def refit_bytes(widths: list[int], tokens: int, top_k: int, hidden: int) -> int:
     """Memory the re-fit of one MoE layer keeping experts of `widths` holds besides its two
-    layers, on `tokens` calibration tokens: the joint system, or `Blockwise`'s float64 blocks
-    (two more of the widest while they are inverted), the features of each token's top-k
-    experts with their token indices, and CG's vectors; and the targets and hidden states. The
-    blocks and features are what grows: 7.4 GB and 2.8 GB at Mixtral-8x7B's layer size pruned
-    to 8 x 10,752 on 32,768 tokens."""
+    layers, on `tokens` calibration tokens. Joint: the system, its ridged copy and the solve's
+    factor. Matrix-free (`Blockwise`): the float64 blocks (two more of the widest while they are
+    inverted), the features of each token's top-k experts with their token indices (and one
+    expert's copy while they are joined), and CG's vectors and its [tokens, rows] predictions.
+    Both: the targets and the hidden states. The blocks and the features are what grows: 7.4 GB
+    and 2.8 GB at Mixtral-8x7B's layer size pruned to 8 x 10,752 on 32,768 tokens."""
     n = sum(widths)
     states = 2 * 4 * tokens * hidden
     if joint_fits(n):
-        return 8 * n * (n + hidden) + states
+        return 3 * 8 * n * n + 8 * n * hidden + states
     w = max(widths)
-    return 8 * sum(x * x for x in widths) + 16 * w * w + tokens * top_k * (4 * w + 8) + 5 * CG_CHUNK_BYTES + states
+    rows = max(1, min(hidden, CG_CHUNK_BYTES // (4 * n)))  # as `Blockwise._chunks` cuts them
+    feats = tokens * top_k * (4 * w + 8) + 4 * tokens * w
+    return 8 * sum(x * x for x in widths) + 16 * w * w + feats + 5 * CG_CHUNK_BYTES + 4 * 4 * tokens * rows + states
+
+
+def refit_memory_refusal(widths: list[int], tokens: int, top_k: int, hidden: int, layer_bytes: int) -> str | None:
+    """Why the re-fit of a layer keeping `widths` would not fit this machine's memory (it holds
+    the pruned and the unpruned layer, `layer_bytes` each at most, beside `refit_bytes`), or
+    None: skipped before it starts, the pruned model is still written, where the OOM killer
+    would lose the whole run."""
+    need = 2 * layer_bytes + refit_bytes(widths, tokens, top_k, hidden)
+    ram = physical_ram()
+    if ram is None or need <= ram:
+        return None
+    held = "its normal equations" if joint_fits(sum(widths)) else "the kept experts' blocks and the features"
+    return f"it would hold about {human_bytes(need)} at this layer size ({held} of {tokens:,} calibration tokens), more than this machine's {human_bytes(ram)}"
 
 
 # ----- pure math ------------------------------------------------------------------------------

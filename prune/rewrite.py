@@ -94,11 +94,9 @@ def pruned_tensors(
         keep = channels[xid]
         for p in parts:
             w = ckpt.tensor(arch.expert_name(bid, xid, p))
-            if p == "down":
-                yield arch.expert_name(bid, k, p), sliced_down(w, keep, grams[xid] if grams is not None else None)
-            else:
-                yield arch.expert_name(bid, k, p), w[keep].contiguous()
-            del w
+            t = sliced_down(w, keep, grams[xid] if grams is not None else None) if p == "down" else w[keep].contiguous()
+            del w  # the unpruned tensor (a copy where it was dequantized) is not held while the writer takes the slice
+            yield arch.expert_name(bid, k, p), t
     for name in arch.router_tensor_names(bid):
         if name in ckpt:  # the router, and per-expert router extras (V3's selection bias)
             yield name, ckpt.tensor(name)[rows]

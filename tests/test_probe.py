@@ -192,21 +192,34 @@ def test_a_re_fit_larger_than_the_machines_memory_is_skipped_even_asked_for_and_
 ) -> None:
     """The block re-fit's per-expert blocks and features grow with width and tokens (7.4 GB of
     blocks alone at Mixtral-8x7B's layer size): where they would pass the machine's memory it is
-    skipped with a note, even under --reconstruct, and the pruned model is written; the OOM
-    killer would have lost the whole run."""
+    skipped with a note, even under --reconstruct, and the pruned model is written (the OOM
+    killer would have lost the whole run); the probe then ranks the shapes without it too, as
+    the model it writes is (its KLDs are those of --no-reconstruct). At --ratio 0.5 a layer
+    keeps 256 channels: the CALIB's 2,048 tokens are enough for the re-fit."""
     import json
 
     from click.testing import CliRunner
 
-    import moe2gguf.prune.prune as P
+    import moe2gguf.prune.reconstruct as R
     from moe2gguf.cli import cli
 
-    monkeypatch.setattr(P, "physical_ram", lambda: 64 << 10)  # 64 KiB: less than any layer's re-fit
     model, calib_dir = model64
-    out = tmp_path / "small-machine"
-    r = CliRunner().invoke(cli, ["prune", str(model), "--calib", str(calib_dir), "--ratio", "0.25", "--layout", "llama.cpp", "--reconstruct", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    rep = json.loads((out / "prune_report.json").read_text())
-    assert rep["reconstruct"] is None and "more than this machine's 64.00 KiB" in rep["reconstruct_skipped"]
-    assert "note: the block re-fit is skipped" in r.output and "runs as asked" not in r.output
-    assert (out / "model.safetensors").is_file()
+    args = ["prune", str(model), "--calib", str(calib_dir), "--ratio", "0.5", "--layout", "llama.cpp"]
+
+    def klds(rep: dict) -> dict:
+        return {(s["experts"], s["width"]): s["probe_kld"] for s in rep["shapes_considered"] if "probe_kld" in s}
+
+    def report(out: pathlib.Path, *extra: str) -> tuple[dict, str]:
+        r = CliRunner().invoke(cli, [*args, *extra, "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        return json.loads((out / "prune_report.json").read_text()), r.output
+
+    refit, _ = report(tmp_path / "refit", "--reconstruct")
+    plain, _ = report(tmp_path / "plain", "--no-reconstruct")
+    assert refit["reconstruct"] and klds(refit) != klds(plain)  # the probe re-fits where memory allows
+    monkeypatch.setattr(R, "physical_ram", lambda: 64 << 10)  # 64 KiB: less than any layer's re-fit
+    small, out = report(tmp_path / "small-machine", "--reconstruct")
+    assert small["reconstruct"] is None and "more than this machine's 64.00 KiB" in small["reconstruct_skipped"]
+    assert "note: the block re-fit is skipped" in out and "runs as asked" not in out
+    assert klds(small) == klds(plain) and len(klds(small)) > 1
+    assert (tmp_path / "small-machine" / "model.safetensors").is_file()

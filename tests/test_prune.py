@@ -272,6 +272,10 @@ def test_refit_reads_the_gram_matrices_calibrate_wrote_per_layer(tiny_qwen3moe: 
         layer = load_file(str(gram_file(calib, bid)))
         write_grams(parts, bid, [32] * 8, lambda x, layer=layer: layer[str(x)])
     assert sorted(p.name for p in (parts / "gram").iterdir()) == ["layer-0.safetensors", "layer-1.safetensors"]
+    r = CliRunner().invoke(cli, [*args, "--calib", str(parts), "-o", str(tmp_path / "parts-joined")])
+    assert r.exit_code == 0, r.output
+    joined_w = load_file(str(tmp_path / "parts-joined" / "model.safetensors"))
+    assert all(torch.equal(new_w[k], joined_w[k]) for k in new_w)
 
     none = tmp_path / "no-gram"
     shutil.copytree(calib, none)
