@@ -16,11 +16,11 @@ and its KL-divergence from the unpruned model is the score. One layer-by-layer p
 every candidate: a decoder layer is materialised once and runs the unpruned hidden states and
 each candidate's own, with the MoE block's output swapped for the candidate's block. Peak
 memory is one layer (its unpruned experts only while the unpruned stream runs, or while a
-re-fit needs their output), one pruned block's down_proj and router (its experts' gate/up rows
+re-fit needs their output), one candidate's router and down_proj (its experts' gate/up rows
 are sliced from the checkpoint as each expert runs; all of them where a re-fit needs them), a
-hidden-state copy per candidate, and one slice of the output head (`_kld_sums`). The KLD is taken where `check`
-takes it, on the second half of each window (every k-th of those where the head is so large that
-all of them would cost more than `HEAD_MACS`).
+hidden-state copy per candidate, and one slice of the output head (`_kld_sums`). The KLD is
+taken where `check` takes it, on the second half of each window (every k-th of those where the
+head is so large that all of them would cost more than `HEAD_MACS`).
 
 On the bundled model (8,192 calibration tokens, 12 s for ten shapes) this ranks the ten shapes
 from 4x256 to 8x192 in the same order as their KLD on the held-out eval.txt, where the
@@ -66,7 +66,9 @@ from moe2gguf.prune.rewrite import kept_experts, pruned_config, pruned_layer, pr
 PROBE_TOKENS = 8192  # calibration tokens the shapes are measured on
 # windows run through a layer at once. With the unpruned experts resident beside a candidate's
 # block, 8 windows of 512 took the probe to 3.95 GiB at Qwen3-30B-A3B's layer size and 4 to
-# 3.43 (2 windows: 3.31, 10% slower); without them (now) 4 windows peak at 2.55 GiB
+# 3.43 (2 windows: 3.31, 10% slower); without them 4 windows peaked at 2.55 GiB, and with the
+# candidates' gate/up sliced as each expert runs its shapes peak at 1.6-2.0 GiB, below the
+# unpruned stream's step (2.3-2.5 GiB, tools/bench_scale.py)
 PROBE_BATCH = 4
 
 
