@@ -44,13 +44,26 @@ def _trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
         return None
 
 
+def trim() -> None:
+    """Give the pages of freed tensors back to the OS now (a no-op off glibc), inside a step.
+
+    A loop that allocates and frees tensors of a few MB (a calibration batch's activations, a
+    vocabulary slice of logits) is served from wherever malloc's heap has room, and every
+    page it touches stays resident until a trim. The heap's free address space grows as the
+    layers go (0.4 GB a layer in the shape probe at Qwen3-30B-A3B's layer size), so without a
+    trim inside such a loop its step peaked higher the deeper the model: the probe's KLD step
+    1.99 / 2.07 / 2.21 GiB after 2 / 4 / 8 layers, with one trim per vocabulary slice 1.88 /
+    1.91 (tools/bench_scale.py)."""
+    t = _trim()
+    if t is not None:
+        t(0)
+
+
 def release_freed() -> None:
-    """Give the pages of freed tensors back to the OS (a no-op off glibc)."""
+    """Give the pages of freed tensors back to the OS (a no-op off glibc), ending a step."""
     log = os.environ.get(PEAK_LOG)
     hwm = _high_water() if log else None  # the step's peak, before the trim lowers the RSS
-    trim = _trim()
-    if trim is not None:
-        trim(0)
+    trim()
     if log and hwm is not None:
         _log_peak(log, hwm, sys._getframe(1))
 

@@ -37,7 +37,7 @@ from moe2gguf.device import CPU, moved, resolve
 from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
-from moe2gguf.memory import physical_ram, release_freed
+from moe2gguf.memory import physical_ram, release_freed, trim
 from moe2gguf.modeling import ExpertObserver, build_model, hidden_of, load_model, load_weights
 from moe2gguf.outputs import free_bytes, sweep_stale
 from moe2gguf.protocol import read_text
@@ -234,6 +234,7 @@ class Calibration:
                     out = hidden_of(layer(h, **kw))
                     scale.add_batch(out)
                     hidden[i] = out
+                    trim()  # the batch's freed activations, before the next batch lands elsewhere in the heap
             finally:
                 for hd in handles:
                     hd.remove()

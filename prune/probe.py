@@ -54,7 +54,7 @@ from torch import nn
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.device import CPU, moved
-from moe2gguf.memory import release_freed
+from moe2gguf.memory import release_freed, trim
 from moe2gguf.modeling import as_stored, build_model, hidden_of, load_weights
 from moe2gguf.prune.calibrate import catch_layer_inputs
 from moe2gguf.prune.deploy import Shape, ShapeScores, allocate_shape
@@ -233,6 +233,7 @@ def _kld_sums(ref: torch.Tensor, got: list[torch.Tensor], norm: nn.Module, head:
                 a[i] = a[i] * scale + f64(torch.einsum("ij,ij->i", e, x))
                 c[i] = c[i] * scale + f64(torch.einsum("ij,ij->i", e, x.sub_(zd)))
             m = m_new
+            trim()
         for i in range(len(got)):
             big_a = a[i] / s
             totals[i] += float((torch.log1p(big_a) - big_a + c[i] / s).sum())
@@ -283,6 +284,7 @@ def shape_klds(
         out = []
         for i in batches if batches is not None else range(len(hidden)):
             out.append(hidden_of(layer(hidden[i], **kwargs[i])))
+            trim()
         return out
 
     for bid in bar(range(arch.n_layers), desc="probe shapes", unit="layer"):
