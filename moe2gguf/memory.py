@@ -52,8 +52,8 @@ def trim() -> None:
     page it touches stays resident until a trim. The heap's free address space grows as the
     layers go (0.4 GB a layer in the shape probe at Qwen3-30B-A3B's layer size), so without a
     trim inside such a loop its step peaked higher the deeper the model: the probe's KLD step
-    1.99 / 2.07 / 2.21 GiB after 2 / 4 / 8 layers, with one trim per vocabulary slice 1.88 /
-    1.91 (tools/bench_scale.py)."""
+    1.99 / 2.07 / 2.21 GiB after 2 / 4 / 8 layers, with one trim per vocabulary slice 1.89 /
+    1.92 after 2 / 4 (tools/bench_scale.py)."""
     t = _trim()
     if t is not None:
         t(0)

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from moe2gguf.arch import MoEArch
+from moe2gguf.arch import EXPERT_PARTS, MoEArch
 from moe2gguf.checkpoint import CONFIG, EXPERT_WIDTHS_KEY, INDEX, PRUNE_MAP, Checkpoint, write_prune_map
 from moe2gguf.memory import release_freed
 from moe2gguf.prune.allocate import Allocation
@@ -75,9 +75,6 @@ def sliced_down(down: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor | Non
 def kept_experts(channels: list[torch.Tensor]) -> list[int]:
     """Original index of each expert the allocation keeps (non-empty `channels`), in order."""
     return [xid for xid, ch in enumerate(channels) if ch.numel() > 0]
-
-
-EXPERT_PARTS = ("gate", "up", "down")
 
 
 def pruned_tensors(
