@@ -169,15 +169,17 @@ def _swapped(parent: nn.Module, old: nn.Module, new: nn.Module) -> Iterator[None
 # logits for 1,024 tokens 0.6 GB, so the vocabulary is walked in slices with running sums.
 VOCAB_SLICE = 16384
 TOKEN_SLICE = 512
-# Multiply-adds through the output head per stream that the KLD may cost: 2,048 positions of
+# Multiply-adds through the output head per stream that the KLD may cost: 1,024 positions of
 # Qwen3-30B-A3B's 151,936 x 2048 head. Its cost grows with the vocabulary, the precision a ranking
 # needs does not: past this, every k-th scored position is taken (spread over all windows). At
 # 30B size the 4,096 scored positions of the 8,192 probe tokens took ~150 s on 2 cores (85% of
-# it the product, at the cores' ~85 GFLOPS), more than a layer of calibrate; every other one
-# halves that. On the bundled model (4,096 entries, never strided) every 2nd and every 4th of
-# the 8,192 positions ranked the candidates as all of them did, at --ratio 0.25 and 0.5
-# (7 x 224 < 6 x 256 < 8 x 192 and 8 x 128 < 4 x 256; tools/bench_probe_stride.py).
-HEAD_MACS = 2048 * 151936 * 2048
+# it the product, near the cores' peak), more than a layer of calibrate; every other one took
+# 61 s, still prune's largest cost that does not grow with the layers (2 layers: probe 116 s,
+# rewrite 16 s), so every 4th is taken. The candidates are scored on the same positions, so
+# their differences are paired: on both bundled models (4,096 entries, never strided) every
+# 2nd, 4th and 8th of the 8,192 positions ranked every candidate as all of them did, at --ratio
+# 0.25 and 0.5, down to 64 x 32 < 63 x 32 < 62 x 32, 0.3% apart (tools/bench_probe_stride.py).
+HEAD_MACS = 1024 * 151936 * 2048
 
 
 def kld_stride(positions: int, vocab: int, hidden: int, budget: int) -> int:

@@ -1,5 +1,5 @@
 """Does the probe rank the candidate shapes the same on every k-th scored position? (prune/probe.py
-`HEAD_MACS`: through a head as large as Qwen3-30B-A3B's, the KLD is taken on every other one.)
+`HEAD_MACS`: through a head as large as Qwen3-30B-A3B's, the KLD is taken on every 4th one.)
 
     python tools/bench_probe_stride.py [--model DIR --calib CALIB] [--ratios 0.25 0.5] [--strides 1 2 4]
 
