@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from functools import cached_property
 from collections.abc import Iterator, Mapping, Sequence
 
 import click
@@ -139,10 +140,11 @@ class Calib:
     def get(self, what: str) -> list[torch.Tensor]:
         return [self.t[f"layers.{b}.{what}"] for b in self.layers]
 
-    @property
+    @cached_property
     def grams(self) -> Mapping[int, Sequence[torch.Tensor]] | None:
         """Each MoE layer's per-expert Gram matrices for the refit, or None when this CALIB has
-        none (`refit_note` says why)."""
+        none (`refit_note` says why); every expert's is found in its layer's files here, before
+        the work (`LayerGrams`)."""
         if all(f"layers.{b}.gram" in self.t for b in self.layers):
             return {b: self.t[f"layers.{b}.gram"] for b in self.layers}
         if all(gram_file(self.path, b).is_file() for b in self.layers):
@@ -157,14 +159,21 @@ class Calib:
 
 
 class LayerGrams(Mapping[int, Sequence[torch.Tensor]]):
-    """CALIB/gram/, read as the rewrite or the probe reaches each expert (and checked then): at
-    Qwen3-30B-A3B an expert's Gram matrix is 2.4 MB, a layer's 302 MB and the model's 14 GiB."""
+    """CALIB/gram/, read as the rewrite or the probe reaches each expert (its values checked
+    then): at Qwen3-30B-A3B an expert's Gram matrix is 2.4 MB, a layer's 302 MB and the model's
+    14 GiB. Which file holds each expert's is read from the files' headers at once: a CALIB that
+    lacks one is refused before the probe and the rewrite, not when they reach its layer (the
+    48th of Qwen3-30B-A3B's after about an hour of them)."""
 
     def __init__(self, cal: Calib):
         self.cal = cal
+        self._layers = {b: _ExpertGrams(cal, gram_parts(cal.path, b)) for b in cal.layers}
+        for g in self._layers.values():
+            for xid in range(len(g)):
+                g._file(str(xid))
 
     def __getitem__(self, bid: int) -> Sequence[torch.Tensor]:
-        return _ExpertGrams(self.cal, gram_parts(self.cal.path, bid))
+        return self._layers[bid]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.cal.layers)
