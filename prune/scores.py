@@ -42,8 +42,9 @@ F64 = torch.float64
 NORM_BLOCK_BYTES = 64 << 20  # `norms`: the float64 copy of a weight's rows made at once
 # The float64 copy of a batch's inputs that `InputStats` and `ScaleStats` sum, made this many
 # bytes of rows at a time. Whole, it was 64 MB at 4,096 tokens of hidden 2,048, and its square as
-# much again, per hooked projection: in row blocks calibrate peaked at 2.32 / 2.35 GiB at 2 / 4
-# layers of Qwen3-30B-A3B's size, against 2.45 / 2.56, in the same time (tools/bench_scale.py).
+# much again, per hooked projection: in row blocks calibrate peaked at 2.29-2.32 / 2.35-2.45 GiB
+# (two runs) at 2 / 4 layers of Qwen3-30B-A3B's size, against 2.45 / 2.56, in the same time
+# (tools/bench_scale.py).
 ROW_BLOCK_BYTES = 1 << 20
 
 
