@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import pathlib
-from functools import cached_property
 from collections.abc import Iterator, Mapping, Sequence
+from functools import cached_property
 
 import click
 import torch
