@@ -147,8 +147,11 @@ class Calib:
         the work (`LayerGrams`)."""
         if all(f"layers.{b}.gram" in self.t for b in self.layers):
             return {b: self.t[f"layers.{b}.gram"] for b in self.layers}
-        if all(gram_file(self.path, b).is_file() for b in self.layers):
+        missing = [b for b in self.layers if not gram_file(self.path, b).is_file()]
+        if not missing:
             return LayerGrams(self)
+        if len(missing) < len(self.layers):  # some layers' files are there: damaged, not a CALIB without them
+            raise UserError(f"{self.path / GRAM_DIR} lacks the Gram matrices of MoE layer {missing[0]} ({gram_file(self.path, missing[0]).name}); {self.again}")
         return None
 
     @property
@@ -169,8 +172,7 @@ class LayerGrams(Mapping[int, Sequence[torch.Tensor]]):
         self.cal = cal
         self._layers = {b: _ExpertGrams(cal, gram_parts(cal.path, b)) for b in cal.layers}
         for g in self._layers.values():
-            for xid in range(len(g)):
-                g._file(str(xid))
+            g.check()
 
     def __getitem__(self, bid: int) -> Sequence[torch.Tensor]:
         return self._layers[bid]
@@ -203,6 +205,11 @@ class _ExpertGrams(Sequence[torch.Tensor]):
         if key not in self._where:
             raise UserError(f"{self.cal.path / GRAM_DIR} lacks the Gram matrix of expert {key} ({len(self.paths)} files of this layer); {self.cal.again}")
         return self._where[key]
+
+    def check(self) -> None:
+        """Every expert's matrix is in one of the layer's files (their headers only)."""
+        for xid in range(self.n):
+            self._file(str(xid))
 
     def __len__(self) -> int:
         return self.n

@@ -105,9 +105,9 @@ class TaylorStats:
         self.taylor[xid] += (h.to(CPU, F64) * grad.to(CPU, F64)).abs().sum(0)
 
 
-def _row_blocks(x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """x [n, d] as float64 on the CPU, `ROW_BLOCK_BYTES` of rows at a time."""
-    step = max(1, ROW_BLOCK_BYTES // (8 * max(1, x.shape[-1])))
+def _row_blocks(x: torch.Tensor, block_bytes: int = ROW_BLOCK_BYTES) -> Iterator[torch.Tensor]:
+    """x [n, d] as float64 on the CPU, `block_bytes` of rows at a time."""
+    step = max(1, block_bytes // (8 * max(1, x.shape[-1])))
     for i in range(0, x.shape[0], step):
         yield x[i : i + step].to(CPU, F64)
 
@@ -193,8 +193,7 @@ def norms(w: torch.Tensor, dim: int) -> torch.Tensor:
     """The float64 norms of a 2-D weight's rows (dim=1) or columns (dim=0), a block of rows at a
     time: a float64 copy of a whole expert weight is 470 MB at Mixtral-8x7B's 4,096 x 14,336,
     and the three of one expert were the peak of calibrate's pass there."""
-    step = max(1, NORM_BLOCK_BYTES // (8 * max(w.shape[1], 1)))
-    blocks = [torch.linalg.vector_norm(w[i : i + step].to(CPU, F64), 2, dim=dim) for i in range(0, w.shape[0], step)]
+    blocks = [torch.linalg.vector_norm(rows, 2, dim=dim) for rows in _row_blocks(w, NORM_BLOCK_BYTES)]
     if dim == 1:
         return torch.cat(blocks) if blocks else torch.zeros(0, dtype=F64)
     return torch.stack(blocks).square_().sum(0).sqrt_() if blocks else torch.zeros(w.shape[1], dtype=F64)

@@ -294,6 +294,13 @@ def test_refit_reads_the_gram_matrices_calibrate_wrote_per_layer(tiny_qwen3moe: 
     rep = json.loads((tmp_path / "unfit" / "prune_report.json").read_text())
     assert rep["refit_down"] is False and "calibrate" in rep["refit_skipped"]
 
+    one_layer = tmp_path / "one-layer-gram"  # layer 0's matrices there, layer 1's lost: damaged, not a CALIB without them
+    shutil.copytree(calib, one_layer)
+    gram_file(one_layer, 1).unlink()
+    r = CliRunner().invoke(cli, [*args, "--calib", str(one_layer), "-o", str(tmp_path / "one")])
+    assert r.exit_code == 2 and "layer-1.safetensors" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "one").exists()
+
     gram_file(calib, 1).write_bytes(gram_file(calib, 1).read_bytes()[:100])  # truncated
     r = CliRunner().invoke(cli, [*args, "--calib", str(calib), "-o", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "layer-1.safetensors" in r.output and "Traceback" not in r.output

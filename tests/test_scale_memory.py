@@ -243,7 +243,7 @@ def test_the_imatrix_and_scale_sums_of_a_batch_hold_no_float64_copy_of_it() -> N
     """calibrate sums each hooked projection's inputs (the imatrix) and each layer's output
     (its scale) in float64. A float64 copy of a whole batch, and its square, were 128 MB at
     4,096 tokens of hidden 2,048, per projection: calibrate's layer peaks at Qwen3-30B-A3B's size
-    were 0.15 GiB higher with them. Here a 64 MB batch adds at most 16 MB to the peak while the
+    were 0.1-0.2 GiB higher with them. Here a 64 MB batch adds at most 16 MB to the peak while the
     sums stay those of the whole float64 batch."""
     from moe2gguf.prune.scores import InputStats, ScaleStats
 
