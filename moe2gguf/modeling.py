@@ -9,7 +9,7 @@ plain `load_state_dict`, and calibration observes every expert through one tap.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -30,8 +30,10 @@ ExpertLoader = Callable[[int], contextlib.AbstractContextManager]
 
 
 DEFAULT_PARTS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-# 16-bit float dtypes an expert weight may stay in (load_weights' experts_as_stored)
-HALF_DTYPES = (torch.bfloat16, torch.float16)
+# 16-bit float dtypes an expert weight may stay in (load_weights' experts_as_stored), by their
+# safetensors names
+HALF_STORED = {"BF16": torch.bfloat16, "F16": torch.float16}
+HALF_DTYPES = tuple(HALF_STORED.values())
 
 
 # StoredLinear upcasts at most this many bytes of its weight at once: a whole float32 copy of one
@@ -85,6 +87,11 @@ class ExpertList(nn.ModuleList):
         super().__init__(ExpertMLP(hidden, w, act, device, parts) for w in widths)
         self.observer: ExpertObserver | None = None
         self.resident: ExpertLoader | None = None
+        self.device = torch.device("cpu")  # where `resident` puts weights it reads (`to_device`)
+
+    def loaded(self, xid: int) -> contextlib.AbstractContextManager:
+        """A context in which expert xid's weights are in memory (`resident`, where set)."""
+        return self.resident(xid) if self.resident is not None else contextlib.nullcontext()
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden)
@@ -93,7 +100,7 @@ class ExpertList(nn.ModuleList):
             expert = self[xid]
             x = hidden[token]
             w = top_k_weights[token, slot].unsqueeze(-1)
-            with self.resident(xid) if self.resident is not None else contextlib.nullcontext():
+            with self.loaded(xid):
                 h = expert.intermediate(x)
                 y = expert.down_proj(h) if h.shape[-1] else None  # an expert pruned to nothing contributes nothing
             if self.observer is not None:
@@ -123,16 +130,24 @@ def as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype in HALF_DTYPES else t.to(dtype)
 
 
-def load_weights(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype, experts_as_stored: bool = False) -> None:
+def load_weights(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.dtype, experts_as_stored: bool = False,
+                 stream_experts: bool = False) -> None:
     """Materialise `module`'s parameters from the checkpoint tensors named `prefix + key`, as
     `dtype`; with `experts_as_stored`, routed-expert weights stored as bf16/f16 stay so
-    (`StoredLinear` computes them in the input's dtype)."""
+    (`StoredLinear` computes them in the input's dtype). With `stream_experts` (implies it),
+    the routed experts' weights are not loaded: each expert's are read from the checkpoint's
+    pages while it runs (`ExpertList.resident`) and let go after, so the module holds one
+    expert's, not its layer's (22 GB at DeepSeek-V3's 256 experts of 7168 x 2048)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    lists = {n: m for n, m in module.named_modules() if isinstance(m, ExpertList)}
     stored = set()
-    if experts_as_stored:
-        stored = {f"{n}.{k}" if n else k for n, m in module.named_modules() if isinstance(m, ExpertList) for k in m.state_dict()}
+    if experts_as_stored or stream_experts:
+        stored = {f"{n}.{k}" if n else k for n, m in lists.items() for k in m.state_dict()}
 
     def read(k: str) -> torch.Tensor:
+        if stream_experts and k in stored and prefix + k in ckpt:  # a placeholder: shape and dtype as it will be held
+            held = HALF_STORED.get(ckpt.dtype(prefix + k), dtype)
+            return torch.empty(ckpt.shape(prefix + k), dtype=held, device="meta")
         t = ckpt.tensor(prefix + k)
         return as_stored(t, dtype) if k in stored else t.to(dtype)
 
@@ -144,6 +159,43 @@ def load_weights(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.
                 "the checkpoint's tensors disagree with its config.json"
             )
     module.load_state_dict(state, assign=True, strict=True)
+    if stream_experts:
+        for n, m in lists.items():
+            m.resident = _read_on_call(m, f"{prefix}{n}." if n else prefix, ckpt, dtype)
+
+
+def _read_on_call(experts: ExpertList, prefix: str, ckpt: Checkpoint, dtype: torch.dtype) -> ExpertLoader:
+    """`ExpertList.resident` for experts whose parameters are placeholders: expert xid's
+    weights read from the checkpoint as stored (`as_stored`), on the device of the layer's other
+    parameters, for the time of the context."""
+
+    @contextlib.contextmanager
+    def resident(xid: int) -> Iterator[None]:
+        expert = experts[xid]
+        params = [(name, *name.rpartition(".")[::2]) for name, _ in expert.named_parameters()]
+        held = {name: p for name, p in expert.named_parameters()}
+        device = experts.device
+        try:
+            for name, owner, attr in params:
+                w = as_stored(ckpt.tensor(f"{prefix}{xid}.{name}"), dtype).to(device)
+                setattr(expert.get_submodule(owner), attr, nn.Parameter(w, requires_grad=False))
+            yield
+        finally:
+            for name, owner, attr in params:
+                setattr(expert.get_submodule(owner), attr, held[name])
+
+    return resident
+
+
+def to_device(module: nn.Module, device: torch.device) -> None:
+    """`module.to(device)` for a module some of whose parameters are meta placeholders
+    (`load_weights`' streamed experts), which `Module.to` cannot move: every other tensor."""
+    for m in module.modules():
+        if isinstance(m, ExpertList):
+            m.device = device
+        for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if not t.is_meta and t.device != device:
+                setattr(m, n, nn.Parameter(t.to(device), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(device))
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, MoEArch, Checkpoint]:

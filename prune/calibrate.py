@@ -2,8 +2,10 @@
 
 Loop (GPTQ `llama_sequential` / Wanda `prune_wanda`): catch the inputs of layer 0 once, then
 per layer materialise its weights, hook, run every calibration window, unhook (in `finally`),
-free the layer, and let its outputs be the next layer's inputs. Peak memory is one layer
-plus the hidden states of the calibration tokens, never the whole model.
+free the layer, and let its outputs be the next layer's inputs. The routed experts, most of a
+layer, are read from the checkpoint as each one runs and let go after (`load_weights`'
+stream_experts). Peak memory is one layer without its experts, one expert, and the hidden
+states of the calibration tokens, never the whole model.
 
 CALIB/ holds
   calib.json          what was measured (model shape, tokens, ctx, texts, peak layer memory)
@@ -21,7 +23,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import click
 import gguf
@@ -38,7 +40,7 @@ from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
 from moe2gguf.memory import physical_ram, release_freed, trim
-from moe2gguf.modeling import ExpertObserver, build_model, hidden_of, load_model, load_weights
+from moe2gguf.modeling import HALF_STORED, ExpertObserver, build_model, hidden_of, load_model, load_weights, to_device
 from moe2gguf.outputs import free_bytes, sweep_stale
 from moe2gguf.protocol import read_text
 from moe2gguf.prune.gram import GramSpill, write_grams
@@ -69,9 +71,6 @@ class _Catcher(nn.Module):
             raise TypeError("decoder layers are expected to receive everything but hidden_states as keywords")
         self.hidden, self.kwargs = hidden, kwargs
         raise StopForward
-
-
-HALF_STORED = {"BF16": torch.bfloat16, "F16": torch.float16}  # safetensors dtype names
 
 
 @torch.no_grad()
@@ -145,8 +144,12 @@ def calibration_windows(model_dir: str | pathlib.Path, info: dict, tokens: int |
     return spread_windows(tokenize(model_dir, texts), texts, n, info["ctx"])
 
 
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _materialised_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type != "meta")
+    return _nbytes(t for t in model.state_dict().values() if not t.is_meta)
 
 
 def _linear_inputs(layer: nn.Module, prefix: str, experts: nn.Module | None) -> dict[str, nn.Module]:
@@ -217,12 +220,14 @@ class Calibration:
             layer = layers[bid]
             prefix = f"{arch.layers_attr}.{bid}."
             # computed in float32, experts held as stored (bf16: half the layer's memory)
-            load_weights(layer, prefix, ckpt, torch.float32, experts_as_stored=True)
-            layer.to(dev)  # the one layer on the device (a no-op on the CPU)
-            nbytes = _materialised_bytes(model)
-            self.layer_bytes = max(self.layer_bytes, nbytes)
-            self.peak_bytes = max(self.peak_bytes, nbytes)
+            load_weights(layer, prefix, ckpt, torch.float32, stream_experts=True)
+            to_device(layer, dev)  # the one layer on the device (a no-op on the CPU)
             experts = arch.moe_block(model, bid).experts if arch.is_moe_layer(bid) else None
+            # the experts are read as they run (`stream_experts`): memory holds one at a time, the
+            # layer's size (what prune's block re-fit holds twice) counts them all
+            held, per_expert = _materialised_bytes(model), [_nbytes(e.state_dict().values()) for e in experts or ()] or [0]
+            self.layer_bytes = max(self.layer_bytes, held + sum(per_expert))
+            self.peak_bytes = max(self.peak_bytes, held + max(per_expert))
             handles = self._observe_inputs(_linear_inputs(layer, prefix, experts))
             scale = self.scale[bid] = ScaleStats()
             if experts is not None:
@@ -241,10 +246,13 @@ class Calibration:
                 if experts is not None:
                     experts.observer = None
             if experts is not None:
-                self.weights[f"layers.{bid}.down_norm"] = torch.stack([norms(e.down_proj.weight, dim=0) for e in experts])
-                self.weights[f"layers.{bid}.magnitude"] = torch.stack(
-                    [weight_norms(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight) for e in experts]
-                )
+                down_norm, magnitude = [], []
+                for xid, e in enumerate(experts):
+                    with experts.loaded(xid):
+                        down_norm.append(norms(e.down_proj.weight, dim=0))
+                        magnitude.append(weight_norms(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight))
+                self.weights[f"layers.{bid}.down_norm"] = torch.stack(down_norm)
+                self.weights[f"layers.{bid}.magnitude"] = torch.stack(magnitude)
             if on_layer is not None:
                 on_layer(bid, model)
             layer.to("meta")  # free it: the next layer reuses the memory

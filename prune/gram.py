@@ -28,8 +28,10 @@ F64 = torch.float64
 # about CHUNK_ROWS rows (as one calibration batch of 8 x 512 tokens would be), those sums in float64
 CHUNK_BYTES, CHUNK_ROWS = 64 << 20, 4096
 # a gram/ file holds whole experts' matrices up to this many bytes (an expert larger than it
-# gets a file of its own): safetensors' save_file copies what it writes, so this bounds the copy
-PART_BYTES = 256 << 20
+# gets a file of its own). safetensors' save_file copies what it writes, so a file costs twice
+# this in memory while it is written: at 256 MB that was the peak of calibrate's layer steps
+# at Qwen3-30B-A3B's layer size once the experts were read as they run.
+PART_BYTES = 64 << 20
 
 
 class GramSpill:

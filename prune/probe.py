@@ -55,7 +55,7 @@ from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.device import CPU, moved
 from moe2gguf.memory import release_freed, trim
-from moe2gguf.modeling import as_stored, build_model, hidden_of, load_weights
+from moe2gguf.modeling import as_stored, build_model, hidden_of, load_weights, to_device
 from moe2gguf.prune.calibrate import catch_layer_inputs
 from moe2gguf.prune.deploy import Shape, ShapeScores, allocate_shape
 from moe2gguf.progress import bar
@@ -128,11 +128,7 @@ def _load_sliced_on_call(block: nn.Module, prefix: str, ckpt: Checkpoint, arch: 
             tensors[arch.expert_name(bid, k, p)] = torch.empty(channels[xid].numel(), ckpt.shape(arch.expert_name(bid, xid, p))[1], device="meta")
     load_weights(block, prefix, _Overlay(ckpt, tensors), torch.float32, experts_as_stored=True)
     del tensors
-    if device != CPU:  # Module.to cannot move the meta placeholders: every other tensor, one by one
-        for m in block.modules():
-            for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
-                if not t.is_meta:
-                    setattr(m, n, nn.Parameter(t.to(device), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(device))
+    to_device(block, device)
     experts = block.experts
 
     @contextlib.contextmanager
@@ -291,18 +287,20 @@ def shape_klds(
 
     for bid in bar(range(arch.n_layers), desc="probe shapes", unit="layer"):
         layer = layers[bid]
-        # experts as stored (bf16); the unpruned ones stay only while a re-fit needs their output
-        load_weights(layer, f"{arch.layers_attr}.{bid}.", ckpt, torch.float32, experts_as_stored=True)
-        layer.to(device)  # the one layer on the device (a no-op on the CPU)
+        # experts as stored (bf16), read as they run, but where the re-fit slices its candidates
+        # from them in memory
+        whole = bid in moe_index and reconstruct and device == CPU
+        load_weights(layer, f"{arch.layers_attr}.{bid}.", ckpt, torch.float32, experts_as_stored=True, stream_experts=not whole)
+        to_device(layer, device)  # the one layer on the device (a no-op on the CPU)
         ref[:] = run(layer, ref)
         source: Checkpoint | _Overlay = ckpt
-        if bid in moe_index and reconstruct and device == CPU:
+        if whole:
             # the re-fit's target is the unpruned block's output: it stays, and the shapes are
             # sliced from it in memory rather than read again (on an accelerator, from the pages)
             source = _Overlay(ckpt, layer.state_dict(prefix=f"{arch.layers_attr}.{bid}.", keep_vars=False))
         elif bid in moe_index and not reconstruct:
-            # every shape's forward swaps it out: its experts (1.2 GB at Qwen3-30B-A3B) need not
-            # stay beside a pruned block, which is sliced from the checkpoint's pages instead
+            # every shape's forward swaps it out: what it holds besides its streamed experts (the
+            # router, shared experts) need not stay beside a pruned block
             arch.moe_block(model, bid).to("meta")
             release_freed()
         for s in bar(shapes, desc=f"layer {bid}", unit="shape", disable=bid not in moe_index, leave=False):

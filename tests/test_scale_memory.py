@@ -80,12 +80,60 @@ def test_calibration_holds_bf16_experts_as_stored_with_identical_statistics(shar
 
     scores, held = run()
     plain = C.load_weights
-    monkeypatch.setattr(C, "load_weights", lambda m, p, ck, dt, experts_as_stored=False: plain(m, p, ck, dt))
+    monkeypatch.setattr(C, "load_weights", lambda m, p, ck, dt, **_: plain(m, p, ck, dt))
     scores_f32, held_f32 = run()
     assert held < 0.6 * held_f32, (held, held_f32)
     assert scores.keys() == scores_f32.keys()
     for k, v in scores.items():
         assert torch.equal(v, scores_f32[k]), k
+
+
+def _peak_during(f) -> int:  # noqa: ANN001
+    """How far the process's RSS peaked above where it stood, while f() ran (Linux's VmHWM,
+    reset first), with glibc's freed pages handed back before, so the last test's do not count."""
+    from moe2gguf.memory import trim
+
+    trim()
+    pathlib.Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    f()
+    return _status("VmHWM") - before
+
+
+def test_calibration_reads_each_expert_as_it_runs_holding_one_not_its_layer(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """calibrate reads an expert's weights from the checkpoint while it runs and lets them go
+    after: its peak stays below a whole layer's experts (23 GB at DeepSeek-V3's size, 1.2 GB at
+    Qwen3-30B-A3B's, where the peak fell from 2.32 to 1.33 GiB in tools/bench_scale.py), and
+    every statistic is bit-identical to the pass that held the layer."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from moe2gguf.arch import arch_for_config
+    from moe2gguf.prune import calibrate as C
+
+    torch.manual_seed(0)
+    cfg = tiny_qwen3moe_config(num_hidden_layers=2, hidden_size=512, moe_intermediate_size=1024, num_experts=16, head_dim=64)
+    Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(checkpoint, "MAP_WINDOW", 1 << 20)  # mapped pages read from stay in RSS up to it
+    ckpt = Checkpoint(tmp_path / "m")
+    experts = sum(ckpt.numel(n) * 2 for n in ckpt.tensor_names if "layers.0.mlp.experts." in n)
+    assert experts == 48 << 20
+
+    def run() -> dict[str, torch.Tensor]:
+        cal = C.Calibration(ckpt, arch_for_config(ckpt.config), _windows(2, 32), gram=False)
+        cal.run()
+        assert cal.layer_bytes > experts  # what prune's block re-fit weighs: the whole layer's
+        return cal.score_tensors()
+
+    run()  # torch's first-call set-up, which would count in the first measured peak
+    got: list[dict[str, torch.Tensor]] = []
+    streamed = _peak_during(lambda: got.append(run()))
+    plain = C.load_weights
+    monkeypatch.setattr(C, "load_weights", lambda m, p, ck, dt, **_: plain(m, p, ck, dt, experts_as_stored=True))
+    whole = _peak_during(lambda: got.append(run()))
+    assert whole > experts
+    assert streamed < whole - experts / 2, (streamed, whole, experts)
+    for k, v in got[0].items():
+        assert torch.equal(v, got[1][k]), k
 
 
 def test_taylor_pass_is_skipped_where_it_would_hold_more_than_a_layer() -> None:
