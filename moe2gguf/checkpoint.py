@@ -174,6 +174,11 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._dtypes[name]
 
+    def dequantizes(self, name: str) -> bool:
+        """Whether reading `name` makes a new tensor (a block-FP8 weight, dequantized to bf16),
+        rather than a view of the file's pages."""
+        return name + SCALE_SUFFIX in self._fp8_scales
+
     def numel(self, name: str) -> int:
         n = 1
         for d in self._shapes[name]:

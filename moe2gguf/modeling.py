@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.errors import UserError
+from moe2gguf.memory import physical_ram
 
 # observer(xid, token, x, h, w, y): the rows `token` of the block's input that reach expert
 # xid, those tokens x, their intermediate activations h (act(gate x) * up x, the input of
@@ -34,6 +35,14 @@ DEFAULT_PARTS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 # safetensors names
 HALF_STORED = {"BF16": torch.bfloat16, "F16": torch.float16}
 HALF_DTYPES = tuple(HALF_STORED.values())
+
+
+# Streamed experts whose reading converts them (block-FP8, dequantized to bf16: 0.4 s an expert
+# at DeepSeek-V3's 7168 x 2048, so 100 s a layer for every batch of its 256) are kept once read,
+# for the layer's other batches, up to this fraction of the machine's memory; the rest are read
+# again. A bf16/f16/f32 expert is a view of the checkpoint's mapped pages: reading it again
+# costs nothing, and it is never kept.
+KEEP_CONVERTED_FRACTION = 0.25
 
 
 # StoredLinear upcasts at most this many bytes of its weight at once: a whole float32 copy of one
@@ -94,6 +103,8 @@ class ExpertList(nn.ModuleList):
         return self.resident(xid) if self.resident is not None else contextlib.nullcontext()
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if top_k_index.is_meta:  # a router freed to the meta device: no expert would run, and the block would add zeros
+            raise RuntimeError("the MoE block runs with its router's weights freed (on the meta device)")
         out = torch.zeros_like(hidden)
         for xid in top_k_index.unique().tolist():
             token, slot = torch.where(top_k_index == xid)
@@ -160,24 +171,40 @@ def load_weights(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.
             )
     module.load_state_dict(state, assign=True, strict=True)
     if stream_experts:
+        ram = physical_ram()
+        keep = int(KEEP_CONVERTED_FRACTION * ram) if ram else 0
         for n, m in lists.items():
-            m.resident = _read_on_call(m, f"{prefix}{n}." if n else prefix, ckpt, dtype)
+            m.resident = _read_on_call(m, f"{prefix}{n}." if n else prefix, ckpt, dtype, keep)
 
 
-def _read_on_call(experts: ExpertList, prefix: str, ckpt: Checkpoint, dtype: torch.dtype) -> ExpertLoader:
+def _read_on_call(experts: ExpertList, prefix: str, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int) -> ExpertLoader:
     """`ExpertList.resident` for experts whose parameters are placeholders: expert xid's
     weights read from the checkpoint as stored (`as_stored`), on the device of the layer's other
-    parameters, for the time of the context."""
+    parameters, for the time of the context. Experts whose reading converts them are kept once
+    read while they fit in `keep_bytes` (`KEEP_CONVERTED_FRACTION`), until `unload`."""
+    kept: dict[int, list[torch.Tensor]] = {}
+    kept_bytes = 0
+
+    def read(xid: int, names: list[str]) -> list[torch.Tensor]:
+        nonlocal kept_bytes
+        if xid in kept:
+            return kept[xid]
+        ws = [as_stored(ckpt.tensor(f"{prefix}{xid}.{name}"), dtype).to(experts.device) for name in names]
+        size = sum(w.numel() * w.element_size() for w in ws)
+        if any(ckpt.dequantizes(f"{prefix}{xid}.{name}") for name in names) and kept_bytes + size <= keep_bytes:
+            # the first that fit, not the most recent: every batch calls the experts in the same
+            # order, which would turn a least-recently-used cache over every one of them
+            kept[xid] = ws
+            kept_bytes += size
+        return ws
 
     @contextlib.contextmanager
     def resident(xid: int) -> Iterator[None]:
         expert = experts[xid]
         params = [(name, *name.rpartition(".")[::2]) for name, _ in expert.named_parameters()]
         held = {name: p for name, p in expert.named_parameters()}
-        device = experts.device
         try:
-            for name, owner, attr in params:
-                w = as_stored(ckpt.tensor(f"{prefix}{xid}.{name}"), dtype).to(device)
+            for (_, owner, attr), w in zip(params, read(xid, [p[0] for p in params]), strict=True):
                 setattr(expert.get_submodule(owner), attr, nn.Parameter(w, requires_grad=False))
             yield
         finally:
@@ -185,6 +212,14 @@ def _read_on_call(experts: ExpertList, prefix: str, ckpt: Checkpoint, dtype: tor
                 setattr(expert.get_submodule(owner), attr, held[name])
 
     return resident
+
+
+def unload(module: nn.Module) -> None:
+    """Free `module`'s weights (to the meta device), the streamed experts' kept ones included."""
+    module.to("meta")
+    for m in module.modules():
+        if isinstance(m, ExpertList):
+            m.resident = None
 
 
 def to_device(module: nn.Module, device: torch.device) -> None:

@@ -40,7 +40,7 @@ from moe2gguf.errors import UserError, atomic_dir, check_output
 from moe2gguf.exporter.imatrix import write_imatrix
 from moe2gguf.inputs import hf_tokenizer
 from moe2gguf.memory import physical_ram, release_freed, trim
-from moe2gguf.modeling import HALF_STORED, ExpertObserver, build_model, hidden_of, load_model, load_weights, to_device
+from moe2gguf.modeling import HALF_STORED, ExpertObserver, build_model, hidden_of, load_model, load_weights, to_device, unload
 from moe2gguf.outputs import free_bytes, sweep_stale
 from moe2gguf.protocol import read_text
 from moe2gguf.prune.gram import GramSpill, write_grams
@@ -255,7 +255,7 @@ class Calibration:
                 self.weights[f"layers.{bid}.magnitude"] = torch.stack(magnitude)
             if on_layer is not None:
                 on_layer(bid, model)
-            layer.to("meta")  # free it: the next layer reuses the memory
+            unload(layer)  # free it: the next layer reuses the memory
             release_freed()
             if experts is not None:
                 self._finish_layer(bid, spill)

@@ -55,7 +55,7 @@ from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.device import CPU, moved
 from moe2gguf.memory import release_freed, trim
-from moe2gguf.modeling import as_stored, build_model, hidden_of, load_weights, to_device
+from moe2gguf.modeling import as_stored, build_model, hidden_of, load_weights, to_device, unload
 from moe2gguf.prune.calibrate import catch_layer_inputs
 from moe2gguf.prune.deploy import Shape, ShapeScores, allocate_shape
 from moe2gguf.progress import bar
@@ -150,15 +150,23 @@ def _load_sliced_on_call(block: nn.Module, prefix: str, ckpt: Checkpoint, arch: 
 @contextlib.contextmanager
 def _swapped(parent: nn.Module, old: nn.Module, new: nn.Module) -> Iterator[None]:
     """`new` in place of the submodule `old` of `parent` (the candidate's MoE block in the
-    unpruned decoder layer), so the unpruned block does not also run."""
+    unpruned decoder layer), so the unpruned block does not also run: under its registered name
+    and under every plain attribute of its owner that is the same module (Mixtral's layer calls
+    `self.mlp`, an alias of the registered `block_sparse_moe`, `moe2gguf/arch/mixtral.py`;
+    swapped under its name alone, the layer kept calling the unpruned block)."""
     path = _name_of(parent, old)
     owner = parent.get_submodule(path.rpartition(".")[0]) if "." in path else parent
     attr = path.rpartition(".")[2]
+    aliases = [k for k, v in vars(owner).items() if v is old]
     setattr(owner, attr, new)
+    for k in aliases:
+        vars(owner)[k] = new
     try:
         yield
     finally:
         setattr(owner, attr, old)
+        for k in aliases:
+            vars(owner)[k] = old
 
 
 # Output-head rows cast to float32 at a time: a 151,936 x 2048 head is 1.2 GB in float32 and its
@@ -301,7 +309,7 @@ def shape_klds(
         elif bid in moe_index and not reconstruct:
             # every shape's forward swaps it out: what it holds besides its streamed experts (the
             # router, shared experts) need not stay beside a pruned block
-            arch.moe_block(model, bid).to("meta")
+            unload(arch.moe_block(model, bid))
             release_freed()
         for s in bar(shapes, desc=f"layer {bid}", unit="shape", disable=bid not in moe_index, leave=False):
             if bid not in moe_index:
@@ -342,7 +350,7 @@ def shape_klds(
         # an overlay holds the layer's tensors, mapped from the checkpoint: kept past the loop it
         # held the last layer's 1.2 GB of file pages through the KLD at 30B layer size
         del source
-        layer.to("meta")
+        unload(layer)
         release_freed()
     norm, head = _final_head(model, arch, ckpt)
     norm.to(device)

@@ -408,6 +408,47 @@ def test_prune_flow_keeps_the_reported_parameters_and_perplexity(calibrated: dic
     assert abs(rep["ppl"] / calibrated["ppl"] - 1) <= PPL_BOUND, (rep["ppl"], calibrated["ppl"])
 
 
+def test_the_probe_measures_the_model_the_rewrite_writes(calibrated: dict[str, Any], tmp_path: pathlib.Path) -> None:
+    """Per family, the shape probe's KLD of a shape is the KLD of the checkpoint prune writes in
+    that shape (the same windows, the same positions, in PyTorch), and fewer experts cost more.
+    Mixtral's decoder layer calls its MoE block through `mlp`, an alias of the registered
+    `block_sparse_moe`: the probe swapped the candidate in under the registered name only, so
+    every Mixtral candidate scored as the unpruned model or with no MoE block at all, and its
+    choice of shape was arbitrary."""
+    from moe2gguf.arch import arch_for_config
+    from moe2gguf.checkpoint import Checkpoint
+    from moe2gguf.modeling import load_model
+    from moe2gguf.protocol import scored
+    from moe2gguf.prune.calibrate import calibration_windows
+    from moe2gguf.prune.deploy import Shape
+    from moe2gguf.prune.probe import shape_klds
+    from moe2gguf.prune.prune import Calib, prune
+
+    fam, model = calibrated["fam"], calibrated["model"]
+    ckpt = Checkpoint(model)
+    arch = arch_for_config(ckpt.config)
+    cal = Calib(calibrated["calib"], arch, ckpt)
+    windows = calibration_windows(model, cal.info, 512)
+    few = TOP_K * fam.groups if fam.groups > 1 else TOP_K
+    shapes = [Shape(E - fam.groups, W), Shape(few, W)]
+    got = shape_klds(ckpt, arch, shapes, cal.attribution(), [arch.expert_groups(b) for b in arch.moe_layers], windows, cal.grams)
+
+    ids, pos = torch.from_numpy(windows), scored(windows.shape[1])
+
+    def log_probs(path: pathlib.Path) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(load_model(str(path))[0](input_ids=ids).logits[:, pos].double(), -1)
+
+    base = log_probs(model)
+    for s in shapes:
+        out = tmp_path / f"{s.experts}x{s.width}"
+        prune(str(model), str(calibrated["calib"]), 1 - s.experts / E - 1e-9, str(out), layout="llama.cpp", width=s.width, experts=s.experts,
+              probe=0, reconstruct=False)
+        want = float((base.exp() * (base - log_probs(out))).sum(-1).mean())
+        assert got[s] == pytest.approx(want, rel=1e-3, abs=1e-7), (fam.name, s)
+    assert got[shapes[1]] > got[shapes[0]] > 0, got
+
+
 def _qwen2moe_flow(g: GGUF, report: dict, k: int, width: int) -> None:
     assert g.shapes["blk.0.ffn_down_shexp.weight"] == (S, H)  # the shared expert is never pruned
 

@@ -258,3 +258,39 @@ def test_other_quantization_configs_are_refused(pair, tmp_path):
     assert res.exit_code == 2, res.output
     assert len(res.output.strip().splitlines()) == 1 and "quantization_config" in res.output and "gptq" in res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.0], ids=["kept", "read-every-batch"])
+def test_calibrate_dequantizes_each_fp8_expert_once_a_layer_where_memory_allows(pair, monkeypatch: pytest.MonkeyPatch, keep: float):
+    """calibrate reads a layer's experts as each runs; a block-FP8 expert costs a dequantization
+    at every read (0.4 s at DeepSeek-V3's 7168 x 2048, 100 s a layer per batch), so once read it
+    is kept for the layer's other batches while the kept ones fit in a quarter of memory. With
+    none kept (a machine too small), every batch dequantizes again, with the same statistics."""
+    from moe2gguf import modeling
+    from moe2gguf.arch import arch_for_config
+    from moe2gguf.checkpoint import Checkpoint
+    from moe2gguf.prune.calibrate import Calibration
+
+    fp8, _ = pair
+    reads: list[str] = []
+    real = Checkpoint.tensor
+    monkeypatch.setattr(Checkpoint, "tensor", lambda self, name: reads.append(name) or real(self, name))
+    monkeypatch.setattr(modeling, "KEEP_CONVERTED_FRACTION", keep)
+    ckpt = Checkpoint(fp8)
+    arch = arch_for_config(ckpt.config)
+    wins = np.random.default_rng(0).integers(3, 700, size=(6, 32))
+    cal = Calibration(ckpt, arch, wins, batch=2)  # 3 batches
+    cal.run()
+    names = {arch.expert_name(b, x, p) for b, w in enumerate(arch.expert_widths()) for x in range(len(w)) for p in ("gate", "up", "down")}
+    assert names and all(ckpt.dequantizes(n) for n in names)
+    routed = [n for n in reads if n in names]
+    if keep:  # once each, by the pass or by the weight norms after it
+        assert sorted(routed) == sorted(names), (len(routed), len(names))
+    else:  # again by every batch that reaches the expert, and by the weight norms
+        assert len(routed) > 2 * len(names), (len(routed), len(names))
+    scores = cal.score_tensors()
+    monkeypatch.setattr(modeling, "KEEP_CONVERTED_FRACTION", 0.25 if not keep else 0.0)
+    again = Calibration(Checkpoint(fp8), arch, wins, batch=2)
+    again.run()
+    for k, v in again.score_tensors().items():
+        assert torch.equal(v, scores[k]), k
