@@ -174,44 +174,45 @@ def load_weights(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.
         ram = physical_ram()
         keep = int(KEEP_CONVERTED_FRACTION * ram) if ram else 0
         for n, m in lists.items():
-            m.resident = _read_on_call(m, f"{prefix}{n}." if n else prefix, ckpt, dtype, keep)
+            m.resident = ExpertReader(m, f"{prefix}{n}." if n else prefix, ckpt, dtype, keep)
 
 
-def _read_on_call(experts: ExpertList, prefix: str, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int) -> ExpertLoader:
+class ExpertReader:
     """`ExpertList.resident` for experts whose parameters are placeholders: expert xid's
-    weights read from the checkpoint as stored (`as_stored`), on the device of the layer's other
-    parameters, for the time of the context. Experts whose reading converts them are kept once
-    read while they fit in `keep_bytes` (`KEEP_CONVERTED_FRACTION`), until `unload`."""
-    kept: dict[int, list[torch.Tensor]] = {}
-    kept_bytes = 0
+    weights read from the checkpoint as stored (`as_stored`), on `experts.device`, for the time
+    of the context. Experts whose reading converts them (`Checkpoint.dequantizes`) are kept
+    once read, by checkpoint name in `kept`, while they fit in `keep_bytes`
+    (`KEEP_CONVERTED_FRACTION`): the first that fit, not the most recent, since every batch
+    calls the experts in the same order, which would turn a least-recently-used cache over
+    every one of them. `unload` lets them go."""
 
-    def read(xid: int, names: list[str]) -> list[torch.Tensor]:
-        nonlocal kept_bytes
-        if xid in kept:
-            return kept[xid]
-        ws = [as_stored(ckpt.tensor(f"{prefix}{xid}.{name}"), dtype).to(experts.device) for name in names]
+    def __init__(self, experts: ExpertList, prefix: str, ckpt: Checkpoint, dtype: torch.dtype, keep_bytes: int):
+        self.experts, self.prefix, self.ckpt, self.dtype, self.keep_bytes = experts, prefix, ckpt, dtype, keep_bytes
+        self.kept: dict[str, torch.Tensor] = {}
+        self._kept_bytes = 0
+
+    def _read(self, names: list[str]) -> list[torch.Tensor]:
+        if all(n in self.kept for n in names):
+            return [self.kept[n] for n in names]
+        ws = [as_stored(self.ckpt.tensor(n), self.dtype).to(self.experts.device) for n in names]
         size = sum(w.numel() * w.element_size() for w in ws)
-        if any(ckpt.dequantizes(f"{prefix}{xid}.{name}") for name in names) and kept_bytes + size <= keep_bytes:
-            # the first that fit, not the most recent: every batch calls the experts in the same
-            # order, which would turn a least-recently-used cache over every one of them
-            kept[xid] = ws
-            kept_bytes += size
+        if any(self.ckpt.dequantizes(n) for n in names) and self._kept_bytes + size <= self.keep_bytes:
+            self.kept.update(zip(names, ws, strict=True))
+            self._kept_bytes += size
         return ws
 
     @contextlib.contextmanager
-    def resident(xid: int) -> Iterator[None]:
-        expert = experts[xid]
+    def __call__(self, xid: int) -> Iterator[None]:
+        expert = self.experts[xid]
         params = [(name, *name.rpartition(".")[::2]) for name, _ in expert.named_parameters()]
-        held = {name: p for name, p in expert.named_parameters()}
+        held = dict(expert.named_parameters())
         try:
-            for (_, owner, attr), w in zip(params, read(xid, [p[0] for p in params]), strict=True):
+            for (_, owner, attr), w in zip(params, self._read([f"{self.prefix}{xid}.{p[0]}" for p in params]), strict=True):
                 setattr(expert.get_submodule(owner), attr, nn.Parameter(w, requires_grad=False))
             yield
         finally:
             for name, owner, attr in params:
                 setattr(expert.get_submodule(owner), attr, held[name])
-
-    return resident
 
 
 def unload(module: nn.Module) -> None:

@@ -55,7 +55,7 @@ from moe2gguf.arch import MoEArch, arch_for_config
 from moe2gguf.checkpoint import Checkpoint
 from moe2gguf.device import CPU, moved
 from moe2gguf.memory import release_freed, trim
-from moe2gguf.modeling import as_stored, build_model, hidden_of, load_weights, to_device, unload
+from moe2gguf.modeling import ExpertReader, as_stored, build_model, hidden_of, load_weights, to_device, unload
 from moe2gguf.prune.calibrate import catch_layer_inputs
 from moe2gguf.prune.deploy import Shape, ShapeScores, allocate_shape
 from moe2gguf.progress import bar
@@ -67,8 +67,8 @@ PROBE_TOKENS = 8192  # calibration tokens the shapes are measured on
 # windows run through a layer at once. With the unpruned experts resident beside a candidate's
 # block, 8 windows of 512 took the probe to 3.95 GiB at Qwen3-30B-A3B's layer size and 4 to
 # 3.43 (2 windows: 3.31, 10% slower); without them 4 windows peaked at 2.55 GiB, and with the
-# candidates' gate/up sliced as each expert runs its shapes peak at 1.6-2.0 GiB, below the
-# unpruned stream's step (2.3-2.5 GiB, tools/bench_scale.py)
+# candidates' gate/up sliced as each expert runs its shapes peak at 1.4-1.7 GiB, the unpruned
+# stream, its experts read as they run too, at 1.1-1.2 (tools/bench_scale.py)
 PROBE_BATCH = 4
 
 
@@ -84,6 +84,9 @@ class _Overlay:
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors or name in self.ckpt
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape) if name in self.tensors else self.ckpt.shape(name)
 
 
 def candidates(fit: list[Shape], table: ShapeScores, n: int) -> list[Shape]:
@@ -113,7 +116,7 @@ def _final_head(model: nn.Module, arch: MoEArch, ckpt: Checkpoint) -> tuple[nn.M
     return norm, ckpt.tensor(f"{_name_of(model, model.get_input_embeddings())}.weight")
 
 
-def _load_sliced_on_call(block: nn.Module, prefix: str, ckpt: Checkpoint, arch: MoEArch, bid: int, channels: list[torch.Tensor],
+def _load_sliced_on_call(block: nn.Module, prefix: str, ckpt: Checkpoint | _Overlay, arch: MoEArch, bid: int, channels: list[torch.Tensor],
                          gram: Sequence[torch.Tensor] | None, device: torch.device) -> None:
     """Materialise a candidate's pruned MoE `block` (parameters under `prefix`) with its kept
     experts' gate/up rows left in the checkpoint: each expert's are sliced from the checkpoint's
@@ -306,7 +309,11 @@ def shape_klds(
             # the re-fit's target is the unpruned block's output: it stays, and the shapes are
             # sliced from it in memory rather than read again (on an accelerator, from the pages)
             source = _Overlay(ckpt, layer.state_dict(prefix=f"{arch.layers_attr}.{bid}.", keep_vars=False))
-        elif bid in moe_index and not reconstruct:
+        elif bid in moe_index and device == CPU and isinstance(reader := arch.moe_block(model, bid).experts.resident, ExpertReader):
+            # the experts the unpruned stream dequantized and kept (block-FP8) are sliced from,
+            # not dequantized again by every shape for every batch
+            source = _Overlay(ckpt, reader.kept)
+        if bid in moe_index and not reconstruct:
             # every shape's forward swaps it out: what it holds besides its streamed experts (the
             # router, shared experts) need not stay beside a pruned block
             unload(arch.moe_block(model, bid))
@@ -325,7 +332,7 @@ def shape_klds(
                 block.to(device)
                 del tensors
             else:
-                _load_sliced_on_call(block, f"{name}.", ckpt, arch, bid, channels, gram, device)
+                _load_sliced_on_call(block, f"{name}.", source, arch, bid, channels, gram, device)
             oblock = arch.moe_block(model, bid)
             if reconstruct:  # the unpruned block's output on the pruned stream is the fit's target
                 fit = BlockFit(block, arch.hidden_size)

@@ -294,3 +294,42 @@ def test_calibrate_dequantizes_each_fp8_expert_once_a_layer_where_memory_allows(
     again.run()
     for k, v in again.score_tensors().items():
         assert torch.equal(v, scores[k]), k
+
+
+def test_the_shape_probe_slices_fp8_candidates_from_the_experts_it_dequantized(pair, tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """prune's shape probe runs the unpruned layer, then every candidate shape, each over every
+    batch, slicing the candidate's experts as they run: from a block-FP8 checkpoint each slice
+    was a dequantization (shapes x batches of them a layer, about 15 min a layer at
+    DeepSeek-V3's size). The probe now slices them from the experts its unpruned stream
+    dequantized and kept: each expert tensor is read once a layer, whatever the shapes."""
+    from collections import Counter
+
+    from conftest import REFERENCE
+    from moe2gguf.arch import arch_for_config
+    from moe2gguf.checkpoint import Checkpoint
+    from moe2gguf.prune.calibrate import calibration_windows
+    from moe2gguf.prune.deploy import Shape
+    from moe2gguf.prune.probe import shape_klds
+    from moe2gguf.prune.prune import Calib
+
+    fp8, _ = pair
+    text = tmp_path / "calib.txt"
+    text.write_text((REFERENCE / "calib.txt").read_text()[:8000])
+    res = CliRunner().invoke(cli, ["calibrate", str(fp8), "--text", str(text), "-o", str(tmp_path / "calib"), "--tokens", "512", "--ctx", "64"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    ckpt = Checkpoint(fp8)
+    arch = arch_for_config(ckpt.config)
+    cal = Calib(tmp_path / "calib", arch, ckpt)
+    groups = [arch.expert_groups(b) for b in arch.moe_layers]
+    n, width = cal.info["n_experts"], cal.info["expert_width"]
+    shapes = [Shape(n, width // 2), Shape(n - max(groups), width)]
+    reads: Counter[str] = Counter()
+    real = Checkpoint.tensor
+    monkeypatch.setattr(Checkpoint, "tensor", lambda self, name: reads.update([name]) or real(self, name))
+    windows = calibration_windows(fp8, cal.info, 512)
+    got = shape_klds(ckpt, arch, shapes, cal.attribution(), groups, windows, cal.grams, batch=2)  # 4 batches
+    assert all(v > 0 for v in got.values()), got
+    experts = [arch.expert_name(b, x, p) for b, w in enumerate(arch.expert_widths()) for x in range(len(w)) for p in ("gate", "up", "down")]
+    assert experts and all(ckpt.dequantizes(e) for e in experts)
+    assert max(reads[e] for e in experts) == 1, Counter(reads[e] for e in experts)
