@@ -37,8 +37,8 @@ HALF_STORED = {"BF16": torch.bfloat16, "F16": torch.float16}
 HALF_DTYPES = tuple(HALF_STORED.values())
 
 
-# Streamed experts whose reading converts them (block-FP8, dequantized to bf16: 0.4 s an expert
-# at DeepSeek-V3's 7168 x 2048, so 100 s a layer for every batch of its 256) are kept once read,
+# Streamed experts whose reading converts them (block-FP8, dequantized to bf16: 0.2 s an expert
+# at DeepSeek-V3's 7168 x 2048 on 2 cores, so 45 s a layer for every batch of its 256) are kept once read,
 # for the layer's other batches, up to this fraction of the machine's memory; the rest are read
 # again. A bf16/f16/f32 expert is a view of the checkpoint's mapped pages: reading it again
 # costs nothing, and it is never kept.

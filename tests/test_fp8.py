@@ -123,10 +123,11 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathli
     return make_pair(tmp_path_factory.mktemp("fp8"))
 
 
-def test_dequantize_block_fp8_with_partial_blocks():
+@pytest.mark.parametrize("shape", [(40, 24), (48, 32)], ids=["partial-blocks", "whole-blocks"])
+def test_dequantize_block_fp8_with_partial_blocks(shape: tuple[int, int]):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(40, 24, generator=g) * 3
-    q, s = quantize(w, (16, 16))  # 3 x 2 blocks, the last row and column of blocks partial
+    w = torch.randn(*shape, generator=g) * 3
+    q, s = quantize(w, (16, 16))  # 40 x 24: 3 x 2 blocks, the last row and column of blocks partial
     got = dequantize_block_fp8(q, s, (16, 16))
     assert got.dtype == torch.bfloat16 and torch.equal(got, dequantize_reference(q, s, (16, 16)))
     assert float((got.float() - w).abs().max()) < 0.1 * float(w.abs().max())  # e4m3 keeps 3 mantissa bits
@@ -263,7 +264,7 @@ def test_other_quantization_configs_are_refused(pair, tmp_path):
 @pytest.mark.parametrize("keep", [0.25, 0.0], ids=["kept", "read-every-batch"])
 def test_calibrate_dequantizes_each_fp8_expert_once_a_layer_where_memory_allows(pair, monkeypatch: pytest.MonkeyPatch, keep: float):
     """calibrate reads a layer's experts as each runs; a block-FP8 expert costs a dequantization
-    at every read (0.4 s at DeepSeek-V3's 7168 x 2048, 100 s a layer per batch), so once read it
+    at every read (0.2 s at DeepSeek-V3's 7168 x 2048, 45 s a layer per batch), so once read it
     is kept for the layer's other batches while the kept ones fit in a quarter of memory. With
     none kept (a machine too small), every batch dequantizes again, with the same statistics."""
     from moe2gguf import modeling
