@@ -38,10 +38,10 @@ HALF_DTYPES = tuple(HALF_STORED.values())
 
 
 # Streamed experts whose reading converts them (block-FP8, dequantized to bf16: 0.2 s an expert
-# at DeepSeek-V3's 7168 x 2048 on 2 cores, so 45 s a layer for every batch of its 256) are kept once read,
-# for the layer's other batches, up to this fraction of the machine's memory; the rest are read
-# again. A bf16/f16/f32 expert is a view of the checkpoint's mapped pages: reading it again
-# costs nothing, and it is never kept.
+# at DeepSeek-V3's 7168 x 2048 on 2 cores, so 45 s a layer for every batch of its 256) are kept
+# once read, for the layer's other batches, up to this fraction of the machine's memory; the
+# rest are read again. A bf16/f16/f32 expert is a view of the checkpoint's mapped pages:
+# reading it again costs nothing, and it is never kept.
 KEEP_CONVERTED_FRACTION = 0.25
 
 
@@ -148,7 +148,7 @@ def load_weights(module: nn.Module, prefix: str, ckpt: Checkpoint, dtype: torch.
     (`StoredLinear` computes them in the input's dtype). With `stream_experts` (implies it),
     the routed experts' weights are not loaded: each expert's are read from the checkpoint's
     pages while it runs (`ExpertList.resident`) and let go after, so the module holds one
-    expert's, not its layer's (22 GB at DeepSeek-V3's 256 experts of 7168 x 2048)."""
+    expert's, not its layer's (23 GB at DeepSeek-V3's 256 experts of 7168 x 2048)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     lists = {n: m for n, m in module.named_modules() if isinstance(m, ExpertList)}
     stored = set()
