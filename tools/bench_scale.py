@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -71,6 +73,19 @@ DIMS = {
     "mixtral-8x7b": (dict(QWEN3_30B_A3B, hidden_size=4096, intermediate_size=14336, moe_intermediate_size=14336, num_experts=8,
                           num_experts_per_tok=2, num_key_value_heads=8, vocab_size=32000, max_window_layers=32), 32),
 }
+# deepseek-v3: its own layout, as published (tests/data/published_configs.json): MLA attention,
+# 256 routed experts of 7168 x 2048 + 1 shared, sigmoid group-limited routing, block-FP8
+# weights (float8 e4m3 + a float32 factor per 128 x 128 block); every layer an MoE one (its 3
+# dense layers and the MTP layer left out) and the bundled tokenizer's ids. 58 MoE layers.
+_V3 = json.loads((ROOT / "tests" / "data" / "published_configs.json").read_text())["DeepSeek-V3"]["config"]
+DIMS["deepseek-v3"] = (dict({k: v for k, v in _V3.items() if k != "auto_map"}, first_k_dense_replace=0, num_nextn_predict_layers=0,
+                            bos_token_id=None, eos_token_id=2, pad_token_id=0), 58)
+# the weights block-FP8 stores (DeepSeek-V3's: every linear layer's but the embeddings, the
+# head and the router)
+FP8_WEIGHTS = re.compile(r"\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+# routed experts per shard where a layer is larger than a shard should be (DeepSeek-V3's is
+# 11 GB in FP8): the builder holds one shard in memory
+EXPERTS_PER_SHARD = 32
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 SHAPE_KEYS = ("hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size")
@@ -82,6 +97,8 @@ from parity_upstream import BOOT as CONVERT_BOOT  # noqa: E402
 # ---------------------------------------------------------------- synthetic checkpoint
 
 def layer_tensors(cfg: dict, i: int) -> dict[str, tuple[int, ...]]:
+    if cfg["model_type"] == "deepseek_v3":
+        return _v3_layer_tensors(cfg, i)
     h, d, e, w = cfg["hidden_size"], cfg["head_dim"], cfg["num_experts"], cfg["moe_intermediate_size"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
     p = f"model.layers.{i}."
@@ -99,8 +116,33 @@ def layer_tensors(cfg: dict, i: int) -> dict[str, tuple[int, ...]]:
     return t
 
 
-def write_shard(path: pathlib.Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
-    """Random bf16 tensors (std 0.02 as HF initialises Qwen3-MoE; norm weights 1), one shard."""
+def _v3_layer_tensors(cfg: dict, i: int) -> dict[str, tuple[int, ...]]:
+    h, e, w, heads = cfg["hidden_size"], cfg["n_routed_experts"], cfg["moe_intermediate_size"], cfg["num_attention_heads"]
+    nope, rope, v, ql, kvl = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["q_lora_rank"], cfg["kv_lora_rank"]
+    p = f"model.layers.{i}."
+    t = {
+        p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        p + "self_attn.q_a_proj.weight": (ql, h), p + "self_attn.q_a_layernorm.weight": (ql,),
+        p + "self_attn.q_b_proj.weight": (heads * (nope + rope), ql),
+        p + "self_attn.kv_a_proj_with_mqa.weight": (kvl + rope, h), p + "self_attn.kv_a_layernorm.weight": (kvl,),
+        p + "self_attn.kv_b_proj.weight": (heads * (nope + v), kvl), p + "self_attn.o_proj.weight": (h, heads * v),
+        p + "mlp.gate.weight": (e, h), p + "mlp.gate.e_score_correction_bias": (e,),
+    }
+    shared = cfg["n_shared_experts"] * w
+    for part, shape in (("gate_proj", (shared, h)), ("up_proj", (shared, h)), ("down_proj", (h, shared))):
+        t[f"{p}mlp.shared_experts.{part}.weight"] = shape
+    for j in range(e):
+        t[f"{p}mlp.experts.{j}.gate_proj.weight"] = (w, h)
+        t[f"{p}mlp.experts.{j}.up_proj.weight"] = (w, h)
+        t[f"{p}mlp.experts.{j}.down_proj.weight"] = (h, w)
+    return t
+
+
+def write_shard(path: pathlib.Path, shapes: dict[str, tuple[int, ...]], seed: int, fp8_block: tuple[int, int] | None = None) -> None:
+    """Random bf16 tensors (std 0.02 as HF initialises Qwen3-MoE; norm weights 1, a router
+    bias 0), one shard. With `fp8_block`, the weights FP8_WEIGHTS names are stored as block-FP8
+    of the same spread: float8 e4m3 values of std 448 / 4.5 and a factor of 0.02 * 4.5 / 448
+    per block (DeepSeek's own factors are each block's maximum over 448)."""
     import torch
     from safetensors.torch import save_file
 
@@ -109,8 +151,14 @@ def write_shard(path: pathlib.Path, shapes: dict[str, tuple[int, ...]], seed: in
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():
-        if len(shape) == 1:
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = torch.zeros(shape, dtype=torch.float32)
+        elif len(shape) == 1:
             tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+        elif fp8_block is not None and FP8_WEIGHTS.search(name):
+            tensors[name] = (torch.randn(shape, generator=g) * (448 / 4.5)).clamp_(-448, 448).to(torch.float8_e4m3fn)
+            blocks = tuple(math.ceil(n / b) for n, b in zip(shape, fp8_block, strict=True))
+            tensors[name + "_scale_inv"] = torch.full(blocks, 0.02 * 4.5 / 448, dtype=torch.float32)
         else:
             tensors[name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
     tmp = path.with_name(f".{path.name}.partial")
@@ -128,9 +176,19 @@ def build_checkpoint(work: pathlib.Path, layers: int, dims: dict = QWEN3_30B_A3B
     pool = work / "shards"
     pool.mkdir(parents=True, exist_ok=True)
     h, v = cfg["hidden_size"], cfg["vocab_size"]
+    fp8 = tuple(cfg["quantization_config"]["weight_block_size"]) if "quantization_config" in cfg else None
     shards = {"embed.safetensors": ({"model.embed_tokens.weight": (v, h)}, 1_000_000)}
     for i in range(layers):
-        shards[f"layer-{i:03d}.safetensors"] = (layer_tensors(cfg, i), i)
+        tensors = layer_tensors(cfg, i)
+        if fp8 is None:
+            shards[f"layer-{i:03d}.safetensors"] = (tensors, i)
+            continue
+        # the layer's own tensors, then its routed experts EXPERTS_PER_SHARD at a time
+        names = sorted(tensors, key=lambda n: ".experts." in n)
+        first = next(k for k, n in enumerate(names) if ".experts." in n)
+        parts = [names[:first]] + [names[k : k + 3 * EXPERTS_PER_SHARD] for k in range(first, len(names), 3 * EXPERTS_PER_SHARD)]
+        for k, part in enumerate(parts):
+            shards[f"layer-{i:03d}-{k:02d}.safetensors"] = ({n: tensors[n] for n in part}, 1000 * i + k)
     shards["head.safetensors"] = ({"model.norm.weight": (h,), "lm_head.weight": (v, h)}, 2_000_000)
     if out.exists():
         shutil.rmtree(out)
@@ -138,9 +196,11 @@ def build_checkpoint(work: pathlib.Path, layers: int, dims: dict = QWEN3_30B_A3B
     weight_map = {}
     for fname, (shapes, seed) in shards.items():
         print(f"  building {fname} ...", file=sys.stderr, flush=True)
-        write_shard(pool / fname, shapes, seed)
+        write_shard(pool / fname, shapes, seed, fp8)
         os.link(pool / fname, out / fname)
         weight_map.update({n: fname for n in shapes})
+        if fp8 is not None:
+            weight_map.update({n + "_scale_inv": fname for n in shapes if FP8_WEIGHTS.search(n)})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     for f in TOKENIZER_FILES:
@@ -162,9 +222,7 @@ def built_checkpoint(work: pathlib.Path, layers: int, dims: dict) -> pathlib.Pat
 
 def bf16_bytes(cfg: dict, layers: int) -> dict[str, int]:
     """bf16 bytes of one decoder layer, embeddings + head, and the whole model."""
-    import math
-
-    layer = sum(2 * math.prod(s) for s in layer_tensors(cfg, 0).values())
+    layer = sum(2 * math.prod(s) for s in layer_tensors(cfg, 0).values())  # as bf16, the FP8 ones too
     eh = 2 * 2 * cfg["vocab_size"] * cfg["hidden_size"] + 2 * cfg["hidden_size"]
     return {"layer": layer, "embed_head": eh, "model": eh + layers * layer}
 
