@@ -3,6 +3,7 @@
     python tools/bench_scale.py --layers 2 4 --work /tmp/bench-scale --json out.json
     python tools/bench_scale.py --layers 2 --old-commit 0d15e18     # also the old code, same files
     python tools/bench_scale.py --dims mixtral-8x7b --layers 1 2 --tokens 4096   # few, wide experts
+    python tools/bench_scale.py --dims deepseek-v3 --layers 1 --tokens 4096 --no-baseline --verbs calibrate,prune-cheapest
 
 Builds (once, cached under --work) a synthetic checkpoint with Qwen3-30B-A3B's layer
 dimensions (hidden 2048, 128 experts x 768, top-8, 32 query / 4 KV heads of 128, vocabulary
@@ -64,8 +65,8 @@ QWEN3_30B_A3B = dict(
     router_aux_loss_coef=0.001, sliding_window=None, tie_word_embeddings=False, dtype="bfloat16",
     use_cache=True, use_sliding_window=False, vocab_size=151936,
 )
-# --dims: whose layer dimensions the synthetic checkpoint has (Qwen3-MoE's tensor layout either
-# way), and the decoder layers of that model, for the extrapolation. Mixtral-8x7B: few, wide
+# --dims: whose layer dimensions the synthetic checkpoint has (Qwen3-MoE's tensor layout for these
+# two), and the decoder layers of that model, for the extrapolation. Mixtral-8x7B: few, wide
 # experts (8 x 14,336 of hidden 4,096, top-2, 32 query / 8 KV heads of 128, vocabulary 32,000),
 # where per-expert matrices of width x width (the refit's Gram matrices) outgrow the layer itself
 DIMS = {
@@ -508,7 +509,8 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="decoder layers of the synthetic checkpoints (default: 2 4)")
     ap.add_argument("--dims", choices=sorted(DIMS), default="qwen3-30b-a3b",
-                    help="whose layer dimensions (default qwen3-30b-a3b; mixtral-8x7b: 8 experts of 14,336, 2.9 GB a layer); "
+                    help="whose layer dimensions (default qwen3-30b-a3b; mixtral-8x7b: 8 experts of 14,336, 2.9 GB a layer; "
+                         "deepseek-v3: its own MLA layout in block-FP8, 256 experts of 7168 x 2048, 23 GB a layer in bf16, 12 GB stored); "
                          "its checkpoints are cached in WORK/DIMS")
     ap.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/bench-scale"),
                     help="folder for the cached checkpoints and every output (about 3.7 GB per layer count of 2, +1.25 GB per layer)")
