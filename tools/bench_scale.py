@@ -87,6 +87,8 @@ FP8_WEIGHTS = re.compile(r"\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_p
 # routed experts per shard where a layer is larger than a shard should be (DeepSeek-V3's is
 # 11 GB in FP8): the builder holds one shard in memory
 EXPERTS_PER_SHARD = 32
+# where docs/bench/bench_scale.md unpacks llama-cpp-python's source and builds its tools
+LLAMA_CPP = pathlib.Path("/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 SHAPE_KEYS = ("hidden_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_attention_heads",
               "num_key_value_heads", "head_dim", "vocab_size")
@@ -528,11 +530,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--old-layers", type=int, nargs="+", help="layer counts for --old-commit (default: --layers)")
     ap.add_argument("--rss-limit", type=float, default=16.0, help="kill a verb whose process tree passes this many GiB (default 16)")
     ap.add_argument("--timeout", type=float, default=1800, help="kill a verb after this many seconds (default 1800)")
-    ap.add_argument("--llama-cpp", type=pathlib.Path, default=pathlib.Path("/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"),
+    ap.add_argument("--llama-cpp", type=pathlib.Path, default=LLAMA_CPP,
                     help="llama.cpp source folder with convert_hf_to_gguf.py")
-    ap.add_argument("--llama-quantize", type=pathlib.Path, default=pathlib.Path("/tmp/t17/lcbuild/bin/llama-quantize"),
+    ap.add_argument("--llama-quantize", type=pathlib.Path, default=LLAMA_CPP / "build" / "bin" / "llama-quantize",
                     help="llama-quantize binary (cmake --build BUILD --target llama-quantize)")
-    ap.add_argument("--llama-perplexity", type=pathlib.Path, default=pathlib.Path("/tmp/t17/lcbuild/bin/llama-perplexity"),
+    ap.add_argument("--llama-perplexity", type=pathlib.Path, default=LLAMA_CPP / "build" / "bin" / "llama-perplexity",
                     help="llama-perplexity binary, for check's baseline row (cmake --build BUILD --target llama-perplexity)")
     ap.add_argument("--json", type=pathlib.Path, help="also write every row as JSON here")
     ap.add_argument("--report", type=pathlib.Path, nargs="+", metavar="JSON",
@@ -540,6 +542,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.report:
         return report(a.report)
+    if not a.no_baseline and not ((a.llama_cpp / "convert_hf_to_gguf.py").is_file() and a.llama_quantize.is_file()):
+        ap.error(f"llama.cpp's baseline needs {a.llama_cpp}/convert_hf_to_gguf.py and {a.llama_quantize}: build them as "
+                 "docs/bench/bench_scale.md's first section says, pass --llama-cpp/--llama-quantize, or --no-baseline")
     a.work = (a.work / a.dims).resolve()
     a.verbs = set(a.verbs.split(","))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the worktree is removed on kill too
